@@ -1,0 +1,111 @@
+"""Training-loop overhead and encoder calls, measured in one run on the tiny model.
+
+    python benchmarks/train_step.py [--family klein] [--steps 200] [--resolution 64]
+
+Prints (1) the real loop's time per step against a bare forward + backward + AdamW floor on one cached
+batch of the same shape (goal <= 1.05x), and (2) text-encoder calls: one per unique caption (plus the
+empty caption used for dropout) on a cold cache, zero on a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from data_tools.dataset import DataConfig, load_samples  # noqa: E402
+from data_tools.sample_data import write_sample_data  # noqa: E402
+from inference.conditioning import build_inputs, pack, predict_velocity  # noqa: E402
+from inference.loading import ModelConfig, load_pipeline, resolve_base_model  # noqa: E402
+from inference.tiny import write_tiny_model  # noqa: E402
+from trainer.cache import CacheConfig, build_features  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.flow import interpolate, velocity_target  # noqa: E402
+from trainer.lora import LoraSettings, add_lora, trainable_parameters  # noqa: E402
+from trainer.recipe import run  # noqa: E402
+
+
+def floor_seconds_per_step(model_dir: Path, data: Path, cache: Path, steps: int, resolution: int, rank: int) -> float:
+    """Forward + backward + AdamW on one fixed cached batch: the cost no loop can avoid."""
+    base = resolve_base_model(ModelConfig(path=str(model_dir)))
+    samples = load_samples(DataConfig(path=str(data), trigger="zxq"), resolution)
+    features = build_features(samples, base, "float32", CacheConfig(dir=str(cache)), show_progress=False)
+    transformer = load_pipeline(base, text_encoder=False, vae=False).transformer
+    add_lora(transformer, LoraSettings(rank=rank, alpha=rank), seed=0)
+    transformer.train()
+    optimizer = torch.optim.AdamW(trainable_parameters(transformer), lr=1e-4)
+    x0 = features.latents[0]
+    tokens = pack(base.family, x0)
+    noise = torch.randn_like(tokens)
+    sigma = torch.tensor([0.5])
+    inputs = build_inputs(base.family, interpolate(tokens, noise, sigma), x0.shape, features.embeds[samples[0].caption])
+    target = velocity_target(tokens, noise)
+
+    def one_step():
+        pred = predict_velocity(transformer, base.family, inputs, sigma, 1.0)
+        torch.nn.functional.mse_loss(pred, target).backward()
+        torch.nn.utils.clip_grad_norm_(trainable_parameters(transformer), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(10):
+        one_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="klein", choices=["klein", "dev"])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = write_tiny_model(tmp / "model", args.family)
+        data = write_sample_data(tmp / "data", count=12)
+        captions = len({p.read_text() for p in data.glob("*.txt")})
+
+        def train(name: str, steps: int):
+            overrides = [f"model.path={model}", f"data.path={data}", "data.trigger=zxq", f"output.dir={tmp / name}",
+                         f"cache.dir={tmp / 'cache'}", f"train.steps={steps}", "train.batch_size=1",
+                         f"train.resolution={args.resolution}", "train.caption_dropout=0.0", "train.log_every=1000",
+                         f"lora.rank={args.rank}", f"lora.alpha={args.rank}"]
+            return run(load_config(None, overrides), show_progress=False)
+
+        cold = train("cold", 1)
+        # interleaved repeats, best of each: on a shared 2-core machine single timings wander by +-15%
+        loops, floors = [], []
+        for repeat in range(args.repeats):
+            warm = train(f"warm{repeat}", args.steps)
+            loops.append(warm.loop_seconds / args.steps)
+            floors.append(floor_seconds_per_step(model, data, tmp / "cache", args.steps, args.resolution, args.rank))
+        loop, floor = min(loops), min(floors)
+
+    print(f"family={args.family} resolution={args.resolution} rank={args.rank} steps={args.steps} "
+          f"threads={torch.get_num_threads()}")
+    print(f"best of {args.repeats} interleaved repeats each")
+    print(f"loop  {loop * 1e3:8.2f} ms/step (recipe: batch plan, noise, ids, accelerate, progress)")
+    print(f"floor {floor * 1e3:8.2f} ms/step (bare forward + backward + AdamW on one cached batch)")
+    print(f"ratio loop/floor = {loop / floor:.3f}  (goal <= 1.05)")
+    print(f"text-encoder calls: cold cache {cold.text_encoder_calls} for {captions} unique captions + 1 empty "
+          f"(goal {captions + 1}); rerun {warm.text_encoder_calls} (goal 0)")
+    print(f"vae calls: cold cache {cold.vae_calls} for 12 images; rerun {warm.vae_calls}")
+
+
+if __name__ == "__main__":
+    main()

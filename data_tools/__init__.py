@@ -1,0 +1,1 @@
+"""Dataset preparation and the small shared base (errors, atomic writes, config tree). Imports nothing of ours."""

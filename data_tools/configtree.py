@@ -1,0 +1,219 @@
+"""One typed config tree: defaults (dataclasses) <- YAML <- dotted CLI overrides, validated once.
+
+Every section is a dataclass that lives next to the code that uses it. This module only knows how to
+turn plain dicts into those dataclasses, strictly: an unknown key, a wrong type or a value that fails its
+check is a `UserError` naming the full key path, the problem and, for typos, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, TypeVar, Union
+
+import yaml
+
+from data_tools.errors import UserError
+
+T = TypeVar("T")
+Check = Callable[[Any], "str | None"]
+
+
+def option(default: Any = dataclasses.MISSING, *, check: Check | None = None, help: str = "", factory=None,
+           shown_default: str | None = None) -> Any:
+    """A config field with an optional `check(value) -> error text or None`, a help string, and (for defaults
+    computed per machine) the text the reference docs show instead of the value."""
+    meta = {"check": check, "help": help, "shown_default": shown_default}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# Reusable checks -----------------------------------------------------------------------------------------
+def positive(v: float) -> str | None:
+    return None if v is None or v > 0 else f"must be > 0, got {v}"
+
+
+def non_negative(v: float) -> str | None:
+    return None if v is None or v >= 0 else f"must be >= 0, got {v}"
+
+
+def probability(v: float) -> str | None:
+    return None if 0 <= v <= 1 else f"must be between 0 and 1, got {v}"
+
+
+def multiple_of(n: int) -> Check:
+    def check(v: int) -> str | None:
+        return None if v is None or (v > 0 and v % n == 0) else f"must be a positive multiple of {n}, got {v} (try {max(n, round(v / n) * n)})"
+
+    return check
+
+
+# Building dataclasses from dicts ---------------------------------------------------------------------------
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping of keys, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                continue
+        raise UserError(f"config key '{key}' must be {type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        tip = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise UserError(f"config key '{key}' must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{tip}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' must be {type_name(tp)}, got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _looks_like_float(value):
+            return float(value)  # YAML 1.1 reads "5e-5" (no dot) as a string
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UserError(f"config key '{key}' must be {type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and running each field's check."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            if close:
+                tip = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+            else:
+                tip = f"valid keys here: {', '.join(fields)}"
+            raise UserError(f"config key '{full}' is unknown; {tip}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            value = _coerce(data[name], hints[name], key)
+        elif dataclasses.is_dataclass(hints[name]):
+            value = from_dict(hints[name], {}, key)  # absent sections are still validated
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            raise UserError(f"config key '{key}' is required but missing; set it in the YAML or as {key}=VALUE")
+        check = f.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            raise UserError(f"config key '{key}' {problem}")
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        problem = validate()
+        if problem:
+            raise UserError(f"config section '{prefix or 'root'}': {problem}")
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+# YAML and dotted overrides ---------------------------------------------------------------------------------
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist; pass an existing YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"config file '{path}' is not UTF-8 text; save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of keys at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings (values parsed as YAML scalars) onto a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like key.path=value (e.g. optim.lr=5e-5)")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override '{item}': '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in {"nan", "inf", "-inf", "infinity"}

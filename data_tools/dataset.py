@@ -1,0 +1,108 @@
+"""Training samples from a folder of images with captions (`.txt` sidecars or `metadata.jsonl`).
+
+Caption rules (also in docs/data.md): a sidecar `name.txt` beside `name.png` wins over a `metadata.jsonl`
+line (`{"file_name": ..., "text": ...}`); an image with neither is an error, unless
+`data.missing_caption: trigger`, which trains it on the trigger word alone. The trigger word is prepended
+to every caption that does not already contain it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal
+
+from data_tools.buckets import make_buckets, nearest_bucket
+from data_tools.configtree import option, positive
+from data_tools.errors import UserError
+from data_tools.images import IMAGE_EXTENSIONS, oriented_size
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str = option("", help="folder of images + captions")
+    trigger: str | None = option(None, help="word prepended to captions that lack it")
+    caption_ext: str = option(".txt", help="extension of caption sidecars beside each image")
+    missing_caption: Literal["error", "trigger"] = option("error", help="an image with no caption: stop, or train it on the trigger word alone")
+    recursive: bool = option(False, help="also read images in sub-folders")
+    repeats: int = option(1, check=positive, help="times each image appears per epoch")
+
+    def validate(self) -> str | None:
+        if not self.path:
+            return "data.path is empty; set it to a folder of images with captions (try `flux2-lora sample-data DIR`)"
+        if self.missing_caption == "trigger" and not self.trigger:
+            return "data.missing_caption: trigger needs data.trigger to be set"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    path: Path
+    caption: str
+    width: int  # after EXIF orientation
+    height: int
+    bucket: tuple[int, int]  # (width, height) the image is resized and cropped to
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"caption '{path}' is not UTF-8 (byte {exc.start}); re-save it as UTF-8") from None
+
+
+def _metadata_captions(folder: Path) -> dict[str, str]:
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        return {}
+    captions = {}
+    try:
+        lines = meta.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"'{meta}' is not UTF-8; re-save it as UTF-8") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[str(row["file_name"])] = str(row["text"]).strip()
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"'{meta}' line {number} must be JSON with 'file_name' and 'text'") from None
+    return captions
+
+
+def with_trigger(caption: str, trigger: str | None) -> str:
+    if not trigger or trigger in caption.split() or caption.startswith(trigger):
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def load_samples(cfg: DataConfig, resolution: int) -> list[Sample]:
+    folder = Path(cfg.path)
+    if not folder.is_dir():
+        raise UserError(f"data.path '{folder}' is not a folder; point it at your images (try `flux2-lora sample-data DIR`)")
+    pattern = "**/*" if cfg.recursive else "*"
+    images = sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not images:
+        raise UserError(f"data.path '{folder}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 9-50 captioned images")
+    meta = _metadata_captions(folder)
+    buckets = make_buckets(resolution)
+    samples = []
+    for image in images:
+        sidecar = image.with_suffix(cfg.caption_ext)
+        rel = image.relative_to(folder).as_posix()
+        if sidecar.is_file():
+            caption = _read_caption(sidecar)
+        elif rel in meta:
+            caption = meta[rel]
+        elif cfg.missing_caption == "trigger":
+            caption = ""
+        else:
+            raise UserError(f"image '{image}' has no caption: add {sidecar.name} or a metadata.jsonl line, "
+                            "or set data.missing_caption: trigger")
+        width, height = oriented_size(image)
+        samples.append(Sample(image, with_trigger(caption, cfg.trigger), width, height,
+                              nearest_bucket(width, height, buckets)))
+    return samples * cfg.repeats

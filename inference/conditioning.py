@@ -1,0 +1,98 @@
+"""Transformer inputs built by the stock pipeline's own code, for training and inference alike.
+
+Every tensor the trainer feeds the transformer comes from a method of the family's diffusers pipeline:
+`encode_prompt` (chat template, hidden-state layers, padding to 512), `image_processor.preprocess` and
+`_encode_vae_image` (argmax latents, 2x2 patchify, batch-norm normalisation), `_pack_latents`,
+`_prepare_latent_ids`, `_prepare_text_ids` and `_prepare_image_ids` (reference images at T = 10, 20, ...).
+Nothing here re-derives those conventions, so they cannot drift from inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from inference.families import Family
+
+
+@dataclasses.dataclass
+class ModelInputs:
+    hidden_states: torch.Tensor  # (B, N_target + N_refs, C): noisy target tokens, then reference tokens
+    img_ids: torch.Tensor  # (B, N_target + N_refs, 4)
+    encoder_hidden_states: torch.Tensor  # (B, L, D)
+    txt_ids: torch.Tensor  # (B, L, 4)
+    num_target_tokens: int
+
+
+class Encoder:
+    """Prompt and image encoding through a loaded stock pipeline. Counts text-encoder calls."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.text_encoder_calls = 0
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        self.text_encoder_calls += 1
+        embeds, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.pipe.text_encoder.device)
+        return embeds
+
+    def to_pixels(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image already at its final (multiple of 16) size -> (1, 3, H, W) in [-1, 1], as the pipeline does."""
+        return self.pipe.image_processor.preprocess(image, height=image.height, width=image.width, resize_mode="crop")
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """-> normalised, patchified latents (1, 128, H/16, W/16), exactly as the pipeline encodes a reference image."""
+        vae = self.pipe.vae
+        pixels = self.to_pixels(image).to(device=vae.device, dtype=vae.dtype)
+        return self.pipe._encode_vae_image(image=pixels, generator=None)
+
+
+def pack(family: Family, latents: torch.Tensor) -> torch.Tensor:
+    """(B, 128, h, w) -> (B, h*w, 128)."""
+    return family.pipeline_class._pack_latents(latents)
+
+
+def build_inputs(
+    family: Family,
+    noisy_tokens: torch.Tensor,
+    target_shape: torch.Size,
+    prompt_embeds: torch.Tensor,
+    references: Sequence[torch.Tensor] = (),
+) -> ModelInputs:
+    """Assemble one batch's transformer inputs.
+
+    noisy_tokens: packed noisy target (B, h*w, 128); target_shape: the unpacked (B, 128, h, w);
+    references: per reference slot, normalised latents (B, 128, h_i, w_i), in priority order.
+    The transformer reads position ids from the first batch element, so every element shares one layout.
+    """
+    cls = family.pipeline_class
+    batch = noisy_tokens.shape[0]
+    latent_ids = cls._prepare_latent_ids(torch.empty(target_shape, device="meta")).to(noisy_tokens.device)
+    txt_ids = cls._prepare_text_ids(prompt_embeds).to(noisy_tokens.device)
+    hidden, ids = noisy_tokens, latent_ids
+    if references:
+        ref_ids = cls._prepare_image_ids([r[:1] for r in references]).to(noisy_tokens.device)
+        ref_tokens = torch.cat([cls._pack_latents(r) for r in references], dim=1)
+        hidden = torch.cat([noisy_tokens, ref_tokens.to(noisy_tokens.dtype)], dim=1)
+        ids = torch.cat([latent_ids, ref_ids.expand(batch, -1, -1)], dim=1)
+    return ModelInputs(hidden, ids, prompt_embeds, txt_ids, noisy_tokens.shape[1])
+
+
+def predict_velocity(transformer, family: Family, inputs: ModelInputs, sigmas: torch.Tensor, guidance: float):
+    """Transformer forward in the pipeline's convention (timestep = sigma in [0, 1]); returns target tokens only."""
+    batch = inputs.hidden_states.shape[0]
+    out = transformer(
+        hidden_states=inputs.hidden_states,
+        timestep=sigmas.to(inputs.hidden_states.dtype),
+        guidance=family.guidance_input(guidance, batch, inputs.hidden_states.device),
+        encoder_hidden_states=inputs.encoder_hidden_states,
+        txt_ids=inputs.txt_ids,
+        img_ids=inputs.img_ids,
+        return_dict=False,
+    )[0]
+    return out[:, : inputs.num_target_tokens]

@@ -1,0 +1,105 @@
+"""FLUX.2 model families behind one small interface: the only place that knows dev from klein.
+
+Trainer and inference ask a `Family` for what differs (pipeline class, guidance input, sampling defaults,
+licence, tiny twin) and never compare family names themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingDefaults:
+    steps: int
+    guidance: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A known size of a family, recognised from its transformer config."""
+
+    name: str
+    base_model: str
+    licence: str
+    num_layers: int | None  # double-stream blocks; None matches any size (tiny models)
+    joint_attention_dim: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    pipeline_class_name: str
+    text_encoder_class_name: str
+    # Hidden-state layers the stock pipeline stacks into prompt embeddings. Kept here for docs and a test that
+    # pins them to the pipeline's own default; conditioning always calls the pipeline's encode_prompt.
+    text_encoder_layers: tuple[int, ...]
+    has_guidance_embedding: bool
+    variants: tuple[Variant, ...]
+    _defaults: Callable[[bool], SamplingDefaults]
+
+    @property
+    def pipeline_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def sampling_defaults(self, distilled: bool) -> SamplingDefaults:
+        return self._defaults(distilled)
+
+    def guidance_input(self, value: float, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """What the transformer's `guidance` argument gets, as the pipeline builds it (raw value; x1000 inside)."""
+        if not self.has_guidance_embedding:
+            return None
+        return torch.full([batch_size], float(value), device=device, dtype=torch.float32)
+
+    def variant(self, transformer_config: dict[str, Any]) -> Variant:
+        for v in self.variants:
+            if v.num_layers is None:
+                continue
+            if (transformer_config.get("num_layers"), transformer_config.get("joint_attention_dim")) == (
+                v.num_layers, v.joint_attention_dim,
+            ):
+                return v
+        return Variant(f"{self.name} (custom size)", "unknown", "see the base model's licence", None, None)
+
+
+DEV = Family(
+    name="dev",
+    pipeline_class_name="Flux2Pipeline",
+    text_encoder_class_name="Mistral3ForConditionalGeneration",
+    text_encoder_layers=(10, 20, 30),
+    has_guidance_embedding=True,
+    variants=(
+        Variant("FLUX.2 [dev] 32B", "black-forest-labs/FLUX.2-dev", "flux-dev-non-commercial-license", 8, 15360),
+        Variant("tiny random FLUX.2 [dev] (test model)", "flux2-lora tiny-model --family dev", "apache-2.0", 1, 48),
+    ),
+    _defaults=lambda distilled: SamplingDefaults(steps=50, guidance=4.0),
+)
+
+KLEIN = Family(
+    name="klein",
+    pipeline_class_name="Flux2KleinPipeline",
+    text_encoder_class_name="Qwen3ForCausalLM",
+    text_encoder_layers=(9, 18, 27),
+    has_guidance_embedding=False,
+    variants=(
+        Variant("FLUX.2 [klein] 4B", "black-forest-labs/FLUX.2-klein-4B", "apache-2.0", 5, 7680),
+        Variant("FLUX.2 [klein] 9B", "black-forest-labs/FLUX.2-klein-9B", "flux-non-commercial-license", 8, 12288),
+        Variant("tiny random FLUX.2 [klein] (test model)", "flux2-lora tiny-model --family klein", "apache-2.0", 1, 48),
+    ),
+    # Distilled klein is step-distilled: 4 steps, no CFG. Base klein runs real CFG.
+    _defaults=lambda distilled: SamplingDefaults(steps=4, guidance=1.0) if distilled else SamplingDefaults(50, 4.0),
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (DEV, KLEIN)}
+
+
+def family_for_pipeline_class(class_name: str) -> Family | None:
+    for fam in FAMILIES.values():
+        if fam.pipeline_class_name == class_name:
+            return fam
+    return None

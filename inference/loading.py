@@ -1,0 +1,139 @@
+"""Find, check and load a FLUX.2 base model (a local diffusers folder or a hub id)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from data_tools.configtree import option
+from data_tools.errors import UserError
+from inference.families import FAMILIES, Family, family_for_pipeline_class
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = option("", help="local diffusers folder or hub id of the base model")
+    family: Literal["auto", "dev", "klein"] = option("auto", help="checked against the folder's model_index.json")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="dtype of the frozen weights")
+    revision: str | None = option(None, help="hub revision (ignored for local folders)")
+    fp8_storage: bool = option(False, help="keep frozen transformer weights in float8, compute in model.dtype")
+    group_offload: Literal["none", "block", "leaf"] = option(
+        "none", help="keep transformer weights in CPU RAM and move one block (or layer) at a time to the device"
+    )
+
+    def validate(self) -> str | None:
+        if not self.path:
+            return "model.path is empty; set it to a diffusers folder (e.g. one written by `flux2-lora tiny-model`) or a hub id"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    """A resolved base model: where it is, which family, and its model_index.json."""
+
+    path: str
+    family: Family
+    index: dict[str, Any]
+    revision: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).is_dir()
+
+    @property
+    def distilled(self) -> bool:
+        return bool(self.index.get("is_distilled", False))
+
+    def component_config(self, component: str) -> dict[str, Any]:
+        return json.loads(_fetch(self.path, f"{component}/config.json", self.revision).read_text())
+
+    def identity(self, component: str) -> str:
+        """A short content hash of one component, used to key caches: a different model never hits them."""
+        h = hashlib.sha256(self.path.encode() if not self.is_local else b"")
+        if self.is_local:
+            folder = Path(self.path) / component
+            for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+                h.update(f.relative_to(folder).as_posix().encode())
+                h.update(str(f.stat().st_size).encode())
+                with open(f, "rb") as fh:  # the head of each file: configs whole, weights' headers and first MiBs
+                    h.update(fh.read(4 << 20))
+        else:
+            h.update((self.revision or "main").encode())
+        return h.hexdigest()[:16]
+
+
+def _fetch(path: str, filename: str, revision: str | None = None) -> Path:
+    local = Path(path)
+    if local.is_dir():
+        target = local / filename
+        if not target.is_file():
+            raise UserError(f"model.path '{path}' has no {filename}; point it at a diffusers FLUX.2 folder")
+        return target
+    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise UserError(f"model.path '{path}' is not a folder or a hub id (owner/name); fix the path")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(path, filename, revision=revision))
+    except Exception as exc:  # network, auth, offline mode: all one user-facing message
+        reason = str(exc).splitlines()[0][:200]
+        raise UserError(f"model.path '{path}': could not fetch {filename} from the hub ({reason}); "
+                        "use a local folder or check the id, token and network") from None
+
+
+def resolve_base_model(cfg: ModelConfig) -> BaseModel:
+    index_file = _fetch(cfg.path, "model_index.json", cfg.revision)
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.path '{cfg.path}': model_index.json is unreadable ({exc}); re-download the model") from None
+    class_name = index.get("_class_name", "")
+    family = family_for_pipeline_class(class_name)
+    if family is None:
+        raise UserError(f"model.path '{cfg.path}' holds a {class_name or 'non-diffusers'} model, not FLUX.2 "
+                        f"(expected {' or '.join(f.pipeline_class_name for f in FAMILIES.values())})")
+    if cfg.family != "auto" and cfg.family != family.name:
+        raise UserError(f"model.family is '{cfg.family}' but model.path '{cfg.path}' is a {family.name} model "
+                        f"({class_name}); set model.family: {family.name} (or auto)")
+    return BaseModel(path=cfg.path, family=family, index=index, revision=cfg.revision)
+
+
+def load_pipeline(base: BaseModel, dtype: str = "float32", *, text_encoder: bool = True, vae: bool = True,
+                  transformer: bool = True):
+    """Load the family's stock pipeline; components switched off are not read from disk at all."""
+    skip = {name: None for name, keep in
+            (("text_encoder", text_encoder), ("tokenizer", text_encoder), ("vae", vae), ("transformer", transformer))
+            if not keep}
+    try:
+        pipe = base.family.pipeline_class.from_pretrained(
+            base.path, dtype=DTYPES[dtype], revision=base.revision, **skip
+        )
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model.path '{base.path}': could not load the {base.family.name} pipeline ({reason})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+
+def apply_memory_options(transformer, cfg: ModelConfig, device: torch.device) -> None:
+    """Memory savers for the frozen transformer. Call after adding LoRA layers: layerwise casting enabled
+    before them would cast the LoRA weights to float8 too."""
+    if cfg.fp8_storage:
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DTYPES[cfg.dtype])
+    if cfg.group_offload != "none":
+        transformer.enable_group_offload(
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level" if cfg.group_offload == "block" else "leaf_level",
+            num_blocks_per_group=1 if cfg.group_offload == "block" else None,
+        )

@@ -1,0 +1,198 @@
+"""Tiny, randomly initialised FLUX.2 pipelines built offline with the real diffusers/transformers classes.
+
+They exist so that tests and the quickstart exercise exactly the code real users run, with no download:
+the same pipeline classes, chat templates, hidden-state layers, latent normalisation and LoRA module names,
+at a size that trains in seconds on a CPU. Same seed -> same weights -> same files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# A small corpus for the byte-level BPE tokenizer; words the quickstart captions and tests use are in it
+# so prompts tokenize into a handful of pieces rather than raw bytes.
+_CORPUS = """
+a photo of a logo mark badge brand product bottle character style painting illustration portrait
+red green blue yellow orange purple white black gray colour color hex background studio lighting
+on a table in a city at night in the forest on the beach close up wide shot minimal flat design
+the and with of in on at for to by from is are was sky sun water tree house street car dog cat person
+You are an AI that reasons about image descriptions. You give structured responses focusing on object
+relationships, object attribution and actions without speculation. sks ohwx zxq mark circle square
+"""
+
+_DEV_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['content'] is string %}{% set parts = [{'type': 'text', 'text': m['content']}] %}"
+    "{% else %}{% set parts = m['content'] %}{% endif %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{% endif %}"
+    "{% for p in parts %}{% if p['type'] == 'image' %}[IMG]{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+    "{% if m['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[/INST]{% else %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+_KLEIN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+TEXT_HIDDEN = 16
+
+
+def _train_bpe(special_tokens: list[str], vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return tok
+
+
+def _tiny_transformer(guidance_embeds: bool):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * TEXT_HIDDEN,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=32,
+        sample_size=64,
+    )
+    # Non-trivial normalisation statistics, so tests notice if training forgets to apply them.
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(128) * 0.1)
+        vae.bn.running_var.copy_(torch.rand(128) + 0.5)
+    return vae
+
+
+def _scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+
+
+def _dev_text_stack():
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralImageProcessor,
+        PixtralProcessor,
+        PixtralVisionConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=_train_bpe(specials),
+        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        model_max_length=2048,
+    )
+    fast.add_special_tokens({"additional_special_tokens": specials[4:]})
+    processor = PixtralProcessor(
+        image_processor=PixtralImageProcessor(size={"longest_edge": 64}, patch_size=16),
+        tokenizer=fast,
+        patch_size=16,
+        spatial_merge_size=2,
+        chat_template=_DEV_TEMPLATE,
+    )
+    config = Mistral3Config(
+        vision_config=PixtralVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            head_dim=8, image_size=64, patch_size=16,
+        ).to_dict(),
+        text_config=MistralConfig(
+            vocab_size=len(fast), hidden_size=TEXT_HIDDEN, intermediate_size=32, num_hidden_layers=30,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+            pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+        ).to_dict(),
+        image_token_index=fast.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
+    return Mistral3ForConditionalGeneration(config).eval(), processor
+
+
+def _klein_text_stack():
+    from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    bpe = _train_bpe(specials)
+    state = __import__("json").loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tokenizer = Qwen2TokenizerFast(vocab=state["vocab"], merges=merges, model_max_length=2048)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = _KLEIN_TEMPLATE
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=32, num_hidden_layers=28,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    return Qwen3ForCausalLM(config).eval(), tokenizer
+
+
+def build_tiny_pipeline(family_name: str, seed: int = 0, distilled: bool = False):
+    """Return a stock `Flux2Pipeline` (dev) or `Flux2KleinPipeline` (klein) with tiny random weights."""
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+    torch.manual_seed(seed)
+    if family_name == "dev":
+        text_encoder, tokenizer = _dev_text_stack()
+        transformer = _tiny_transformer(guidance_embeds=True)
+        extra, cls = {}, Flux2Pipeline
+    elif family_name == "klein":
+        text_encoder, tokenizer = _klein_text_stack()
+        transformer = _tiny_transformer(guidance_embeds=False)
+        extra, cls = {"is_distilled": distilled}, Flux2KleinPipeline
+    else:
+        raise ValueError(family_name)
+    vae = _tiny_vae()
+    return cls(scheduler=_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+               transformer=transformer, **extra)
+
+
+def write_tiny_model(out_dir: str | Path, family_name: str, seed: int = 0, distilled: bool = False) -> Path:
+    """Write a tiny pipeline folder (diffusers format, ~1 MB) atomically."""
+    from data_tools.atomic import atomic_dir
+
+    out_dir = Path(out_dir)
+    pipe = build_tiny_pipeline(family_name, seed=seed, distilled=distilled)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp)
+    return out_dir

@@ -1,0 +1,116 @@
+"""Bad input ends in one clear line, exit code 2, no traceback, and nothing half-written."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, train_args
+from trainer.cli import main
+
+
+def _fails(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("{}\n")
+    return str(path)
+
+
+def _train(capsys, config, tiny_models, sample_data, tmp_path, **extra):
+    args = train_args(tiny_models["klein"], sample_data, tmp_path / "out", tmp_path / "cache", **extra)
+    return _fails(capsys, ["train", "--config", config, *args])
+
+
+def test_missing_model_path(capsys, config, tiny_models, sample_data, tmp_path):
+    err = _train(capsys, config, tiny_models, sample_data, tmp_path, model__path=tmp_path / "nowhere")
+    assert "nowhere" in err and "not a folder or a hub id" in err
+
+
+def test_folder_that_is_not_a_model(capsys, config, tiny_models, sample_data, tmp_path):
+    err = _train(capsys, config, tiny_models, sample_data, tmp_path, model__path=sample_data)
+    assert "has no model_index.json" in err
+
+
+def test_family_mismatch(capsys, config, tiny_models, sample_data, tmp_path):
+    err = _train(capsys, config, tiny_models, sample_data, tmp_path, model__family="dev")
+    assert "model.family is 'dev'" in err and "klein model" in err and "set model.family: klein" in err
+
+
+def test_empty_data_folder(capsys, config, tiny_models, sample_data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    err = _train(capsys, config, tiny_models, sample_data, tmp_path, data__path=tmp_path / "empty")
+    assert "holds no images" in err
+
+
+def test_image_without_caption_and_trigger_only_option(capsys, config, tiny_models, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), "red").save(data / "a.png")
+    err = _train(capsys, config, tiny_models, data, tmp_path)
+    assert "a.png' has no caption" in err and "data.missing_caption: trigger" in err
+    args = train_args(tiny_models["klein"], data, tmp_path / "ok", tmp_path / "cache", train__steps=1,
+                      data__missing_caption="trigger")
+    assert main(["train", "--config", config, "--no-progress", *args]) == 0
+
+
+def test_caption_not_utf8(capsys, config, tiny_models, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), "red").save(data / "a.png")
+    (data / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert "a.txt' is not UTF-8" in _train(capsys, config, tiny_models, data, tmp_path)
+
+
+def test_unreadable_image(capsys, config, tiny_models, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"not a png")
+    (data / "a.txt").write_text("x")
+    assert "a.png' cannot be read" in _train(capsys, config, tiny_models, data, tmp_path)
+
+
+def test_output_dir_holding_another_run_is_refused(capsys, config, tiny_models, sample_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("old run")
+    err = _train(capsys, config, tiny_models, sample_data, tmp_path)
+    assert "already holds a run" in err and "output.overwrite: true" in err
+    assert (out / "config.yaml").read_text() == "old run"  # nothing touched
+
+
+def test_unwritable_output(capsys, config, tiny_models, sample_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = _train(capsys, config, tiny_models, sample_data, tmp_path, output__dir=blocker / "sub")
+    assert "output.dir" in err and "not writable" in err
+
+
+def test_resume_without_checkpoint(capsys, config, tiny_models, sample_data, tmp_path):
+    err = _train(capsys, config, tiny_models, sample_data, tmp_path, resume="latest")
+    assert "holds no checkpoint" in err
+
+
+def test_fp16_on_cpu(capsys, config, tiny_models, sample_data, tmp_path):
+    err = _train(capsys, config, tiny_models, sample_data, tmp_path, train__mixed_precision="fp16")
+    assert "fp16 needs a CUDA GPU" in err
+
+
+def test_accelerate_launch_prints_one_line_without_traceback(tmp_path):
+    """`accelerate launch` adds a launcher traceback for any failing script unless given -q (README uses -q)."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: {path: m}\ndata: {path: d}\noptim: {lr: 0}\n")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--cpu", "--num_processes", "1",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(REPO / "train.py"), "--config", str(cfg)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "error: config key 'optim.lr' must be > 0, got 0.0"
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,68 @@
+"""Loop options on a real tiny run: bf16 autocast, gradient checkpointing, accumulation, trackers, NaN policy."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import train_args
+from data_tools.errors import UserError
+from trainer.config import load_config
+from trainer.recipe import run
+
+
+def test_bf16_checkpointing_accumulation_and_tensorboard(tiny_models, sample_data, shared_cache, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    cfg = load_config(None, train_args(tiny_models["dev"], sample_data, out, shared_cache, train__steps=3,
+                                       train__mixed_precision="bf16", train__gradient_checkpointing=True,
+                                       train__gradient_accumulation=2, output__report_to="tensorboard",
+                                       optim__scheduler="linear", lora__targets="all_linear"))
+    result = run(cfg, show_progress=False)
+    assert result.lora_path.is_file()
+    assert any((out / "logs").rglob("events.out.tfevents.*"))
+    assert any("proj_out" in n for n, p in result.transformer.named_parameters() if p.requires_grad)
+
+
+def test_wandb_offline(tiny_models, sample_data, shared_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    cfg = load_config(None, train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=2,
+                                       output__report_to="wandb"))
+    run(cfg, show_progress=False)
+    assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_attention_preset_targets_only_attention(tiny_models, sample_data, shared_cache, tmp_path):
+    cfg = load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache,
+                                       train__steps=1, lora__targets="attention"))
+    names = [n for n, p in run(cfg, show_progress=False).transformer.named_parameters() if p.requires_grad]
+    assert any(".attn.to_q." in n for n in names) and any("to_qkv_mlp_proj" in n for n in names)
+    assert not any(".ff." in n or "ff_context" in n for n in names)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss_names_the_files(policy, tiny_models, sample_data, shared_cache, tmp_path, caplog):
+    # an lr of 1e30 drives the weights to inf after the first update: a real divergence, not a mock
+    cfg = load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache,
+                                       train__steps=4, optim__lr=1e30, train__max_grad_norm=0,
+                                       train__nonfinite=policy))
+    if policy == "stop":
+        with pytest.raises(UserError, match=r"non-finite loss at step \d+ on .*mark_\d+\.png"):
+            run(cfg, show_progress=False)
+    else:
+        result = run(cfg, show_progress=False)
+        assert "batch skipped" in caplog.text and "mark_" in caplog.text
+        assert result.lora_path.is_file()
+
+
+def test_low_memory_path_fp8_storage_and_group_offload(tiny_models, sample_data, shared_cache, tmp_path):
+    """The dev-on-24GB preset's path: float8 frozen weights + block offload, LoRA still float32 and trained."""
+    cfg = load_config(None, train_args(tiny_models["dev"], sample_data, tmp_path / "r", shared_cache, train__steps=3,
+                                       model__fp8_storage=True, model__group_offload="block",
+                                       train__gradient_checkpointing=True))
+    result = run(cfg, show_progress=False)
+    block = result.transformer.transformer_blocks[0].attn.to_q
+    assert block.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert block.lora_A["default"].weight.dtype == torch.float32
+    assert torch.count_nonzero(block.lora_B["default"].weight) > 0

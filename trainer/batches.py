@@ -1,0 +1,42 @@
+"""A deterministic batch plan: micro-batch number m on rank r is a pure function of (seed, m, r).
+
+That is what makes resume exact (the data position is just the step counter) and keeps every batch
+inside one aspect bucket (the transformer takes position ids from the first sample of a batch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class BatchPlan:
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, world_size: int = 1, rank: int = 0):
+        self.groups: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(buckets):
+            self.groups.setdefault(bucket, []).append(index)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.world_size = world_size
+        self.rank = rank
+        self.batches_per_epoch = sum(-(-len(g) // batch_size) for g in self.groups.values())
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """Shuffle within each bucket, cut into batches (the last of a bucket may be smaller), shuffle batches."""
+        if self._epoch_cache and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        batches = []
+        for bucket in sorted(self.groups):
+            members = self.groups[bucket]
+            order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        self._epoch_cache = (epoch, batches)
+        return batches
+
+    def micro_batch(self, number: int) -> list[int]:
+        """Sample indices of this rank's micro-batch `number` (0-based, counted over the whole run)."""
+        global_index = number * self.world_size + self.rank
+        epoch, offset = divmod(global_index, self.batches_per_epoch)
+        return self.epoch(epoch)[offset]

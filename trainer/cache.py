@@ -1,0 +1,101 @@
+"""Latents and prompt embeddings, computed once and kept on disk as safetensors.
+
+Keys are content hashes: sha256 of the image file + bucket size + VAE identity for latents; sha256 of
+the caption + text-encoder identity for embeddings. Editing an image or a caption, or changing the model,
+misses the cache; nothing else does, so reruns (and other runs on the same data) skip the encoders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from data_tools.atomic import atomic_path
+from data_tools.configtree import option
+from data_tools.dataset import Sample
+from data_tools.images import fit, open_rgb
+from inference.conditioning import Encoder
+from inference.loading import BaseModel, load_pipeline
+
+
+def _default_cache_dir() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flux2-lora")
+
+
+@dataclasses.dataclass
+class CacheConfig:
+    dir: str = option(factory=_default_cache_dir, help="where cached latents and embeddings live",
+                      shown_default="$XDG_CACHE_HOME/flux2-lora or ~/.cache/flux2-lora")
+    device: Literal["auto", "cpu"] = option("auto", help="where the encoders run: the training device, or cpu "
+                                                         "when the text encoder does not fit on the GPU")
+
+
+@dataclasses.dataclass
+class Features:
+    """Everything the training loop reads, in memory: one latent per sample, one embedding per caption."""
+
+    latents: list[torch.Tensor]  # per sample: (1, 128, h, w), normalised as the pipeline does
+    embeds: dict[str, torch.Tensor]  # caption -> (1, L, D); "" is the caption-dropout embedding
+    text_encoder_calls: int = 0
+    vae_calls: int = 0
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _save(path: Path, tensor: torch.Tensor) -> None:
+    with atomic_path(path) as tmp:
+        save_file({"value": tensor.contiguous().cpu()}, str(tmp))
+
+
+def _load(path: Path) -> torch.Tensor:
+    return load_file(str(path))["value"]
+
+
+def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: CacheConfig, show_progress: bool = True,
+                   device: torch.device | str = "cpu") -> Features:
+    device = "cpu" if cfg.device == "cpu" else device
+    root = Path(cfg.dir).expanduser()
+    latent_dir = root / "latents" / base.identity("vae")
+    text_dir = root / "text" / base.identity("text_encoder")
+    latent_paths = [latent_dir / f"{_sha(s.path.read_bytes())}_{s.bucket[0]}x{s.bucket[1]}.safetensors" for s in samples]
+    captions = sorted({s.caption for s in samples} | {""})
+    text_paths = {c: text_dir / f"{_sha(c.encode('utf-8'))}.safetensors" for c in captions}
+    features = Features(latents=[], embeds={})
+
+    missing_text = [c for c in captions if not text_paths[c].is_file()]
+    if missing_text:
+        pipe = load_pipeline(base, dtype, vae=False, transformer=False).to(device)
+        encoder = Encoder(pipe)
+        for caption in tqdm(missing_text, desc="encoding captions", disable=not show_progress):
+            _save(text_paths[caption], encoder.encode_prompts([caption]))
+        features.text_encoder_calls = encoder.text_encoder_calls
+        del pipe, encoder  # release the text encoder (the largest model) before training starts
+        gc.collect()
+
+    todo = {p: s for p, s in zip(latent_paths, samples) if not p.is_file()}
+    if todo:
+        encoder = Encoder(load_pipeline(base, dtype, text_encoder=False, transformer=False).to(device))
+        for path, sample in tqdm(todo.items(), desc="encoding images", disable=not show_progress):
+            image = fit(open_rgb(sample.path), *sample.bucket)
+            _save(path, encoder.encode_image(image))
+            features.vae_calls += 1
+        del encoder
+        gc.collect()
+
+    loaded: dict[Path, torch.Tensor] = {}
+    for path in latent_paths:  # repeated samples share one tensor
+        if path not in loaded:
+            loaded[path] = _load(path)
+    features.latents = [loaded[p] for p in latent_paths]
+    features.embeds = {c: _load(p) for c, p in text_paths.items()}
+    return features

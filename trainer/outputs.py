@@ -1,0 +1,90 @@
+"""The run folder: refusing to clobber another run, the model card, the resolved config."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from data_tools.atomic import write_text
+from data_tools.configtree import option
+from data_tools.errors import UserError
+from inference.lora_io import WEIGHT_NAME
+
+RUN_MARKERS = ("config.yaml", WEIGHT_NAME, "checkpoints")
+
+
+@dataclasses.dataclass
+class OutputConfig:
+    dir: str = option("runs/lora", help="the run folder: LoRA, model card, config, checkpoints, logs")
+    overwrite: bool = option(False, help="replace a finished or abandoned run in output.dir")
+    report_to: Literal["none", "wandb", "tensorboard"] = option("none", help="tracker for loss and lr (WANDB_MODE=offline works)")
+    project: str = option("flux2-lora", help="wandb/tensorboard project name")
+    name: str | None = option(None, help="LoRA name in the model card; defaults to the folder name")
+
+    def validate(self) -> str | None:
+        return None if self.dir else "output.dir is empty; set it to a folder for this run"
+
+
+def prepare_output_dir(cfg: OutputConfig, resuming: bool) -> Path:
+    """Create output.dir, checking it is writable and holds no other run (unless resuming or overwriting)."""
+    out = Path(cfg.dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output.dir '{out}' is a file; choose a folder path")
+    taken = [m for m in RUN_MARKERS if (out / m).exists()]
+    if taken and not resuming:
+        if not cfg.overwrite:
+            raise UserError(f"output.dir '{out}' already holds a run ({', '.join(taken)}); set resume: latest to continue "
+                            "it, output.overwrite: true to replace it, or choose another output.dir")
+        for marker in taken:
+            target = out / marker
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output.dir '{out}' is not writable ({exc.strerror}); choose a folder you can write to") from None
+    return out
+
+
+def model_card(*, name: str, variant, family, trigger: str | None, rank: int, alpha: float, steps: int,
+               dataset_size: int, resolution: int, targets: str) -> str:
+    trigger_line = f"Use the trigger word **`{trigger}`** in prompts." if trigger else "No trigger word was set."
+    pipeline = family.pipeline_class_name
+    return f"""---
+license: {variant.licence}
+base_model: {variant.base_model}
+library_name: diffusers
+tags: [flux2, lora, text-to-image, flux2-lora]
+---
+# {name}
+
+A LoRA for {variant.name}, trained with flux2-lora.
+
+{trigger_line}
+
+| | |
+|---|---|
+| base model | {variant.base_model} |
+| family | {family.name} |
+| rank / alpha | {rank} / {alpha:g} |
+| targets | {targets} |
+| steps | {steps} |
+| images | {dataset_size} |
+| resolution | {resolution} |
+| licence | {variant.licence} (inherited from the base model) |
+
+```python
+import torch
+from diffusers import {pipeline}
+pipe = {pipeline}.from_pretrained("{variant.base_model}", torch_dtype=torch.bfloat16)
+pipe.load_lora_weights("path/to/this/folder", weight_name="pytorch_lora_weights.safetensors")
+```
+"""
+
+
+def write_card(out: Path, text: str) -> None:
+    write_text(out / "README.md", text)

@@ -1,0 +1,59 @@
+"""One micro-batch of the flow-matching objective, and the `train` config section it reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+
+from data_tools.configtree import multiple_of, non_negative, option, positive, probability
+from inference.conditioning import build_inputs, pack, predict_velocity
+from inference.families import Family
+from trainer.cache import Features
+from trainer.flow import FlowConfig, flow_loss, interpolate, loss_weights, training_sigmas, velocity_target
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    steps: int = option(1000, check=positive, help="optimizer steps")
+    batch_size: int = option(1, check=positive, help="images per micro-batch (one aspect bucket each)")
+    resolution: int = option(1024, check=multiple_of(16), help="bucket area is resolution^2")
+    seed: int = option(42, help="seeds LoRA init, batch order, noise, timesteps and caption dropout")
+    gradient_accumulation: int = option(1, check=positive, help="micro-batches per optimizer step")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", help="autocast for the forward pass (fp16 needs a GPU)")
+    gradient_checkpointing: bool = option(False, help="recompute activations in backward: less memory, ~30% slower")
+    guidance: float = option(1.0, check=non_negative, help="embedded guidance during training (dev only)")
+    caption_dropout: float = option(0.05, check=probability, help="share of samples trained on the empty prompt")
+    max_grad_norm: float = option(1.0, check=non_negative, help="0 disables clipping")
+    nonfinite: Literal["skip", "stop"] = option("stop", help="what a NaN/inf loss does")
+    log_every: int = option(1, check=positive, help="steps between progress-bar/tracker updates")
+
+
+def step_generator(seed: int, micro_batch: int, rank: int) -> torch.Generator:
+    """Noise, sigmas and caption dropout of a micro-batch depend on (seed, micro-batch, rank) only: resume is exact."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_batch) * 4_099 + rank)
+
+
+def micro_batch_loss(
+    transformer,
+    family: Family,
+    features: Features,
+    captions: list[str],
+    indices: list[int],
+    settings: TrainSettings,
+    flow: FlowConfig,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    drop = torch.rand(len(indices), generator=generator) < settings.caption_dropout
+    texts = ["" if d else captions[i] for i, d in zip(indices, drop.tolist())]
+    x0 = torch.cat([features.latents[i] for i in indices]).to(device=device, dtype=dtype)
+    embeds = torch.cat([features.embeds[t] for t in texts]).to(device=device, dtype=dtype)
+    x0_tokens = pack(family, x0)
+    noise = torch.randn(x0_tokens.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    sigmas = training_sigmas(flow, len(indices), x0_tokens.shape[1], generator).to(device)
+    inputs = build_inputs(family, interpolate(x0_tokens, noise, sigmas), x0.shape, embeds)
+    pred = predict_velocity(transformer, family, inputs, sigmas, settings.guidance)
+    return flow_loss(pred, velocity_target(x0_tokens, noise), loss_weights(flow.loss_weighting, sigmas))
