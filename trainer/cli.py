@@ -52,6 +52,13 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from inference import cli_generate
+
+    return cli_generate.run(args)
+
+
 def cmd_config_reference(args: argparse.Namespace) -> int:
     from trainer.config import config_reference
 
@@ -92,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=12)
     p.add_argument("--trigger", default="zxq")
     p.set_defaults(func=cmd_sample_data)
+
+    p = sub.add_parser("generate", help="generate or edit images with a base model and LoRAs")
+    from inference.cli_generate import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("show-config", help="print the resolved, validated training config")
     p.add_argument("--config", help="YAML file")

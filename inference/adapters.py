@@ -1,0 +1,75 @@
+"""Loading LoRA adapters onto a base pipeline: our format and other tools' (via diffusers' converters),
+checked against the base model before anything is injected."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from data_tools.errors import UserError
+from inference.lora_io import our_info, read_header
+
+_MODULE = re.compile(r"^transformer\.(.+?)\.(lora_A|lora_B|lokr_\w+)(\.[\w.]+)?\.weight$")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: Path
+    sha256: str
+    info: dict[str, Any]  # our flux2_lora.* header entries (trigger, family, rank, ...), empty for other tools' files
+
+    @property
+    def trigger(self) -> str:
+        return str(self.info.get("trigger") or "")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_fits(state: dict, transformer, path: Path) -> None:
+    modules = dict(transformer.named_modules())
+    for key, tensor in state.items():
+        match = _MODULE.match(key)
+        if not match:
+            continue
+        module = modules.get(match.group(1))
+        if module is None:
+            raise UserError(f"LoRA '{path}' targets '{match.group(1)}', which this base model does not have; "
+                            "it was made for another FLUX.2 family or size")
+        base = getattr(module, "base_layer", module)
+        expected = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        if match.group(2) == "lora_A" and tensor.shape[1] != expected[0] or \
+           match.group(2) == "lora_B" and tensor.shape[0] != expected[1]:
+            raise UserError(f"LoRA '{path}' does not fit this base model ({match.group(1)}: LoRA shape "
+                            f"{tuple(tensor.shape)}, layer {expected[0]}->{expected[1]}); it was made for another "
+                            "FLUX.2 family or size")
+
+
+def load_adapter(pipe, family_name: str, path: str | Path, name: str) -> AdapterInfo:
+    """Validate `path` against the loaded base, then inject it as adapter `name` with diffusers' loader."""
+    path = Path(path)
+    header = read_header(path)  # refuses missing files, pickles and corrupt headers
+    info = our_info(header)
+    if info.get("family") and info["family"] != family_name:
+        raise UserError(f"LoRA '{path}' was trained on FLUX.2 {info['family']}, but the base model is {family_name}; "
+                        f"use a {info['family']} base or a LoRA trained on {family_name}")
+    try:
+        state = pipe.lora_state_dict(str(path.parent), weight_name=path.name, use_safetensors=True)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise UserError(f"LoRA '{path}' is not a FLUX.2 LoRA diffusers can read ({str(exc).splitlines()[0][:150]})") from None
+    if not any(k.startswith("transformer.") for k in state):
+        raise UserError(f"LoRA '{path}' has no FLUX.2 transformer weights (keys like {next(iter(state), 'none')!r}); "
+                        "it was made for another model")
+    _check_fits(state, pipe.transformer, path)
+    # loading from the file (not the dict above) keeps the adapter metadata, so alpha != rank loads at its scale
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, use_safetensors=True)
+    return AdapterInfo(name=name, path=path, sha256=sha256_file(path), info=info)

@@ -1,0 +1,146 @@
+"""Generation with the stock FLUX.2 pipelines and any set of LoRA adapters.
+
+    gen = Generator("path/or/hub-id")                 # the base loads once
+    gen.add_adapter("brand.safetensors", scale=0.8)   # hot-swap: add, rescale, remove without reloading
+    images = gen.generate("zxq logo on a mug", seed=1)
+    images = gen.generate("make it blue", image=photo, references=[logo])   # edit + multi-reference
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from data_tools.dataset import with_trigger
+from data_tools.errors import UserError
+from data_tools.images import open_rgb
+from inference.adapters import AdapterInfo, load_adapter
+from inference.lora_io import WEIGHT_NAME
+from inference.loading import ModelConfig, apply_memory_options, load_pipeline, resolve_base_model
+
+log = logging.getLogger("flux2_lora.generate")
+MAX_REFERENCES = 10  # FLUX.2 takes up to 10 images; the edit base counts as the first
+
+
+@dataclasses.dataclass
+class Generated:
+    image: Image.Image
+    record: dict[str, Any]  # everything needed to reproduce it; written into the PNG by provenance.save_png
+
+
+def round_to_16(value: int, what: str) -> int:
+    rounded = max(16, int(round(value / 16)) * 16)
+    if rounded != value:
+        log.warning("%s %d is not a multiple of 16; using %d", what, value, rounded)
+    return rounded
+
+
+class Generator:
+    def __init__(self, model: str, *, dtype: str = "float32", device: str = "cpu", fp8_storage: bool = False,
+                 group_offload: str = "none", model_cpu_offload: bool = False, vae_tiling: bool = False):
+        self.config = ModelConfig(path=str(model), dtype=dtype, fp8_storage=fp8_storage, group_offload=group_offload)
+        self.base = resolve_base_model(self.config)
+        self.pipe = load_pipeline(self.base, dtype)
+        self.family = self.base.family
+        self.defaults = self.family.sampling_defaults(self.base.distilled)
+        if model_cpu_offload:
+            self.pipe.enable_model_cpu_offload()  # needs an accelerator; moves whole models on demand
+        else:
+            apply_memory_options(self.pipe.transformer, self.config, torch.device(device))
+            if group_offload == "none":
+                self.pipe.to(device)
+        if vae_tiling:
+            self.pipe.vae.enable_tiling()
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.scales: dict[str, float] = {}
+        self.fused = False
+
+    # ---- adapters -------------------------------------------------------------------------------------------
+    def add_adapter(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> AdapterInfo:
+        self._require_unfused()
+        path = Path(path)
+        if path.is_dir():  # a run folder
+            path = path / WEIGHT_NAME
+        name = name or (path.parent.name if path.name == WEIGHT_NAME else path.stem).replace(".", "_")
+        if name in self.adapters:
+            raise UserError(f"an adapter named '{name}' is already loaded; pass another name")
+        info = load_adapter(self.pipe, self.family.name, path, name)
+        self.adapters[name], self.scales[name] = info, float(scale)
+        self._apply_scales()
+        return info
+
+    def set_scales(self, scales: dict[str, float]) -> None:
+        self._require_unfused()
+        unknown = set(scales) - set(self.adapters)
+        if unknown:
+            raise UserError(f"no adapter named {', '.join(sorted(unknown))}; loaded: {', '.join(self.adapters) or 'none'}")
+        self.scales.update({k: float(v) for k, v in scales.items()})
+        self._apply_scales()
+
+    def remove_adapter(self, name: str) -> None:
+        self._require_unfused()
+        self.pipe.delete_adapters(name)
+        self.adapters.pop(name), self.scales.pop(name)
+        self._apply_scales()
+
+    def fuse(self) -> None:
+        """Merge the active adapters (at their scales) into the base weights: LoRA costs nothing per step."""
+        if self.adapters and not self.fused:
+            self.pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=list(self.adapters))
+            self.fused = True
+
+    def unfuse(self) -> None:
+        if self.fused:
+            self.pipe.unfuse_lora(components=["transformer"])
+            self.fused = False
+
+    def _apply_scales(self) -> None:
+        if self.adapters:
+            self.pipe.set_adapters(list(self.adapters), [self.scales[n] for n in self.adapters])
+
+    def _require_unfused(self) -> None:
+        if self.fused:
+            raise UserError("adapters are fused; call unfuse() before changing them")
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    def generate(self, prompt: str, *, image: Image.Image | str | Path | None = None,
+                 references: Sequence[Image.Image | str | Path] = (), width: int | None = None,
+                 height: int | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                 num_images: int = 1, add_trigger: bool = False) -> list[Generated]:
+        images = [self._image(x) for x in ([image] if image is not None else []) + list(references)]
+        if len(images) > MAX_REFERENCES:
+            raise UserError(f"{len(images)} reference images given; FLUX.2 takes at most {MAX_REFERENCES} "
+                            "(the edit image counts as one)")
+        if images:
+            width = width or images[0].width
+            height = height or images[0].height
+        width = round_to_16(width or 1024, "width")
+        height = round_to_16(height or 1024, "height")
+        steps = steps or self.defaults.steps
+        guidance = self.defaults.guidance if guidance is None else guidance
+        if add_trigger:
+            for info in self.adapters.values():
+                prompt = with_trigger(prompt, info.trigger or None)
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+        try:
+            out = self.pipe(prompt=prompt, image=images or None, width=width, height=height, num_inference_steps=steps,
+                            guidance_scale=guidance, num_images_per_prompt=num_images, generator=generators)
+        except ValueError as exc:  # the pipeline's own input checks (e.g. a reference image under 64 px)
+            raise UserError(f"generation refused: {str(exc).splitlines()[0]}") from None
+        record = {
+            "prompt": prompt, "width": width, "height": height, "steps": steps, "guidance": guidance,
+            "base_model": self.base.path, "family": self.family.name, "fused": self.fused,
+            "references": len(images), "edit": image is not None,
+            "loras": [{"name": n, "path": str(a.path), "sha256": a.sha256, "scale": self.scales[n]}
+                      for n, a in self.adapters.items()],
+        }
+        return [Generated(img, {**record, "seed": seed + i}) for i, img in enumerate(out.images)]
+
+    @staticmethod
+    def _image(value: Image.Image | str | Path) -> Image.Image:
+        return value.convert("RGB") if isinstance(value, Image.Image) else open_rgb(value)

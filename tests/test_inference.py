@@ -1,0 +1,163 @@
+"""Generation with adapters on the tiny models: stock-pipeline equality, scales, fusing, edits, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import train_args
+from data_tools.errors import UserError
+from inference.families import FAMILIES
+from inference.generate import Generator
+from inference.prompts import hex_prompt, hex_to_rgb, json_prompt, normalise_hex
+from inference.provenance import read_record
+from trainer.cli import main
+from trainer.config import load_config
+from trainer.recipe import run
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_models, sample_data, shared_cache, tmp_path_factory):
+    out = {}
+    for family in ("klein", "dev"):
+        run_dir = tmp_path_factory.mktemp(f"lora-{family}")
+        cfg = load_config(None, train_args(tiny_models[family], sample_data, run_dir / "run", shared_cache,
+                                           train__steps=20, optim__lr=3e-3, lora__alpha=6))
+        out[family] = run(cfg, show_progress=False).lora_path
+    return out
+
+
+def _arr(generated):
+    return np.array(generated[0].image)
+
+
+@pytest.mark.parametrize("family", ["klein", "dev"])
+def test_generator_matches_stock_pipeline_and_scales_behave(family, tiny_models, loras):
+    gen = Generator(str(tiny_models[family]))
+    kw = dict(width=64, height=64, steps=3, seed=11)
+    base = _arr(gen.generate("zxq logo", **kw))
+    assert np.array_equal(base, _arr(gen.generate("zxq logo", **kw)))  # same seed, same picture
+    info = gen.add_adapter(loras[family], scale=1.0)
+    assert info.trigger == "zxq" and info.info["family"] == family
+    with_lora = _arr(gen.generate("zxq logo", **kw))
+    assert not np.array_equal(base, with_lora)
+
+    stock = FAMILIES[family].pipeline_class.from_pretrained(str(tiny_models[family]))
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(loras[family].parent))
+    defaults = gen.defaults
+    ref = stock(prompt="zxq logo", width=64, height=64, num_inference_steps=3, guidance_scale=defaults.guidance,
+                generator=[torch.Generator().manual_seed(11)]).images[0]
+    assert np.array_equal(np.array(ref), with_lora)
+
+    gen.set_scales({info.name: 0.0})
+    assert np.array_equal(_arr(gen.generate("zxq logo", **kw)), base)
+
+
+def test_fused_equals_unfused_and_hot_swap(tiny_models, loras):
+    gen = Generator(str(tiny_models["klein"]))
+    info = gen.add_adapter(loras["klein"], scale=0.7)
+    transformer = gen.pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(hidden_states=torch.randn(1, 16, 128, generator=g), timestep=torch.tensor([0.5]), guidance=None,
+                  encoder_hidden_states=torch.randn(1, 512, 48, generator=g),
+                  txt_ids=FAMILIES["klein"].pipeline_class._prepare_text_ids(torch.zeros(1, 512, 48)),
+                  img_ids=FAMILIES["klein"].pipeline_class._prepare_latent_ids(torch.zeros(1, 128, 4, 4)),
+                  return_dict=False)
+    with torch.no_grad():
+        unfused = transformer(**kwargs)[0]
+        gen.fuse()
+        fused = transformer(**kwargs)[0]
+        with pytest.raises(UserError, match="unfuse"):
+            gen.set_scales({info.name: 1.0})
+        gen.unfuse()
+        again = transformer(**kwargs)[0]
+    assert (fused - unfused).abs().max() < 1e-5
+    assert (again - unfused).abs().max() < 1e-5
+    # hot-swap: a second adapter and removal without reloading the base
+    second = gen.add_adapter(loras["klein"], scale=0.5, name="second")
+    assert set(gen.adapters) == {info.name, "second"}
+    gen.remove_adapter(second.name)
+    with torch.no_grad():
+        assert torch.allclose(transformer(**kwargs)[0], unfused, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["klein", "dev"])
+def test_edit_and_multi_reference(family, tiny_models):
+    gen = Generator(str(tiny_models[family]))
+    photo = Image.new("RGB", (96, 64), "#E4572E")
+    logo = Image.new("RGB", (64, 64), "#1B2A49")
+    edited = gen.generate("make the background blue", image=photo, references=[logo, logo], steps=2, seed=1)
+    assert edited[0].image.size == (96, 64)  # edits default to the edit image's size
+    assert edited[0].record["references"] == 3 and edited[0].record["edit"]
+    with pytest.raises(UserError, match="at most 10"):
+        gen.generate("x", references=[logo] * 11, steps=1)
+    with pytest.raises(UserError, match="too small"):
+        gen.generate("x", references=[Image.new("RGB", (32, 32))], steps=1)
+
+
+def test_wrong_family_and_wrong_shape_loras_are_refused(tiny_models, loras, tmp_path):
+    gen = Generator(str(tiny_models["dev"]))
+    with pytest.raises(UserError, match="trained on FLUX.2 klein, but the base model is dev"):
+        gen.add_adapter(loras["klein"])
+    state = load_file(loras["dev"])
+    key = next(k for k in state if k.endswith("attn.to_q.lora_A.weight"))
+    state[key] = torch.zeros(state[key].shape[0], 99)
+    save_file(state, str(tmp_path / "other_size.safetensors"))
+    with pytest.raises(UserError, match="does not fit this base model"):
+        gen.add_adapter(tmp_path / "other_size.safetensors")
+    (tmp_path / "old.ckpt").write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(UserError, match="only safetensors"):
+        gen.add_adapter(tmp_path / "old.ckpt")
+    (tmp_path / "broken.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="not a valid safetensors"):
+        gen.add_adapter(tmp_path / "broken.safetensors")
+    assert gen.adapters == {}
+
+
+def test_prompt_helpers():
+    assert normalise_hex("e4572e") == "#E4572E" and normalise_hex("#e52") == "#EE5522"
+    assert hex_to_rgb("#E4572E") == (228, 87, 46)
+    with pytest.raises(UserError, match="not a hex code"):
+        normalise_hex("#GG0000")
+    assert hex_prompt("a mug", {"body": "#e4572e"}) == "a mug, body in exact colour #E4572E"
+    doc = json.loads(json_prompt("studio shot", colour_palette=["#fff"], text=["SALE"]))
+    assert doc["color_palette"] == ["#FFFFFF"] and doc["text"] == ['"SALE"']
+
+
+def test_generate_cli_writes_provenance_results_and_grid(tiny_models, loras, tmp_path, capsys):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "zxq logo", "seed": 4}\n{"prompt": 3}\n'
+                    '{"prompt": "zxq mug", "width": 72, "height": 64, "num_images": 2}\n{"prompt": "x", "sede": 1}\n')
+    out = tmp_path / "out"
+    code = main(["generate", "--model", str(tiny_models["klein"]), "--lora", f"{loras['klein']}:0.8",
+                 "--prompts", str(jobs), "--steps", "2", "--width", "64", "--height", "64", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1  # two bad lines, reported with their numbers; the others ran
+    assert "jobs.jsonl line 2:" in err and "jobs.jsonl line 4: unknown key(s) sede" in err
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in results] == [4, 0, 1]
+    assert results[1]["width"] == 64  # 72 rounded to a multiple of 16
+    record = read_record(out / results[0]["file"])
+    assert record["ai_generated"] and record["loras"][0]["scale"] == 0.8 and len(record["loras"][0]["sha256"]) == 64
+    assert json.loads((out / results[0]["file"]).with_suffix(".json").read_text())["prompt"] == "zxq logo"
+    assert (out / "grid.png").is_file()
+
+    single = tmp_path / "single"
+    assert main(["generate", "--model", str(tiny_models["klein"]), "--prompt", "zxq", "--steps", "2",
+                 "--width", "64", "--height", "64", "--seed", "9", "--out", str(single)]) == 0
+    assert read_record(single / "0000_seed9.png")["seed"] == 9
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["--lora", "missing.safetensors"], "missing.safetensors' does not exist"),
+    (["--ref", "nope.png"], "nope.png' cannot be read"),
+])
+def test_generate_cli_bad_input_is_one_line(argv_tail, message, tiny_models, tmp_path, capsys):
+    code = main(["generate", "--model", str(tiny_models["klein"]), "--prompt", "x", "--steps", "1",
+                 "--out", str(tmp_path / "o"), *argv_tail])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
