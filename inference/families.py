@@ -38,6 +38,8 @@ class Family:
     # pins them to the pipeline's own default; conditioning always calls the pipeline's encode_prompt.
     text_encoder_layers: tuple[int, ...]
     has_guidance_embedding: bool
+    # Real classifier-free guidance against the empty prompt (klein base) takes negative_prompt_embeds.
+    has_true_cfg: bool
     variants: tuple[Variant, ...]
     _defaults: Callable[[bool], SamplingDefaults]
 
@@ -73,6 +75,7 @@ DEV = Family(
     text_encoder_class_name="Mistral3ForConditionalGeneration",
     text_encoder_layers=(10, 20, 30),
     has_guidance_embedding=True,
+    has_true_cfg=False,
     variants=(
         Variant("FLUX.2 [dev] 32B", "black-forest-labs/FLUX.2-dev", "flux-dev-non-commercial-license", 8, 15360),
         Variant("tiny random FLUX.2 [dev] (test model)", "flux2-lora tiny-model --family dev", "apache-2.0", 1, 48),
@@ -86,6 +89,7 @@ KLEIN = Family(
     text_encoder_class_name="Qwen3ForCausalLM",
     text_encoder_layers=(9, 18, 27),
     has_guidance_embedding=False,
+    has_true_cfg=True,
     variants=(
         Variant("FLUX.2 [klein] 4B", "black-forest-labs/FLUX.2-klein-4B", "apache-2.0", 5, 7680),
         Variant("FLUX.2 [klein] 9B", "black-forest-labs/FLUX.2-klein-9B", "flux-non-commercial-license", 8, 12288),

@@ -14,7 +14,7 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None, labels:
         raise ValueError("no images to lay out")
     columns = columns or min(len(images), 4)
     rows = -(-len(images) // columns)
-    tile = tile or max(max(im.size) for im in images)
+    tile = tile or max(128, max(max(im.size) for im in images))  # small renders are enlarged so labels fit
     font = ImageFont.load_default()
     label_h = 14 if labels else 0
     left = 120 if row_labels else 0
@@ -23,7 +23,9 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None, labels:
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
         scale = tile / max(image.size)
-        thumb = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+        thumb = image.convert("RGB").resize(size, resample)
         x, y = left + 4 + c * (tile + 4), 4 + r * (tile + label_h + 4)
         grid.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2))
         if labels:

@@ -66,3 +66,19 @@ def test_low_memory_path_fp8_storage_and_group_offload(tiny_models, sample_data,
     assert block.base_layer.weight.dtype == torch.float8_e4m3fn
     assert block.lora_A["default"].weight.dtype == torch.float32
     assert torch.count_nonzero(block.lora_B["default"].weight) > 0
+
+
+@pytest.mark.parametrize("family", ["klein", "dev"])
+def test_samples_during_training_and_before_after_grid(family, tiny_models, sample_data, shared_cache, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "r"
+    prompts = ["zxq logo on white", "a red circle"]
+    args = train_args(tiny_models[family], sample_data, out, shared_cache, train__steps=4, sample__every=2,
+                      sample__steps=2, sample__width=64, sample__height=48)
+    cfg = load_config(None, args + [f"sample.prompts={prompts}"])
+    run(cfg, show_progress=False)
+    grids = sorted(p.name for p in (out / "samples").glob("step-*.png"))
+    assert grids == ["step-000002.png", "step-000004.png"]
+    assert Image.open(out / "samples" / "step-000002.png").width >= 2 * 64
+    assert Image.open(out / "samples" / "before_after.png").height > Image.open(out / "samples" / "step-000004.png").height

@@ -62,13 +62,14 @@ def _load(path: Path) -> torch.Tensor:
 
 
 def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: CacheConfig, show_progress: bool = True,
-                   device: torch.device | str = "cpu") -> Features:
+                   device: torch.device | str = "cpu", extra_prompts: tuple[str, ...] = ()) -> Features:
+    """Encode what is not cached yet (captions, "", and `extra_prompts` such as sample prompts), then load all."""
     device = "cpu" if cfg.device == "cpu" else device
     root = Path(cfg.dir).expanduser()
     latent_dir = root / "latents" / base.identity("vae")
     text_dir = root / "text" / base.identity("text_encoder")
     latent_paths = [latent_dir / f"{_sha(s.path.read_bytes())}_{s.bucket[0]}x{s.bucket[1]}.safetensors" for s in samples]
-    captions = sorted({s.caption for s in samples} | {""})
+    captions = sorted({s.caption for s in samples} | {""} | set(extra_prompts))
     text_paths = {c: text_dir / f"{_sha(c.encode('utf-8'))}.safetensors" for c in captions}
     features = Features(latents=[], embeds={})
 

@@ -16,6 +16,7 @@ import yaml
 from data_tools.configtree import apply_overrides, from_dict, option, read_yaml, to_dict
 from data_tools.dataset import DataConfig
 from inference.loading import ModelConfig
+from inference.training_samples import SampleConfig
 from trainer.cache import CacheConfig
 from trainer.checkpoints import CheckpointConfig
 from trainer.flow import FlowConfig
@@ -36,6 +37,7 @@ class Config:
     checkpoint: CheckpointConfig = option(factory=CheckpointConfig)
     output: OutputConfig = option(factory=OutputConfig)
     cache: CacheConfig = option(factory=CacheConfig)
+    sample: SampleConfig = option(factory=SampleConfig)
     resume: str | None = option(None, help="latest, or a checkpoints/step-N folder")
 
 

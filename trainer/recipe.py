@@ -16,6 +16,7 @@ from data_tools.dataset import load_samples
 from data_tools.errors import UserError
 from inference.loading import DTYPES, apply_memory_options, load_pipeline, resolve_base_model
 from inference.lora_io import WEIGHT_NAME, save_lora
+from inference.training_samples import SampleRenderer
 from trainer import checkpoints
 from trainer.batches import BatchPlan
 from trainer.cache import build_features
@@ -84,7 +85,8 @@ def run(cfg: Config, show_progress: bool = True) -> TrainResult:
 
     with accelerator.main_process_first():  # rank 0 fills the cache, the others then read it
         features = build_features(samples, base, cfg.model.dtype, cfg.cache,
-                                  show_progress and accelerator.is_main_process, accelerator.device)
+                                  show_progress and accelerator.is_main_process, accelerator.device,
+                                  extra_prompts=tuple(cfg.sample.prompts))
     log.info("encoders called: text %d, vae %d", features.text_encoder_calls, features.vae_calls)
 
     transformer = load_pipeline(base, cfg.model.dtype, text_encoder=False, vae=False).transformer
@@ -130,6 +132,9 @@ def run(cfg: Config, show_progress: bool = True) -> TrainResult:
             raise UserError(f"checkpoint '{resume_from}' does not fit this config ({str(exc).splitlines()[0][:160]}); "
                             "resume with the config it was saved with") from None
         start = checkpoints.read_state(resume_from)["step"]
+    sampler = None
+    if cfg.sample.prompts and accelerator.is_main_process:
+        sampler = SampleRenderer(base, cfg.model.dtype, cfg.sample, features.embeds, cfg.train.resolution, out)
     if accelerator.is_main_process:
         write_text(out / "config.yaml", dump_config(cfg))
     if cfg.output.report_to != "none":
@@ -175,6 +180,9 @@ def run(cfg: Config, show_progress: bool = True) -> TrainResult:
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"loss": step_loss, "lr": lr, "skipped": float(skipped)}, step=step + 1)
+            if sampler and cfg.sample.every and (step + 1) % cfg.sample.every == 0:
+                _, grid = sampler.at_step(accelerator.unwrap_model(transformer), step + 1)
+                _log_image(accelerator, grid, step + 1)
             stopping = _any_rank(accelerator, stop.signum != 0)
             due = cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.train.steps
             if due or stopping:
@@ -191,6 +199,8 @@ def run(cfg: Config, show_progress: bool = True) -> TrainResult:
     _check_ranks_agree(accelerator, final)
     if accelerator.is_main_process:
         save_lora(out / WEIGHT_NAME, final, base.family, lora_info() | {"steps": cfg.train.steps})
+        if sampler and cfg.sample.before_after:
+            sampler.before_after(final)
         variant = base.family.variant(final.config)
         write_card(out, model_card(name=cfg.output.name or out.resolve().name, variant=variant, family=base.family,
                                    trigger=cfg.data.trigger, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
@@ -209,6 +219,12 @@ def _check_ranks_agree(accelerator, model: torch.nn.Module) -> None:
     if not torch.all(gathered == gathered[0]):
         raise RuntimeError(f"LoRA weights differ between ranks: {gathered.tolist()}")
     log.info("all %d ranks hold identical LoRA weights (checksum %.10g)", accelerator.num_processes, gathered[0].item())
+
+
+def _log_image(accelerator, image, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log_images({"samples": [image]}, step=step)
 
 
 def _any_rank(accelerator, flag: bool) -> bool:

@@ -1,0 +1,83 @@
+"""Per-step cost of LoRA at inference: base vs unfused LoRA vs fused LoRA, measured in one run.
+
+    python benchmarks/inference_step.py [--family klein] [--size 256] [--repeats 5] [--steps 20]
+
+Times the transformer forward (one denoising step) on fixed inputs, interleaving the three variants and
+keeping the best of each, so machine noise hits all alike. Goal: fused <= 1.02 x base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from data_tools.sample_data import write_sample_data  # noqa: E402
+from inference.conditioning import build_inputs, pack  # noqa: E402
+from inference.generate import Generator  # noqa: E402
+from inference.tiny import write_tiny_model  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.recipe import run  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="klein", choices=["klein", "dev"])
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="forward passes per timing")
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = write_tiny_model(tmp / "model", args.family)
+        data = write_sample_data(tmp / "data", count=4)
+        lora = run(load_config(None, [f"model.path={model}", f"data.path={data}", f"output.dir={tmp / 'run'}",
+                                      f"cache.dir={tmp / 'cache'}", "train.steps=5", "train.resolution=64",
+                                      f"lora.rank={args.rank}", f"lora.alpha={args.rank}"]), show_progress=False).lora_path
+        plain = Generator(str(model))  # the base with no adapter ever loaded: no peft wrappers at all
+        gen = Generator(str(model))
+        gen.add_adapter(lora, name="bench")
+        family = gen.family
+        side = args.size // 16
+        g = torch.Generator().manual_seed(0)
+        target = torch.randn(1, 128, side, side, generator=g)
+        inputs = build_inputs(family, pack(family, target), target.shape, torch.randn(1, 512, 48, generator=g))
+        kwargs = dict(hidden_states=inputs.hidden_states, timestep=torch.tensor([0.5]),
+                      guidance=family.guidance_input(4.0, 1), encoder_hidden_states=inputs.encoder_hidden_states,
+                      txt_ids=inputs.txt_ids, img_ids=inputs.img_ids, return_dict=False)
+
+        def timed(transformer) -> float:
+            with torch.no_grad():
+                transformer(**kwargs)
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    transformer(**kwargs)
+            return (time.perf_counter() - start) / args.steps
+
+        best = {"base": float("inf"), "unfused": float("inf"), "fused": float("inf")}
+        for _ in range(args.repeats):
+            best["base"] = min(best["base"], timed(plain.pipe.transformer))
+            best["unfused"] = min(best["unfused"], timed(gen.pipe.transformer))
+            gen.fuse()
+            best["fused"] = min(best["fused"], timed(gen.pipe.transformer))
+            gen.unfuse()
+
+    print(f"family={args.family} size={args.size}px tokens={side * side} rank={args.rank} "
+          f"best of {args.repeats} x {args.steps} forward passes, threads={torch.get_num_threads()}")
+    for name, seconds in best.items():
+        print(f"{name:8s} {seconds * 1e3:8.2f} ms/step  ({seconds / best['base']:.3f} x base)")
+    print(f"fused/base = {best['fused'] / best['base']:.3f} (goal <= 1.02)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Sample images rendered during training through the stock pipeline, from cached prompt embeddings.
+
+The text encoder is gone by the time training runs, so sample prompts are encoded with the captions (and
+cached the same way); the pipeline gets `prompt_embeds` and the training transformer itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from data_tools.atomic import atomic_path
+from data_tools.configtree import non_negative, option
+from inference.grids import make_grid
+from inference.loading import BaseModel, load_pipeline
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    prompts: list[str] = option(factory=list, help="prompts rendered every sample.every steps (fixed seeds)")
+    every: int = option(0, check=non_negative, help="0: only the before/after grid at the end (if prompts are set)")
+    seed: int = option(0)
+    steps: int | None = option(None, help="denoising steps; default: the family's")
+    guidance: float | None = option(None, help="default: the family's")
+    width: int | None = option(None, help="default: train.resolution")
+    height: int | None = option(None, help="default: train.resolution")
+    before_after: bool = option(True, help="at the end, a grid of each prompt without (scale 0) and with the LoRA")
+
+    def validate(self) -> str | None:
+        for side in (self.width, self.height):
+            if side is not None and (side <= 0 or side % 16):
+                return f"sample.width/height must be positive multiples of 16, got {side}"
+        return None
+
+
+class SampleRenderer:
+    def __init__(self, base: BaseModel, dtype: str, cfg: SampleConfig, embeds: dict[str, torch.Tensor],
+                 resolution: int, out_dir: Path):
+        self.base, self.cfg, self.out_dir = base, cfg, out_dir
+        self.pipe = load_pipeline(base, dtype, text_encoder=False, transformer=False)  # VAE + scheduler only
+        self.embeds = [embeds[p] for p in cfg.prompts]
+        self.negative = embeds[""]
+        defaults = base.family.sampling_defaults(base.distilled)
+        self.steps = cfg.steps or defaults.steps
+        self.guidance = defaults.guidance if cfg.guidance is None else cfg.guidance
+        self.size = (cfg.width or resolution, cfg.height or resolution)
+
+    @torch.no_grad()
+    def render(self, transformer) -> list[Image.Image]:
+        was_training = transformer.training
+        transformer.eval()
+        pipe = self.base.family.pipeline_class.from_pipe(self.pipe, transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        device = next(p.device for p in transformer.parameters())
+        extra = {}
+        images = []
+        for i, embeds in enumerate(self.embeds):
+            if self.base.family.has_true_cfg:
+                extra = {"negative_prompt_embeds": self.negative.to(device, embeds.dtype)}
+            images += pipe(prompt_embeds=embeds.to(device), width=self.size[0], height=self.size[1],
+                           num_inference_steps=self.steps, guidance_scale=self.guidance,
+                           generator=torch.Generator().manual_seed(self.cfg.seed + i), **extra).images
+        transformer.train(was_training)
+        return images
+
+    def save_grid(self, images: list[Image.Image], name: str, columns: int, labels: list[str]) -> Path:
+        path = self.out_dir / "samples" / name
+        with atomic_path(path) as tmp:
+            make_grid(images, columns=columns, labels=labels).save(tmp, format="PNG")
+        return path
+
+    def at_step(self, transformer, step: int) -> tuple[Path, Image.Image]:
+        images = self.render(transformer)
+        path = self.save_grid(images, f"step-{step:06d}.png", len(images), self.cfg.prompts)
+        return path, Image.open(path)
+
+    def before_after(self, transformer) -> Path:
+        """Row 1: LoRA off (scale 0); row 2: LoRA on (scale 1). Same seeds, same prompts."""
+        transformer.disable_adapters()
+        try:
+            before = self.render(transformer)
+        finally:
+            transformer.enable_adapters()
+        after = self.render(transformer)
+        labels = [f"base: {p}" for p in self.cfg.prompts] + [f"LoRA: {p}" for p in self.cfg.prompts]
+        return self.save_grid(before + after, "before_after.png", len(before), labels)
