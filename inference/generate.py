@@ -33,6 +33,14 @@ class Generated:
     record: dict[str, Any]  # everything needed to reproduce it; written into the PNG by provenance.save_png
 
 
+def _device_available(device: str) -> bool:
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
 def round_to_16(value: int, what: str) -> int:
     rounded = max(16, int(round(value / 16)) * 16)
     if rounded != value:
@@ -48,8 +56,13 @@ class Generator:
         self.pipe = load_pipeline(self.base, dtype)
         self.family = self.base.family
         self.defaults = self.family.sampling_defaults(self.base.distilled)
+        if device != "cpu" and not _device_available(device):
+            raise UserError(f"device '{device}' is not available on this machine; use --device cpu")
         if model_cpu_offload:
-            self.pipe.enable_model_cpu_offload()  # needs an accelerator; moves whole models on demand
+            if not torch.cuda.is_available():
+                raise UserError("model CPU offload needs a GPU; on a CPU-only machine leave it off "
+                                "(or use group offload to keep weights in RAM)")
+            self.pipe.enable_model_cpu_offload()  # moves whole models to the GPU on demand
         else:
             apply_memory_options(self.pipe.transformer, self.config, torch.device(device))
             if group_offload == "none":
