@@ -48,6 +48,10 @@ class Features:
     vae_calls: int = 0
 
 
+# Bump when image reading/resizing or embedding layout changes: old entries then simply miss.
+CACHE_FORMAT = "v1"
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
@@ -66,8 +70,8 @@ def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: Cach
     """Encode what is not cached yet (captions, "", and `extra_prompts` such as sample prompts), then load all."""
     device = "cpu" if cfg.device == "cpu" else device
     root = Path(cfg.dir).expanduser()
-    latent_dir = root / "latents" / base.identity("vae")
-    text_dir = root / "text" / base.identity("text_encoder")
+    latent_dir = root / CACHE_FORMAT / "latents" / base.identity("vae")
+    text_dir = root / CACHE_FORMAT / "text" / base.identity("text_encoder")
     latent_paths = [latent_dir / f"{_sha(s.path.read_bytes())}_{s.bucket[0]}x{s.bucket[1]}.safetensors" for s in samples]
     captions = sorted({s.caption for s in samples} | {""} | set(extra_prompts))
     text_paths = {c: text_dir / f"{_sha(c.encode('utf-8'))}.safetensors" for c in captions}
