@@ -52,11 +52,12 @@ def _read_caption(path: Path) -> str:
         raise UserError(f"caption '{path}' is not UTF-8 (byte {exc.start}); re-save it as UTF-8") from None
 
 
-def _metadata_captions(folder: Path) -> dict[str, str]:
+def _metadata_rows(folder: Path) -> dict[str, dict]:
+    """metadata.jsonl rows by file_name (a prepared dataset's lists files under images/ and their buckets)."""
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
         return {}
-    captions = {}
+    rows = {}
     try:
         lines = meta.read_bytes().decode("utf-8").splitlines()
     except UnicodeDecodeError:
@@ -66,10 +67,11 @@ def _metadata_captions(folder: Path) -> dict[str, str]:
             continue
         try:
             row = json.loads(line)
-            captions[str(row["file_name"])] = str(row["text"]).strip()
+            rows[str(row["file_name"])] = row
+            row["text"] = str(row["text"]).strip()
         except (ValueError, KeyError, TypeError):
             raise UserError(f"'{meta}' line {number} must be JSON with 'file_name' and 'text'") from None
-    return captions
+    return rows
 
 
 def with_trigger(caption: str, trigger: str | None) -> str:
@@ -83,26 +85,30 @@ def load_samples(cfg: DataConfig, resolution: int) -> list[Sample]:
     if not folder.is_dir():
         raise UserError(f"data.path '{folder}' is not a folder; point it at your images (try `flux2-lora sample-data DIR`)")
     pattern = "**/*" if cfg.recursive else "*"
-    images = sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    meta = _metadata_rows(folder)
+    found = {p.relative_to(folder).as_posix() for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS
+             and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    listed = {name for name in meta if (folder / name).is_file() and Path(name).suffix.lower() in IMAGE_EXTENSIONS}
+    images = [folder / name for name in sorted(found | listed)]
     if not images:
         raise UserError(f"data.path '{folder}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 9-50 captioned images")
-    meta = _metadata_captions(folder)
     buckets = make_buckets(resolution)
     samples = []
     for image in images:
         sidecar = image.with_suffix(cfg.caption_ext)
         rel = image.relative_to(folder).as_posix()
+        row = meta.get(rel, {})
         if sidecar.is_file():
             caption = _read_caption(sidecar)
-        elif rel in meta:
-            caption = meta[rel]
+        elif "text" in row:
+            caption = row["text"]
         elif cfg.missing_caption == "trigger":
             caption = ""
         else:
             raise UserError(f"image '{image}' has no caption: add {sidecar.name} or a metadata.jsonl line, "
                             "or set data.missing_caption: trigger")
         width, height = oriented_size(image)
-        samples.append(Sample(image, with_trigger(caption, cfg.trigger), width, height,
-                              nearest_bucket(width, height, buckets)))
+        # a bucket chosen by `flux2-lora prepare` (possibly merged) wins when it fits this resolution
+        bucket = tuple(row["bucket"]) if tuple(row.get("bucket") or ()) in buckets else nearest_bucket(width, height, buckets)
+        samples.append(Sample(image, with_trigger(caption, cfg.trigger), width, height, bucket))
     return samples * cfg.repeats

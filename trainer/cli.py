@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from data_tools.errors import UserError
@@ -20,6 +21,9 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
@@ -49,6 +53,20 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 
     path = write_sample_data(args.dir, count=args.count, trigger=args.trigger)
     print(f"{args.count} captioned images written to {path}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from data_tools.prepare import PrepareOptions, prepare
+
+    opts = PrepareOptions(trigger=args.trigger, class_word=args.class_word, resolution=args.resolution, fix=args.fix,
+                          captioner=args.captioner, workers=args.workers, recursive=args.recursive,
+                          background=args.background, max_pixels=args.max_pixels, batch_size=args.batch_size)
+    report = prepare(args.src, args.out, opts, show_progress=not args.no_progress)
+    s = report["summary"]
+    print(f"{s['kept']} of {s['files']} images prepared in {args.out} ({s['errors']} errors, {s['warnings']} warnings, "
+          f"{s['infos']} notes); open {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -99,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=12)
     p.add_argument("--trigger", default="zxq")
     p.set_defaults(func=cmd_sample_data)
+
+    p = sub.add_parser("prepare", help="check, fix, caption and bucket an image set (writes report.html)")
+    p.add_argument("src", help="a folder, a .zip, or a datasets folder (save_to_disk)")
+    p.add_argument("--out", required=True, help="new folder for the prepared dataset (the source is never changed)")
+    p.add_argument("--trigger")
+    p.add_argument("--class-word", help="for template captions: '{trigger} {class word}'")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--fix", action="store_true", help="write upright RGB images cropped to their bucket, drop exact "
+                   "duplicates, normalise captions")
+    p.add_argument("--captioner", default="template", help="template, or vlm:PATH (a local image-to-text model)")
+    p.add_argument("--workers", type=int, default=1, help="processes that decode and check images")
+    p.add_argument("--recursive", action="store_true")
+    p.add_argument("--background", default="#FFFFFF", help="colour transparent images are composited on")
+    p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
+    p.add_argument("--batch-size", type=int, default=1, help="merge buckets holding fewer images than this")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("generate", help="generate or edit images with a base model and LoRAs")
     from inference.cli_generate import add_arguments

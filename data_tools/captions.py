@@ -1,0 +1,107 @@
+"""Caption helpers and captioners.
+
+Captioners fill in missing captions: `template` ("{trigger} {class_word}") needs nothing; `vlm:PATH` runs any
+local image-to-text model through transformers (a model folder, or a FLUX.2 [dev] pipeline folder whose
+Mistral-3 text encoder is a vision-language model).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from data_tools.errors import UserError
+
+PROMPT = "Describe this image in one short sentence for an image-generation caption."
+
+
+def normalise(text: str, trigger: str | None = None) -> str:
+    """Strip and collapse whitespace; make the trigger word appear exactly once (prepended when missing,
+    later repeats removed, its first position kept)."""
+    text = re.sub(r"\s+", " ", text).strip()
+    if not trigger:
+        return text
+    pattern = re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)")
+    first = pattern.search(text)
+    if first is None:
+        return f"{trigger}, {text}" if text else trigger
+    head, tail = text[: first.end()], pattern.sub("", text[first.end():])
+    tail = re.sub(r"\s+", " ", re.sub(r"(\s*,\s*){2,}", ", ", tail)).rstrip(" ,")
+    return (head + tail).strip()
+
+
+def replace_class_word(text: str, class_word: str, replacement: str) -> str:
+    """'a man in a hat', 'man', 'ohwx man' -> 'a ohwx man in a hat' (whole words only)."""
+    return re.sub(rf"(?<!\w){re.escape(class_word)}(?!\w)", replacement, text)
+
+
+def dedupe_tags(text: str) -> str:
+    """Comma-separated tags: drop repeats (case-insensitive), keep first order."""
+    seen, out = set(), []
+    for tag in (t.strip() for t in text.split(",")):
+        if tag and tag.lower() not in seen:
+            seen.add(tag.lower())
+            out.append(tag)
+    return ", ".join(out)
+
+
+class Captioner(Protocol):
+    name: str
+
+    def caption(self, image: Image.Image) -> str: ...
+
+
+class TemplateCaptioner:
+    name = "template"
+
+    def __init__(self, trigger: str | None, class_word: str | None):
+        self.text = " ".join(w for w in (trigger, class_word) if w) or "a photo"
+
+    def caption(self, image: Image.Image) -> str:
+        return self.text
+
+
+class VLMCaptioner:
+    """Any local transformers image-text-to-text model; generation is greedy so captions are reproducible."""
+
+    def __init__(self, path: str, max_new_tokens: int = 40):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        folder = Path(path)
+        if (folder / "model_index.json").is_file():  # a diffusers pipeline: use its text encoder + processor
+            model_dir, processor_dir = folder / "text_encoder", folder / "tokenizer"
+        else:
+            model_dir = processor_dir = folder
+        if not model_dir.is_dir():
+            raise UserError(f"--captioner vlm:{path}: '{model_dir}' is not a local model folder")
+        try:
+            self.processor = AutoProcessor.from_pretrained(str(processor_dir))
+            self.model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"--captioner vlm:{path} is not an image-to-text model transformers can load "
+                            f"({str(exc).splitlines()[0][:120]})") from None
+        self.torch = torch
+        self.name = f"vlm:{path}"
+        self.max_new_tokens = max_new_tokens
+
+    def caption(self, image: Image.Image) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=prompt, images=[image.convert("RGB")], return_tensors="pt")
+        with self.torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        text = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        text = "".join(ch for ch in text if ch.isprintable())  # random/tiny models emit stray bytes
+        return re.sub(r"\s+", " ", text).strip() or "an image"
+
+
+def make_captioner(spec: str, trigger: str | None, class_word: str | None) -> Captioner:
+    if spec == "template":
+        return TemplateCaptioner(trigger, class_word)
+    if spec.startswith("vlm:"):
+        return VLMCaptioner(spec[4:])
+    raise UserError(f"--captioner '{spec}' is unknown; use template or vlm:PATH (a local image-to-text model)")

@@ -1,0 +1,281 @@
+"""`flux2-lora prepare`: check, fix, caption and bucket a 9-50 image set into a training-ready folder.
+
+    prepare("phone_photos/", "data/brand", PrepareOptions(trigger="zxq", fix=True))
+
+Output (written to a temporary folder, renamed into place at the end; the source is only read):
+    DIR/images/0000.png ...   the images (fixed with --fix, else the original bytes)
+    DIR/metadata.jsonl        file_name, text, bucket, references, instruction: `data.path: DIR` trains on it
+    DIR/dataset/              the same as a `datasets` dataset (save_to_disk)
+    DIR/report.html           contact sheet, problems, bucket histogram (opens with no server)
+    DIR/report.json           everything in the report, for scripts
+Same input and options give byte-identical output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm.auto import tqdm
+
+from data_tools.atomic import atomic_dir
+from data_tools.buckets import make_buckets, nearest_bucket
+from data_tools.captions import make_captioner, normalise
+from data_tools.checks import ImageFacts, Problem, caption_problems, dataset_problems, inspect_image, look_alike
+from data_tools.errors import UserError
+from data_tools.images import MAX_PIXELS, decode_rgb, fit
+from data_tools.report import write_report
+from data_tools.sources import Entry, Source, open_source, read_bytes
+
+MAX_REFERENCES = 10
+
+
+@dataclasses.dataclass
+class PrepareOptions:
+    trigger: str | None = None
+    class_word: str | None = None
+    resolution: int = 1024
+    fix: bool = False
+    captioner: str = "template"
+    workers: int = 1
+    recursive: bool = False
+    background: str = "#FFFFFF"
+    max_pixels: int = MAX_PIXELS
+    batch_size: int = 1  # buckets with fewer images than this are merged into their nearest neighbour
+
+    def validate(self) -> None:
+        if self.resolution <= 0 or self.resolution % 16:
+            raise UserError(f"--resolution must be a positive multiple of 16, got {self.resolution}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+
+
+@dataclasses.dataclass
+class Item:
+    entry: Entry
+    facts: ImageFacts
+    caption: str | None = None
+    bucket: tuple[int, int] | None = None
+    output: str | None = None  # path inside DIR
+    kept: bool = True
+    references: list[str] = dataclasses.field(default_factory=list)
+
+
+def _parallel(func, tasks: list, workers: int, desc: str, show: bool) -> Iterator:
+    """Ordered map over processes (one task at a time per worker, so images stream)."""
+    bar = tqdm(total=len(tasks), desc=desc, disable=not show)
+    if workers == 1:
+        for task in tasks:
+            yield func(task)
+            bar.update()
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for result in pool.imap(func, tasks, chunksize=1):
+                yield result
+                bar.update()
+    bar.close()
+
+
+def _inspect_task(task) -> ImageFacts:
+    kind, path, column, entry, resolution, max_pixels = task
+    try:
+        data = read_bytes(Source(kind, Path(path), (), column), entry)
+    except OSError as exc:
+        facts = ImageFacts(entry.name, usable=False)
+        facts.problems.append(Problem(entry.name, "error", "unreadable", f"cannot be read ({exc.strerror})",
+                                      "check the file's permissions"))
+        return facts
+    return inspect_image(entry.name, data, resolution, max_pixels)
+
+
+def _write_task(task) -> None:
+    kind, path, column, entry, target, fix, bucket, background = task
+    data = read_bytes(Source(kind, Path(path), (), column), entry)
+    if not fix:
+        Path(target).write_bytes(data)
+        return
+    image = fit(decode_rgb(data, entry.name, background), *bucket)
+    image.save(target, format="PNG", optimize=False)
+
+
+def _hex_rgb(code: str) -> tuple[int, int, int]:
+    digits = code.strip().lstrip("#")
+    if len(digits) != 6 or any(c not in "0123456789abcdefABCDEF" for c in digits):
+        raise UserError(f"--background '{code}' is not a hex colour like #FFFFFF")
+    return tuple(int(digits[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+
+
+def _merge_small_buckets(assigned: dict[str, tuple[int, int]], min_size: int) -> dict[str, tuple[int, int]]:
+    """Move images of buckets smaller than `min_size` into the nearest (by aspect) bucket with more images."""
+    import math
+
+    assigned = dict(assigned)
+    while True:
+        counts: dict[tuple[int, int], int] = {}
+        for b in assigned.values():
+            counts[b] = counts.get(b, 0) + 1
+        small = sorted((c, b) for b, c in counts.items() if c < min_size)
+        if not small or len(counts) == 1:
+            return assigned
+        _, victim = small[0]
+        others = [b for b in counts if b != victim]
+        target = min(others, key=lambda b: (abs(math.log(b[0] / b[1]) - math.log(victim[0] / victim[1])), -counts[b]))
+        assigned = {k: (target if v == victim else v) for k, v in assigned.items()}
+
+
+def prepare(src: str | Path, out: str | Path, opts: PrepareOptions, show_progress: bool = True) -> dict[str, Any]:
+    opts.validate()
+    background = _hex_rgb(opts.background)
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise UserError(f"--out '{out}' is inside the source '{src}'; choose a folder outside it (the source is never changed)")
+    if out.exists() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise UserError(f"--out '{out}' exists and is not an earlier prepare output; choose a new or empty folder")
+    source = open_source(src, opts.recursive)
+    if not source.entries:
+        raise UserError(f"source '{src}' holds no image files ({source.kind}); add 9-50 images")
+
+    base = (source.kind, str(source.path), source.image_column)
+    tasks = [(*base, e, opts.resolution, opts.max_pixels) for e in source.entries]
+    items = [Item(e, f) for e, f in zip(source.entries, _parallel(_inspect_task, tasks, opts.workers, "checking", show_progress))]
+    usable = [it for it in items if it.facts.usable]
+    if not usable:
+        first = items[0].facts.problems[0]
+        raise UserError(f"source '{src}': none of its {len(items)} image files can be used "
+                        f"(e.g. {first.file}: {first.message})")
+    for it in items:
+        it.kept = it.facts.usable
+
+    # duplicates: exact by content hash, near by perceptual hash
+    seen: dict[str, Item] = {}
+    for it in sorted(usable, key=lambda it: (it.entry.caption is None, it.entry.name)):  # keep the captioned copy
+        twin = seen.get(it.facts.sha256)
+        if twin:
+            it.facts.problems.append(Problem(it.entry.name, "warning", "exact_duplicate", f"identical to {twin.entry.name}",
+                                             "--fix drops the copy"))
+            it.kept = it.kept and not opts.fix
+        else:
+            seen[it.facts.sha256] = it
+    distinct = sorted(seen.values(), key=lambda it: it.entry.name)
+    for i, a in enumerate(distinct):
+        for b in distinct[i + 1:]:
+            if look_alike(a.facts, b.facts):
+                b.facts.problems.append(Problem(b.entry.name, "warning", "near_duplicate", f"looks almost the same as {a.entry.name}",
+                                                "keep the better one: near copies overweight one view"))
+
+    kept = [it for it in items if it.kept]
+    names = {it.entry.name for it in kept}
+    for it in kept:
+        text, problems = caption_problems(it.entry.name, it.entry.caption, it.entry.caption_origin, opts.trigger)
+        it.facts.problems.extend(problems)
+        it.caption = normalise(text, opts.trigger) if (text and opts.fix) else text
+        refs = list(it.entry.references)
+        if len(refs) > MAX_REFERENCES:
+            it.facts.problems.append(Problem(it.entry.name, "error", "too_many_references",
+                                             f"{len(refs)} references; FLUX.2 takes at most {MAX_REFERENCES}",
+                                             "keep the 10 most important, in priority order"))
+            refs = []
+        missing = [r for r in refs if r not in names]
+        if missing:
+            it.facts.problems.append(Problem(it.entry.name, "error", "missing_reference",
+                                             f"reference {missing[0]} is not a usable image of this source",
+                                             "fix the references list in the metadata"))
+            refs = []
+        it.references = refs
+
+    buckets = make_buckets(opts.resolution)
+    assigned = {it.entry.name: nearest_bucket(it.facts.width, it.facts.height, buckets) for it in kept}
+    assigned = _merge_small_buckets(assigned, opts.batch_size)
+    for it in kept:
+        it.bucket = assigned[it.entry.name]
+
+    with atomic_dir(out) as tmp:
+        (tmp / "images").mkdir()
+        for index, it in enumerate(kept):
+            ext = ".png" if opts.fix else (Path(it.entry.name).suffix.lower() or f".{it.facts.format.lower()}")
+            it.output = f"images/{index:04d}{ext}"
+        write_tasks = [(*base, it.entry, str(tmp / it.output), opts.fix, it.bucket, background) for it in kept]
+        for _ in _parallel(_write_task, write_tasks, opts.workers, "writing", show_progress):
+            pass
+        missing_captions = [it for it in kept if it.caption is None]
+        if missing_captions:
+            captioner = make_captioner(opts.captioner, opts.trigger, opts.class_word)
+            for it in tqdm(missing_captions, desc=f"captioning ({captioner.name})", disable=not show_progress):
+                text = captioner.caption(decode_rgb((tmp / it.output).read_bytes(), it.output, background))
+                it.caption = normalise(text, opts.trigger) if opts.trigger else text
+                it.facts.problems.append(Problem(it.entry.name, "info", "captioned", f"caption written by {captioner.name}",
+                                                 "review it in report.html"))
+        by_name = {it.entry.name: it for it in kept}
+        for it in kept:
+            it.references = [by_name[r].output for r in it.references]
+        _write_metadata(tmp, kept)
+        _write_dataset(tmp, kept, opts.fix)
+        ds_problems = dataset_problems([it.facts for it in items], {it.entry.name: it.bucket for it in kept})
+        report = _report(src, source, opts, items, kept, ds_problems)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_report(tmp / "report.html", report, tmp)
+    return report
+
+
+def _write_metadata(root: Path, kept: list[Item]) -> None:
+    with open(root / "metadata.jsonl", "w", encoding="utf-8") as fh:
+        for it in kept:
+            row = {"file_name": it.output, "text": it.caption, "bucket": list(it.bucket), "source": it.entry.name}
+            if it.references:
+                row["references"] = it.references
+            if it.entry.instruction:
+                row["instruction"] = it.entry.instruction
+            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def _write_dataset(root: Path, kept: list[Item], fixed: bool) -> None:
+    import datasets
+
+    features = datasets.Features({
+        "image": datasets.Image(), "caption": datasets.Value("string"), "width": datasets.Value("int32"),
+        "height": datasets.Value("int32"), "bucket": datasets.Value("string"), "source_path": datasets.Value("string"),
+        "sha256": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string")),
+        "instruction": datasets.Value("string"),
+    })
+    rows = []
+    for it in kept:
+        data = (root / it.output).read_bytes()
+        width, height = it.bucket if fixed else (it.facts.width, it.facts.height)
+        rows.append({"image": {"bytes": data, "path": it.output}, "caption": it.caption, "width": width, "height": height,
+                     "bucket": f"{it.bucket[0]}x{it.bucket[1]}", "source_path": it.entry.name,
+                     "sha256": hashlib.sha256(data).hexdigest(), "references": it.references,
+                     "instruction": it.entry.instruction})
+    table = datasets.Dataset.from_list(rows, features=features)
+    # a content fingerprint (not a random one) keeps save_to_disk byte-identical for identical input
+    fingerprint = hashlib.sha256(json.dumps([{k: v for k, v in r.items() if k != "image"} for r in rows],
+                                            sort_keys=True).encode()).hexdigest()[:16]
+    datasets.Dataset(table.data, info=table.info, fingerprint=fingerprint).save_to_disk(str(root / "dataset"))
+
+
+def _report(src: Path, source: Source, opts: PrepareOptions, items: list[Item], kept: list[Item],
+            ds_problems: list[Problem]) -> dict[str, Any]:
+    histogram: dict[str, int] = {}
+    for it in kept:
+        key = f"{it.bucket[0]}x{it.bucket[1]}"
+        histogram[key] = histogram.get(key, 0) + 1
+    problems = [p for it in items for p in it.facts.problems] + ds_problems
+    return {
+        # workers change how fast, never what: leaving them out keeps reports of equal input identical
+        "source": str(src), "source_kind": source.kind,
+        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "workers"},
+        "summary": {"files": len(items), "kept": len(kept),
+                    "errors": sum(p.severity == "error" for p in problems),
+                    "warnings": sum(p.severity == "warning" for p in problems),
+                    "infos": sum(p.severity == "info" for p in problems)},
+        "buckets": dict(sorted(histogram.items())),
+        "dataset_problems": [p.as_dict() for p in ds_problems],
+        "images": [{"source": it.entry.name, "output": it.output, "kept": it.kept, "caption": it.caption,
+                    "width": it.facts.width, "height": it.facts.height, "mode": it.facts.mode,
+                    "bucket": f"{it.bucket[0]}x{it.bucket[1]}" if it.bucket else None, "sha256": it.facts.sha256,
+                    "references": it.references, "instruction": it.entry.instruction,
+                    "problems": [p.as_dict() for p in it.facts.problems]} for it in items],
+    }
