@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +32,12 @@ MAX_REFERENCES = 10  # FLUX.2 takes up to 10 images; the edit base counts as the
 class Generated:
     image: Image.Image
     record: dict[str, Any]  # everything needed to reproduce it; written into the PNG by provenance.save_png
+
+
+def _adapter_name(text: str) -> str:
+    """peft stores adapters as submodules: the name must be an identifier that is not a torch.nn.Module attribute."""
+    name = re.sub(r"\W", "_", text) or "lora"
+    return f"lora_{name}" if hasattr(torch.nn.Module, name) or name[0].isdigit() else name
 
 
 def _device_available(device: str) -> bool:
@@ -79,7 +86,7 @@ class Generator:
         path = Path(path)
         if path.is_dir():  # a run folder
             path = path / WEIGHT_NAME
-        name = name or (path.parent.name if path.name == WEIGHT_NAME else path.stem).replace(".", "_")
+        name = _adapter_name(name or (path.parent.name if path.name == WEIGHT_NAME else path.stem))
         if name in self.adapters:
             raise UserError(f"an adapter named '{name}' is already loaded; pass another name")
         info = load_adapter(self.pipe, self.family.name, path, name)

@@ -70,6 +70,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from inference import cli_evaluate
+
+    return cli_evaluate.run(args)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from inference import cli_generate
@@ -140,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="compare checkpoints, scales and adapters with numbers and pictures")
+    from inference.cli_evaluate import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("show-config", help="print the resolved, validated training config")
     p.add_argument("--config", help="YAML file")

@@ -1,0 +1,29 @@
+"""Compare two or more LoRA files (e.g. a character and a style LoRA) on one suite from Python.
+
+    python scripts/compare_adapters.py --model runs/tiny-klein --out runs/compare a.safetensors b.safetensors
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inference.evaluate import Adapter, evaluate  # noqa: E402
+from inference.suites import load_suite  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", required=True)
+parser.add_argument("--out", required=True)
+parser.add_argument("--suite", default="style")
+parser.add_argument("loras", nargs="+")
+args = parser.parse_args()
+
+adapters = [Adapter(Path(p).stem if Path(p).is_file() else Path(p).name,
+                    Path(p) if Path(p).is_file() else Path(p) / "pytorch_lora_weights.safetensors") for p in args.loras]
+result = evaluate(args.model, adapters, load_suite(args.suite), args.out, scales=(0.0, 1.0), seeds=2, steps=8,
+                  width=64, height=64)
+for column in result["columns"]:
+    leak = column["metrics"]["leakage"]
+    print(f"{column['column']:24s} leakage {'-' if leak is None else f'{leak:.4f}'}")
+print(f"report: {Path(args.out) / 'report.html'}")

@@ -1,0 +1,173 @@
+"""Adapter evaluation on the tiny models: metrics behave as documented, the report is complete, errors are clear."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import train_args
+from data_tools.errors import UserError
+from inference import metrics as M
+from inference.evaluate import Adapter, adapters_from_run, evaluate, recommend
+from inference.suites import load_suite
+from trainer.cli import main
+from trainer.config import load_config
+from trainer.recipe import run
+
+SUITE = """name: mini
+prompts:
+  - {id: identity, kind: identity, text: "{trigger} logo on white"}
+  - {id: colour, kind: colour, text: "{trigger} logo in #E4572E", colours: ["#E4572E"]}
+  - {id: leak, kind: leakage, text: "a red circle"}
+  - {id: edit, kind: edit, text: "put {trigger} on a mug", references: 1}
+"""
+
+
+def _tiny_encoder(folder, kind):
+    import torch
+    from transformers import (BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config,
+                              Dinov2Model)
+
+    torch.manual_seed(0)
+    if kind == "dinov2":
+        Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 image_size=32, patch_size=8)).save_pretrained(folder)
+        BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    else:
+        CLIPModel(CLIPConfig(
+            text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99),
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8), projection_dim=8)).save_pretrained(folder)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoders")
+    return {k: _tiny_encoder(root / k, k) for k in ("dinov2", "clip")}
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_models, sample_data, shared_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evalrun") / "run"
+    cfg = load_config(None, train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=9,
+                                       checkpoint__every=3, checkpoint__keep_last=5, optim__lr=3e-3))
+    run(cfg, show_progress=False)
+    return out
+
+
+def test_metrics_behave_as_documented(encoders):
+    swatch = Image.new("RGB", (64, 64), "#E4572E")
+    assert M.colour_delta_e(swatch, "#E4572E") < 0.5
+    assert M.colour_delta_e(swatch, "#1B2A49") > 30
+    noise = Image.effect_noise((64, 64), 80).convert("RGB")
+    assert M.leakage(noise, noise) == 0.0 and M.leakage(swatch, noise) > 0.5
+    assert M.diversity([noise, noise.copy()]) == 0.0 and M.diversity([noise]) is None
+    for folder in encoders.values():
+        enc = M.ImageEncoder(folder)
+        refs = enc.embed([noise])
+        assert enc.similarity([noise], refs) == pytest.approx(1.0, abs=1e-6)
+        assert enc.similarity([swatch], refs) < 1.0
+
+
+def test_evaluate_a_run_end_to_end(short_run, tiny_models, sample_data, encoders, tmp_path, capsys):
+    adapters = adapters_from_run(short_run)
+    assert [a.label for a in adapters] == ["step-3", "step-6", "final"] and adapters[-1].step == 9
+    suite_file = tmp_path / "mini.yaml"
+    suite_file.write_text(SUITE)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", str(tiny_models["klein"]), "--run", str(short_run), "--suite", str(suite_file),
+                 "--scales", "0,0.5,1", "--seeds", "2", "--steps", "2", "--width", "64", "--height", "64",
+                 "--references", str(sample_data), "--encoder", str(encoders["dinov2"]), "--no-progress", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "metrics.json").read_text())
+    columns = {c["column"]: c["metrics"] for c in result["columns"]}
+    assert set(columns) == {"base"} | {f"{a} x{s}" for a in ("step-3", "step-6", "final") for s in ("0", "0.5", "1")}
+    for label, m in columns.items():
+        if label == "base" or label.endswith("x0"):
+            assert m["leakage"] == 0.0  # scale 0 is the base: nothing leaks
+        assert m["reference_similarity"] is not None and -1 <= m["reference_similarity"] <= 1
+        assert m["colour_delta_e"] >= 0 and m["diversity"] is not None
+    assert columns["base"]["text_error"] is None  # the suite has no text prompts
+    rec = result["recommendation"]
+    assert rec["scale"] > 0 and rec["adapter"] in {"step-3", "step-6", "final"}
+    for name in ("report.html", "metrics.csv", "grid_seed0.png", "grid_seed1.png", "plots/leakage.png",
+                 "plots/reference_similarity.png"):
+        assert (out / name).is_file(), name
+    html = (out / "report.html").read_text()
+    assert "Recommended:" in html and "text_error</code>: unavailable" in html
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 10 * 4  # header + (base + 3 adapters x 3 scales) x 4 prompts
+
+
+def test_same_inputs_give_identical_metrics(short_run, tiny_models, tmp_path):
+    suite = load_suite("product")
+    suite.prompts = suite.prompts[:3] + [p for p in suite.prompts if p.kind == "leakage"][:1]
+    kw = dict(scales=(0, 1.0), seeds=1, steps=2, width=64, height=64, show_progress=False)
+    adapters = [Adapter("final", short_run / "pytorch_lora_weights.safetensors")]
+    a = evaluate(str(tiny_models["klein"]), adapters, suite, tmp_path / "a", **kw)
+    b = evaluate(str(tiny_models["klein"]), adapters, suite, tmp_path / "b", **kw)
+    assert a["columns"] == b["columns"] and a["recommendation"] == b["recommendation"]
+    assert "reference_similarity" in a["unavailable"]  # no encoder: reported as unavailable, never faked
+    assert all(c["metrics"]["reference_similarity"] is None for c in a["columns"])
+
+
+def test_recommendation_rule():
+    def col(adapter, scale, sim, leak):
+        return {"adapter": adapter, "step": None, "scale": scale, "column": f"{adapter} x{scale}",
+                "metrics": {"reference_similarity": sim, "colour_delta_e": None, "leakage": leak, "diversity": None,
+                            "text_error": None}}
+
+    summary = [col("base", 0, 0.2, 0), col("a", 0.5, 0.6, 0.1), col("a", 1.0, 0.8, 0.1), col("b", 1.0, 0.9, 0.5)]
+    assert recommend(summary)["column"] == "a x1.0"  # 0.7 beats 0.5 and 0.4
+    no_fidelity = [{**c, "metrics": {**c["metrics"], "reference_similarity": None}} for c in summary]
+    assert recommend(no_fidelity)["column"] == "b x1.0"  # latest adapter; none under the leakage limit: smallest scale
+    calm = no_fidelity + [col("b", 0.5, None, 0.1)]
+    assert recommend(calm)["column"] == "b x0.5"  # the largest scale of the latest adapter within the limit
+
+
+@pytest.mark.parametrize("case", ["no_checkpoints", "other_family", "suite_key", "encoder_missing", "encoder_not_image",
+                                  "references_empty"])
+def test_bad_input_is_one_line(case, short_run, tiny_models, sample_data, tmp_path, capsys):
+    argv = ["evaluate", "--model", str(tiny_models["klein"]), "--run", str(short_run), "--steps", "1", "--seeds", "1",
+            "--width", "64", "--height", "64", "--no-progress", "--out", str(tmp_path / "out")]
+    expected = {
+        "no_checkpoints": "holds no checkpoints", "other_family": "trained on FLUX.2 klein, but the base model is dev",
+        "suite_key": "config key 'prompts[0].colors' is unknown; did you mean 'prompts[0].colours'?",
+        "encoder_missing": "is not a local model folder", "encoder_not_image": "is not an image model",
+        "references_empty": "holds no readable images",
+    }[case]
+    if case == "no_checkpoints":
+        (tmp_path / "empty_run").mkdir()
+        argv[argv.index("--run") + 1] = str(tmp_path / "empty_run")
+    elif case == "other_family":
+        argv[argv.index("--model") + 1] = str(tiny_models["dev"])
+    elif case == "suite_key":
+        (tmp_path / "s.yaml").write_text('name: x\nprompts:\n  - {id: a, kind: colour, text: "x", colors: ["#fff"]}\n')
+        argv += ["--suite", str(tmp_path / "s.yaml")]
+    elif case == "encoder_missing":
+        argv += ["--encoder", str(tmp_path / "nope")]
+    elif case == "encoder_not_image":
+        argv += ["--encoder", str(tiny_models["klein"] / "text_encoder")]
+    else:
+        (tmp_path / "empty").mkdir()
+        argv += ["--references", str(tmp_path / "empty")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_script_evaluates_from_python(short_run, tiny_models, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate_checkpoints.py"), "--model",
+                           str(tiny_models["klein"]), "--run", str(short_run), "--suite", "style", "--out",
+                           str(tmp_path / "e")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "recommended:" in proc.stdout and (tmp_path / "e" / "report.html").is_file()
