@@ -14,6 +14,7 @@ from typing import Protocol
 from PIL import Image
 
 from data_tools.errors import UserError
+from data_tools.local_models import load_local
 
 PROMPT = "Describe this image in one short sentence for an image-generation caption."
 
@@ -76,14 +77,8 @@ class VLMCaptioner:
             model_dir, processor_dir = folder / "text_encoder", folder / "tokenizer"
         else:
             model_dir = processor_dir = folder
-        if not model_dir.is_dir():
-            raise UserError(f"--captioner vlm:{path}: '{model_dir}' is not a local model folder")
-        try:
-            self.processor = AutoProcessor.from_pretrained(str(processor_dir))
-            self.model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"--captioner vlm:{path} is not an image-to-text model transformers can load "
-                            f"({str(exc).splitlines()[0][:120]})") from None
+        self.processor, self.model = load_local(model_dir, processor_dir, AutoModelForImageTextToText, AutoProcessor,
+                                                "--captioner vlm:", "an image-to-text model")
         self.torch = torch
         self.name = f"vlm:{path}"
         self.max_new_tokens = max_new_tokens

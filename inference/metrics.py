@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from data_tools.errors import UserError
+from data_tools.local_models import load_local
 from inference.prompts import hex_to_rgb
 
 
@@ -75,14 +75,8 @@ class ImageEncoder:
         from transformers import AutoImageProcessor, AutoModel
 
         folder = Path(path)
-        if not folder.is_dir():
-            raise UserError(f"--encoder '{path}' is not a local model folder; pass a CLIP/SigLIP/DINOv2 folder")
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(str(folder))
-            self.model = AutoModel.from_pretrained(str(folder)).eval()
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"--encoder '{path}' is not an image model transformers can load "
-                            f"({str(exc).splitlines()[0][:120]})") from None
+        self.processor, self.model = load_local(folder, folder, AutoModel, AutoImageProcessor, "--encoder",
+                                                "an image model (CLIP, SigLIP, DINOv2)")
         self.torch = torch
         self.name = folder.name
 
