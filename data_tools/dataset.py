@@ -43,6 +43,7 @@ class Sample:
     width: int  # after EXIF orientation
     height: int
     bucket: tuple[int, int]  # (width, height) the image is resized and cropped to
+    references: tuple[Path, ...] = ()  # conditioning images of an edit / multi-reference pair, priority order
 
 
 def _read_caption(path: Path) -> str:
@@ -74,6 +75,17 @@ def _metadata_rows(folder: Path) -> dict[str, dict]:
     return rows
 
 
+def _references(folder: Path, name: str, row: dict) -> tuple[Path, ...]:
+    refs = row.get("references") or []
+    if not isinstance(refs, list) or len(refs) > 10:
+        raise UserError(f"'{folder / 'metadata.jsonl'}': {name} must list at most 10 references (file names, priority order)")
+    paths = tuple(folder / str(r) for r in refs)
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"'{folder / 'metadata.jsonl'}': reference '{path.name}' of {name} does not exist")
+    return paths
+
+
 def with_trigger(caption: str, trigger: str | None) -> str:
     if not trigger or trigger in caption.split() or caption.startswith(trigger):
         return caption
@@ -89,7 +101,11 @@ def load_samples(cfg: DataConfig, resolution: int) -> list[Sample]:
     found = {p.relative_to(folder).as_posix() for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS
              and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
     listed = {name for name in meta if (folder / name).is_file() and Path(name).suffix.lower() in IMAGE_EXTENSIONS}
-    images = [folder / name for name in sorted(found | listed)]
+    # an image only used as another's reference (no caption of its own) is conditioning, not a target
+    referenced = {str(r) for row in meta.values() for r in (row.get("references") or []) if isinstance(r, str)}
+    reference_only = {n for n in found - listed if n in referenced
+                      and not (folder / n).with_suffix(cfg.caption_ext).is_file()}
+    images = [folder / name for name in sorted((found | listed) - reference_only)]
     if not images:
         raise UserError(f"data.path '{folder}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 9-50 captioned images")
     buckets = make_buckets(resolution)
@@ -107,8 +123,11 @@ def load_samples(cfg: DataConfig, resolution: int) -> list[Sample]:
         else:
             raise UserError(f"image '{image}' has no caption: add {sidecar.name} or a metadata.jsonl line, "
                             "or set data.missing_caption: trigger")
+        references = _references(folder, rel, row)
+        if references and row.get("instruction"):
+            caption = str(row["instruction"]).strip()  # an edit pair trains on its instruction, as it is prompted
         width, height = oriented_size(image)
         # a bucket chosen by `flux2-lora prepare` (possibly merged) wins when it fits this resolution
         bucket = tuple(row["bucket"]) if tuple(row.get("bucket") or ()) in buckets else nearest_bucket(width, height, buckets)
-        samples.append(Sample(image, with_trigger(caption, cfg.trigger), width, height, bucket))
+        samples.append(Sample(image, with_trigger(caption, cfg.trigger), width, height, bucket, references))
     return samples * cfg.repeats

@@ -44,6 +44,22 @@ class Encoder:
         """An RGB image already at its final (multiple of 16) size -> (1, 3, H, W) in [-1, 1], as the pipeline does."""
         return self.pipe.image_processor.preprocess(image, height=image.height, width=image.width, resize_mode="crop")
 
+    def reference_pixels(self, image: Image.Image) -> torch.Tensor:
+        """A reference (conditioning) image the way the pipeline's __call__ prepares one (those lines are inline
+        there, not a method): checked, shrunk to 1024^2 px if larger, floored to multiples of 16, centre-cropped."""
+        processor = self.pipe.image_processor
+        processor.check_image_input(image)
+        if image.width * image.height > 1024 * 1024:
+            image = processor._resize_to_target_area(image, 1024 * 1024)
+        multiple = self.pipe.vae_scale_factor * 2
+        width, height = image.width // multiple * multiple, image.height // multiple * multiple
+        return processor.preprocess(image, height=height, width=width, resize_mode="crop")
+
+    @torch.no_grad()
+    def encode_reference(self, image: Image.Image) -> torch.Tensor:
+        vae = self.pipe.vae
+        return self.pipe._encode_vae_image(image=self.reference_pixels(image).to(vae.device, vae.dtype), generator=None)
+
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """-> normalised, patchified latents (1, 128, H/16, W/16), exactly as the pipeline encodes a reference image."""

@@ -102,3 +102,34 @@ def test_family_layers_are_the_pipelines_defaults():
     for fam in FAMILIES.values():
         default = inspect.signature(fam.pipeline_class.encode_prompt).parameters["text_encoder_out_layers"].default
         assert tuple(default) == fam.text_encoder_layers
+
+
+@pytest.mark.parametrize("family", ["klein", "dev"])
+def test_reference_images_are_prepared_as_the_pipeline_does(family, tiny_models):
+    """An odd-sized reference (not a multiple of 16) goes through the pipeline's own resize/crop/encode."""
+    from inference.conditioning import Encoder
+
+    base = resolve_base_model(ModelConfig(path=str(tiny_models[family])))
+    pipe = load_pipeline(base)
+    rng = torch.Generator().manual_seed(5)
+    ref = Image.fromarray((torch.rand(75, 101, 3, generator=rng) * 255).to(torch.uint8).numpy())
+    target = Image.new("RGB", (64, 64), "white")
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen.setdefault("hidden_states", kwargs["hidden_states"].clone())
+        seen.setdefault("img_ids", kwargs["img_ids"].clone())
+
+    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+    pipe(prompt="x", image=[target, ref], height=64, width=64, num_inference_steps=1, guidance_scale=1.0,
+         generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    encoder = Encoder(pipe)
+    ours = [encoder.encode_reference(target), encoder.encode_reference(ref)]
+    assert ours[1].shape[-2:] == (4, 6)  # 75x101 px -> 64x96 px -> 4x6 latent tokens
+    n = 16  # the 64x64 target's tokens come first
+    tokens = torch.cat([pack(base.family, r) for r in ours], dim=1)
+    assert torch.equal(seen["hidden_states"][:, n:], tokens)
+    ids = build_inputs(base.family, seen["hidden_states"][:, :n], torch.Size([1, 128, 4, 4]), torch.zeros(1, 512, 48),
+                       references=ours).img_ids
+    assert torch.equal(ids, seen["img_ids"])

@@ -109,3 +109,37 @@ def test_training_reduces_the_loss_on_a_fixed_batch(tiny_models, sample_data, sh
                                        train__caption_dropout=0.0))
     after = loss_of(run(cfg, show_progress=False).transformer.eval())
     assert after < 0.95 * before
+
+
+def test_edit_pairs_train_with_reference_tokens(tiny_models, shared_cache, tmp_path):
+    """metadata.jsonl references + instruction: the trainer conditions on the references like the edit pipeline."""
+    import json as _json
+
+    from PIL import Image
+
+    data = tmp_path / "edits"
+    data.mkdir()
+    rows = []
+    for i in range(4):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(data / f"target_{i}.png")
+        Image.new("RGB", (96, 64), (200, 40 * i, 20)).save(data / f"ref_a_{i}.png")
+        refs = [f"ref_a_{i}.png"] + ([f"ref_a_{(i + 1) % 4}.png"] if i % 2 else [])
+        rows.append({"file_name": f"target_{i}.png", "text": "a caption", "references": refs,
+                     "instruction": f"zxq make it blue {i}"})
+    (data / "metadata.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, train_args(tiny_models["dev"], data, tmp_path / "run", shared_cache, train__steps=4,
+                                       train__batch_size=2, train__caption_dropout=0.0))
+    result = run(cfg, show_progress=False)
+    assert result.lora_path.is_file()
+    assert result.vae_calls == 4 + 4  # 4 targets + 4 distinct reference files, each encoded once
+
+    from data_tools.dataset import DataConfig, load_samples
+
+    samples = load_samples(DataConfig(path=str(data)), 64)
+    assert samples[1].caption == "zxq make it blue 1" and len(samples[1].references) == 2
+    rows[0]["references"] = ["gone.png"]
+    (data / "metadata.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    from data_tools.errors import UserError
+
+    with pytest.raises(UserError, match="reference 'gone.png' of target_0.png does not exist"):
+        load_samples(DataConfig(path=str(data)), 64)

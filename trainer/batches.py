@@ -10,10 +10,11 @@ import torch
 
 
 class BatchPlan:
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, world_size: int = 1, rank: int = 0):
-        self.groups: dict[tuple[int, int], list[int]] = {}
-        for index, bucket in enumerate(buckets):
-            self.groups.setdefault(bucket, []).append(index)
+    def __init__(self, layouts: list, batch_size: int, seed: int, world_size: int = 1, rank: int = 0):
+        """`layouts[i]`: what sample i must share with its batch mates (its bucket, and its reference sizes)."""
+        self.groups: dict = {}
+        for index, layout in enumerate(layouts):
+            self.groups.setdefault(layout, []).append(index)
         self.batch_size = batch_size
         self.seed = seed
         self.world_size = world_size
@@ -22,13 +23,13 @@ class BatchPlan:
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
 
     def epoch(self, epoch: int) -> list[list[int]]:
-        """Shuffle within each bucket, cut into batches (the last of a bucket may be smaller), shuffle batches."""
+        """Shuffle within each layout, cut into batches (the last of a layout may be smaller), shuffle batches."""
         if self._epoch_cache and self._epoch_cache[0] == epoch:
             return self._epoch_cache[1]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         batches = []
-        for bucket in sorted(self.groups):
-            members = self.groups[bucket]
+        for layout in sorted(self.groups):
+            members = self.groups[layout]
             order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
             batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from data_tools.atomic import atomic_path
 from data_tools.configtree import option
 from data_tools.dataset import Sample
+from data_tools.errors import UserError
 from data_tools.images import fit, open_rgb
 from inference.conditioning import Encoder
 from inference.loading import BaseModel, load_pipeline
@@ -43,6 +44,7 @@ class Features:
     """Everything the training loop reads, in memory: one latent per sample, one embedding per caption."""
 
     latents: list[torch.Tensor]  # per sample: (1, 128, h, w), normalised as the pipeline does
+    references: list[list[torch.Tensor]]  # per sample, per reference image: (1, 128, h_i, w_i)
     embeds: dict[str, torch.Tensor]  # caption -> (1, L, D); "" is the caption-dropout embedding
     text_encoder_calls: int = 0
     vae_calls: int = 0
@@ -65,6 +67,13 @@ def _load(path: Path) -> torch.Tensor:
     return load_file(str(path))["value"]
 
 
+def _encode_reference(encoder: Encoder, path: Path) -> torch.Tensor:
+    try:
+        return encoder.encode_reference(open_rgb(path))
+    except ValueError as exc:  # the pipeline's own reference checks: too small, too extreme an aspect ratio
+        raise UserError(f"reference image '{path}': {str(exc).splitlines()[0]}") from None
+
+
 def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: CacheConfig, show_progress: bool = True,
                    device: torch.device | str = "cpu", extra_prompts: tuple[str, ...] = ()) -> Features:
     """Encode what is not cached yet (captions, "", and `extra_prompts` such as sample prompts), then load all."""
@@ -73,9 +82,11 @@ def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: Cach
     latent_dir = root / CACHE_FORMAT / "latents" / base.identity("vae")
     text_dir = root / CACHE_FORMAT / "text" / base.identity("text_encoder")
     latent_paths = [latent_dir / f"{_sha(s.path.read_bytes())}_{s.bucket[0]}x{s.bucket[1]}.safetensors" for s in samples]
+    # references keep their own size (as at inference), so their key is the file alone
+    ref_paths = [[latent_dir / f"ref_{_sha(r.read_bytes())}.safetensors" for r in s.references] for s in samples]
     captions = sorted({s.caption for s in samples} | {""} | set(extra_prompts))
     text_paths = {c: text_dir / f"{_sha(c.encode('utf-8'))}.safetensors" for c in captions}
-    features = Features(latents=[], embeds={})
+    features = Features(latents=[], references=[], embeds={})
 
     missing_text = [c for c in captions if not text_paths[c].is_file()]
     if missing_text:
@@ -87,12 +98,17 @@ def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: Cach
         del pipe, encoder  # release the text encoder (the largest model) before training starts
         gc.collect()
 
-    todo = {p: s for p, s in zip(latent_paths, samples) if not p.is_file()}
+    # cache path -> how to compute it with an Encoder: targets are fit to their bucket, references are not
+    todo = {p: (lambda e, s=s: e.encode_image(fit(open_rgb(s.path), *s.bucket)))
+            for p, s in zip(latent_paths, samples) if not p.is_file()}
+    for paths, sample in zip(ref_paths, samples):
+        for path, ref in zip(paths, sample.references):
+            if not path.is_file():
+                todo[path] = lambda e, ref=ref: _encode_reference(e, ref)
     if todo:
         encoder = Encoder(load_pipeline(base, dtype, text_encoder=False, transformer=False).to(device))
-        for path, sample in tqdm(todo.items(), desc="encoding images", disable=not show_progress):
-            image = fit(open_rgb(sample.path), *sample.bucket)
-            _save(path, encoder.encode_image(image))
+        for path, encode in tqdm(todo.items(), desc="encoding images", disable=not show_progress):
+            _save(path, encode(encoder))
             features.vae_calls += 1
         del encoder
         gc.collect()
@@ -102,5 +118,6 @@ def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: Cach
         if path not in loaded:
             loaded[path] = _load(path)
     features.latents = [loaded[p] for p in latent_paths]
+    features.references = [[_load(p) for p in paths] for paths in ref_paths]
     features.embeds = {c: _load(p) for c, p in text_paths.items()}
     return features

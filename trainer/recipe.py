@@ -142,7 +142,9 @@ def run(cfg: Config, show_progress: bool = True) -> TrainResult:
                                   init_kwargs={"wandb": {"dir": str(out), "name": cfg.output.name or out.name}})
 
     # ---- train -------------------------------------------------------------------------------------------
-    plan = BatchPlan([s.bucket for s in samples], cfg.train.batch_size, cfg.train.seed,
+    # a batch shares one position-id layout: the same bucket and the same reference sizes
+    layouts = [(s.bucket, tuple(tuple(r.shape) for r in refs)) for s, refs in zip(samples, features.references)]
+    plan = BatchPlan(layouts, cfg.train.batch_size, cfg.train.seed,
                      accelerator.num_processes, accelerator.process_index)
     captions = [s.caption for s in samples]
     dtype = DTYPES[cfg.model.dtype]

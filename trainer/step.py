@@ -54,6 +54,8 @@ def micro_batch_loss(
     x0_tokens = pack(family, x0)
     noise = torch.randn(x0_tokens.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     sigmas = training_sigmas(flow, len(indices), x0_tokens.shape[1], generator).to(device)
-    inputs = build_inputs(family, interpolate(x0_tokens, noise, sigmas), x0.shape, embeds)
+    references = [torch.cat([features.references[i][k] for i in indices]).to(device=device, dtype=dtype)
+                  for k in range(len(features.references[indices[0]]))]
+    inputs = build_inputs(family, interpolate(x0_tokens, noise, sigmas), x0.shape, embeds, references)
     pred = predict_velocity(transformer, family, inputs, sigmas, settings.guidance)
     return flow_loss(pred, velocity_target(x0_tokens, noise), loss_weights(flow.loss_weighting, sigmas))
