@@ -21,6 +21,7 @@ prompts:
   - {id: colour, kind: colour, text: "{trigger} logo in #E4572E", colours: ["#E4572E"]}
   - {id: leak, kind: leakage, text: "a red circle"}
   - {id: edit, kind: edit, text: "put {trigger} on a mug", references: 1}
+  - {id: sign, kind: text, text: '{trigger} sign reading "SALE"', expected_text: "SALE"}
 """
 
 
@@ -72,6 +73,17 @@ def test_metrics_behave_as_documented(encoders):
         assert enc.similarity([swatch], refs) < 1.0
 
 
+def test_text_accuracy_by_ocr():
+    from PIL import ImageDraw, ImageFont
+
+    pytest.importorskip("rapidocr_onnxruntime")  # installed by the test extra; optional for users
+    sign = Image.new("RGB", (256, 128), "white")
+    ImageDraw.Draw(sign).text((20, 30), "SALE", fill="black", font=ImageFont.load_default(size=60))
+    assert M.text_error(sign, "SALE") == 0.0
+    assert M.text_error(sign, "OPEN") >= 0.75
+    assert M.text_error(Image.new("RGB", (256, 128), "white"), "SALE") == 1.0
+
+
 def test_evaluate_a_run_end_to_end(short_run, tiny_models, sample_data, encoders, tmp_path, capsys):
     adapters = adapters_from_run(short_run)
     assert [a.label for a in adapters] == ["step-3", "step-6", "final"] and adapters[-1].step == 9
@@ -90,16 +102,17 @@ def test_evaluate_a_run_end_to_end(short_run, tiny_models, sample_data, encoders
             assert m["leakage"] == 0.0  # scale 0 is the base: nothing leaks
         assert m["reference_similarity"] is not None and -1 <= m["reference_similarity"] <= 1
         assert m["colour_delta_e"] >= 0 and m["diversity"] is not None
-    assert columns["base"]["text_error"] is None  # the suite has no text prompts
+    if M.ocr_available():  # the test extra installs the OCR; its reading of 64 px noise is simply wrong
+        assert all(0 <= m["text_error"] <= 1 for m in columns.values())
     rec = result["recommendation"]
     assert rec["scale"] > 0 and rec["adapter"] in {"step-3", "step-6", "final"}
     for name in ("report.html", "metrics.csv", "grid_seed0.png", "grid_seed1.png", "plots/leakage.png",
                  "plots/reference_similarity.png"):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
-    assert "Recommended:" in html and "text_error</code>: unavailable" in html
+    assert "Recommended:" in html and "<img src=\"plots/leakage.png\"" in html
     csv_lines = (out / "metrics.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + 10 * 4  # header + (base + 3 adapters x 3 scales) x 4 prompts
+    assert len(csv_lines) == 1 + 10 * 5  # header + (base + 3 adapters x 3 scales) x 5 prompts
 
 
 def test_same_inputs_give_identical_metrics(short_run, tiny_models, tmp_path):

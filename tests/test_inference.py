@@ -192,3 +192,18 @@ def test_other_tools_lora_format_loads_through_diffusers_converters(tiny_models,
     b.add_adapter(tmp_path / "comfy_style.safetensors")
     kw = dict(width=64, height=64, steps=2, seed=2)
     assert np.abs(_arr(a.generate("zxq", **kw)).astype(int) - _arr(b.generate("zxq", **kw)).astype(int)).max() <= 1
+
+
+def test_invisible_watermark_when_installed(tmp_path):
+    pytest.importorskip("imwatermark")  # installed by the test extra; optional for users
+    from imwatermark import WatermarkDecoder
+
+    from inference.provenance import WATERMARK, save_png
+
+    photo = Image.fromarray((np.random.default_rng(0).random((320, 320, 3)) * 255).astype(np.uint8))
+    save_png(photo, tmp_path / "a.png", {"prompt": "x"})
+    assert read_record(tmp_path / "a.png")["invisible_watermark"] is True
+    decoded = WatermarkDecoder("bytes", len(WATERMARK) * 8).decode(np.array(Image.open(tmp_path / "a.png"))[:, :, ::-1], "dwtDct")
+    assert decoded == WATERMARK
+    save_png(Image.new("RGB", (64, 64)), tmp_path / "small.png", {"prompt": "x"})
+    assert read_record(tmp_path / "small.png")["invisible_watermark"] is False  # too small to carry it
