@@ -23,10 +23,14 @@ class Variant:
     """A known size of a family, recognised from its transformer config."""
 
     name: str
-    base_model: str
+    base_model: str  # the undistilled checkpoint (what LoRAs are usually trained on)
     licence: str
     num_layers: int | None  # double-stream blocks; None matches any size (tiny models)
     joint_attention_dim: int | None
+    distilled_model: str | None = None  # the step-distilled checkpoint of the same size, if there is one
+
+    def hub_id(self, distilled: bool) -> str:
+        return self.distilled_model if distilled and self.distilled_model else self.base_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +95,10 @@ KLEIN = Family(
     has_guidance_embedding=False,
     has_true_cfg=True,
     variants=(
-        Variant("FLUX.2 [klein] 4B", "black-forest-labs/FLUX.2-klein-4B", "apache-2.0", 5, 7680),
-        Variant("FLUX.2 [klein] 9B", "black-forest-labs/FLUX.2-klein-9B", "flux-non-commercial-license", 8, 12288),
+        Variant("FLUX.2 [klein] 4B", "black-forest-labs/FLUX.2-klein-base-4B", "apache-2.0", 5, 7680,
+                "black-forest-labs/FLUX.2-klein-4B"),
+        Variant("FLUX.2 [klein] 9B", "black-forest-labs/FLUX.2-klein-base-9B", "flux-non-commercial-license", 8, 12288,
+                "black-forest-labs/FLUX.2-klein-9B"),
         Variant("tiny random FLUX.2 [klein] (test model)", "flux2-lora tiny-model --family klein", "apache-2.0", 1, 48),
     ),
     # Distilled klein is step-distilled: 4 steps, no CFG. Base klein runs real CFG.

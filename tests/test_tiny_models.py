@@ -39,3 +39,15 @@ def test_distilled_klein_gets_distilled_defaults(tmp_path):
     assert base.distilled
     assert base.family.sampling_defaults(base.distilled).steps == 4
     assert base.family.sampling_defaults(False).guidance > 1
+
+
+def test_real_sizes_map_to_their_licence_and_hub_id():
+    klein, dev = FAMILIES["klein"], FAMILIES["dev"]
+    four = klein.variant({"num_layers": 5, "joint_attention_dim": 7680})
+    nine = klein.variant({"num_layers": 8, "joint_attention_dim": 12288})
+    big = dev.variant({"num_layers": 8, "joint_attention_dim": 15360})
+    assert four.licence == "apache-2.0" and "non-commercial" in nine.licence and "non-commercial" in big.licence
+    assert four.hub_id(distilled=False) == "black-forest-labs/FLUX.2-klein-base-4B"
+    assert four.hub_id(distilled=True) == "black-forest-labs/FLUX.2-klein-4B"
+    assert big.hub_id(distilled=True) == "black-forest-labs/FLUX.2-dev"
+    assert "custom size" in klein.variant({"num_layers": 3, "joint_attention_dim": 1}).name

@@ -50,13 +50,13 @@ def prepare_output_dir(cfg: OutputConfig, resuming: bool) -> Path:
     return out
 
 
-def model_card(*, name: str, variant, family, trigger: str | None, rank: int, alpha: float, steps: int,
+def model_card(*, name: str, variant, family, base_model: str, trigger: str | None, rank: int, alpha: float, steps: int,
                dataset_size: int, resolution: int, targets: str) -> str:
     trigger_line = f"Use the trigger word **`{trigger}`** in prompts." if trigger else "No trigger word was set."
     pipeline = family.pipeline_class_name
     return f"""---
 license: {variant.licence}
-base_model: {variant.base_model}
+base_model: {base_model}
 library_name: diffusers
 tags: [flux2, lora, text-to-image, flux2-lora]
 ---
@@ -68,7 +68,7 @@ A LoRA for {variant.name}, trained with flux2-lora.
 
 | | |
 |---|---|
-| base model | {variant.base_model} |
+| base model | {base_model} |
 | family | {family.name} |
 | rank / alpha | {rank} / {alpha:g} |
 | targets | {targets} |
@@ -80,7 +80,7 @@ A LoRA for {variant.name}, trained with flux2-lora.
 ```python
 import torch
 from diffusers import {pipeline}
-pipe = {pipeline}.from_pretrained("{variant.base_model}", torch_dtype=torch.bfloat16)
+pipe = {pipeline}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)
 pipe.load_lora_weights("path/to/this/folder", weight_name="pytorch_lora_weights.safetensors")
 ```
 """

@@ -204,7 +204,10 @@ def run(cfg: Config, show_progress: bool = True) -> TrainResult:
         if sampler and cfg.sample.before_after:
             sampler.before_after(final)
         variant = base.family.variant(final.config)
+        # a hub id names the exact base (klein base vs distilled share sizes); a local folder is named by its size
+        card_base = variant.hub_id(base.distilled) if base.is_local else base.path
         write_card(out, model_card(name=cfg.output.name or out.resolve().name, variant=variant, family=base.family,
+                                   base_model=card_base,
                                    trigger=cfg.data.trigger, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                                    steps=cfg.train.steps, dataset_size=len(samples) // cfg.data.repeats,
                                    resolution=cfg.train.resolution, targets=cfg.lora.targets))
