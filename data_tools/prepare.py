@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from data_tools.atomic import atomic_dir
 from data_tools.buckets import make_buckets, nearest_bucket
-from data_tools.captions import make_captioner, normalise
+from data_tools.captions import dedupe_tags, make_captioner, normalise, replace_class_word
 from data_tools.checks import ImageFacts, Problem, caption_problems, dataset_problems, inspect_image, look_alike
 from data_tools.errors import UserError
 from data_tools.images import MAX_PIXELS, decode_rgb, fit
@@ -46,12 +46,25 @@ class PrepareOptions:
     background: str = "#FFFFFF"
     max_pixels: int = MAX_PIXELS
     batch_size: int = 1  # buckets with fewer images than this are merged into their nearest neighbour
+    replace_class: str | None = None  # "man=ohwx man": with --fix, rewrite a class word in every caption
+    dedupe_tags: bool = False  # with --fix, drop repeated comma-separated tags
 
     def validate(self) -> None:
         if self.resolution <= 0 or self.resolution % 16:
             raise UserError(f"--resolution must be a positive multiple of 16, got {self.resolution}")
         if self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.replace_class is not None and "=" not in self.replace_class:
+            raise UserError(f"--replace-class '{self.replace_class}' must look like WORD=REPLACEMENT (e.g. man='ohwx man')")
+
+    def clean_caption(self, text: str) -> str:
+        """The --fix caption pipeline: class word, tags, whitespace, trigger exactly once."""
+        if self.replace_class:
+            word, replacement = self.replace_class.split("=", 1)
+            text = replace_class_word(text, word.strip(), replacement.strip())
+        if self.dedupe_tags:
+            text = dedupe_tags(text)
+        return normalise(text, self.trigger)
 
 
 @dataclasses.dataclass
@@ -172,7 +185,7 @@ def prepare(src: str | Path, out: str | Path, opts: PrepareOptions, show_progres
     for it in kept:
         text, problems = caption_problems(it.entry.name, it.entry.caption, it.entry.caption_origin, opts.trigger)
         it.facts.problems.extend(problems)
-        it.caption = normalise(text, opts.trigger) if (text and opts.fix) else text
+        it.caption = opts.clean_caption(text) if (text and opts.fix) else text
         refs = list(it.entry.references)
         if len(refs) > MAX_REFERENCES:
             it.facts.problems.append(Problem(it.entry.name, "error", "too_many_references",

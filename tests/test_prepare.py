@@ -242,3 +242,14 @@ def test_small_dataset_gets_count_guidance(corpus, tmp_path):
         (src / f"good_{i}.png").write_bytes((corpus / f"good_{i}.png").read_bytes())
     report = prepare(src, tmp_path / "out", PrepareOptions(resolution=RES), show_progress=False)
     assert any(p["code"] == "image_count" for p in report["dataset_problems"])
+
+
+def test_caption_helpers():
+    from data_tools.captions import dedupe_tags, normalise, replace_class_word
+
+    assert replace_class_word("a man in a hat, manly", "man", "ohwx man") == "a ohwx man in a hat, manly"
+    assert dedupe_tags("red, Mug, red, mug , studio") == "red, Mug, studio"
+    assert normalise("zxq logo, zxq again", "zxq") == "zxq logo, again"
+    assert normalise("a  logo", "zxq") == "zxq, a logo"
+    opts = PrepareOptions(trigger="ohwx", fix=True, replace_class="man=ohwx man", dedupe_tags=True)
+    assert opts.clean_caption("man, portrait, man, portrait") == "ohwx man, portrait"

@@ -62,7 +62,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     opts = PrepareOptions(trigger=args.trigger, class_word=args.class_word, resolution=args.resolution, fix=args.fix,
                           captioner=args.captioner, workers=args.workers, recursive=args.recursive,
-                          background=args.background, max_pixels=args.max_pixels, batch_size=args.batch_size)
+                          background=args.background, max_pixels=args.max_pixels, batch_size=args.batch_size,
+                          replace_class=args.replace_class, dedupe_tags=args.dedupe_tags)
     report = prepare(args.src, args.out, opts, show_progress=not args.no_progress)
     s = report["summary"]
     print(f"{s['kept']} of {s['files']} images prepared in {args.out} ({s['errors']} errors, {s['warnings']} warnings, "
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", default="#FFFFFF", help="colour transparent images are composited on")
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
     p.add_argument("--batch-size", type=int, default=1, help="merge buckets holding fewer images than this")
+    p.add_argument("--replace-class", metavar="WORD=REPLACEMENT", help="with --fix: e.g. man='ohwx man' in every caption")
+    p.add_argument("--dedupe-tags", action="store_true", help="with --fix: drop repeated comma-separated tags")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
