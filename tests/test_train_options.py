@@ -28,9 +28,12 @@ def test_wandb_offline(tiny_models, sample_data, shared_cache, tmp_path, monkeyp
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
     cfg = load_config(None, train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=2,
-                                       output__report_to="wandb"))
+                                       output__report_to="wandb", sample__every=2, sample__steps=1)
+                      + ["sample.prompts=['zxq logo']"])
     run(cfg, show_progress=False)
-    assert list((out / "wandb").glob("offline-run-*"))
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    assert list(run_dir.rglob("*.wandb"))
+    assert list(run_dir.rglob("media/images/samples_*.png"))  # the sample grid went to wandb too
 
 
 def test_attention_preset_targets_only_attention(tiny_models, sample_data, shared_cache, tmp_path):
