@@ -76,6 +76,13 @@ def read_jobs(path: Path, defaults: dict[str, Any]) -> tuple[list[tuple[int, dic
     return jobs, errors
 
 
+def _make_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out '{out}' cannot be created ({exc.strerror})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from inference.generate import Generator
 
@@ -89,12 +96,6 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     if not jobs:
         raise UserError("no valid prompt to run")
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out '{out}' cannot be created ({exc.strerror})") from None
-
     gen = Generator(args.model, dtype=args.dtype, device=args.device, fp8_storage=args.fp8_storage,
                     group_offload=args.group_offload, model_cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)
     for spec in args.lora:
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         gen.add_adapter(path, scale=scale)
     if args.fuse:
         gen.fuse()
+    out = Path(args.out)
 
     results, images, failed = [], [], len(errors)
     for number, job in tqdm(jobs, desc="generating", disable=len(jobs) == 1):
@@ -115,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {args.prompts} line {number}: {exc}", file=sys.stderr)
             failed += 1
             continue
+        _make_dir(out)  # only once there is something to put in it
         for item in made:
             name = f"{len(images):04d}_seed{item.record['seed']}.png"
             save_png(item.image, out / name, item.record)

@@ -161,6 +161,7 @@ def test_generate_cli_bad_input_is_one_line(argv_tail, message, tiny_models, tmp
                  "--out", str(tmp_path / "o"), *argv_tail])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing written
 
 
 def test_memory_options_generate_close_to_plain(tiny_models):
