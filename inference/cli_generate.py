@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         path, scale = parse_lora(spec)
         gen.add_adapter(path, scale=scale)
     if args.fuse:
-        gen.fuse()
+        gen.fuse(permanent=True)  # the CLI never changes adapters afterwards
     out = Path(args.out)
 
     results, images, failed = [], [], len(errors)

@@ -79,6 +79,7 @@ class Generator:
         self.adapters: dict[str, AdapterInfo] = {}
         self.scales: dict[str, float] = {}
         self.fused = False
+        self.baked: list[dict[str, Any]] = []  # adapters merged for good by fuse(permanent=True)
 
     # ---- adapters -------------------------------------------------------------------------------------------
     def add_adapter(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> AdapterInfo:
@@ -108,16 +109,25 @@ class Generator:
         self.adapters.pop(name), self.scales.pop(name)
         self._apply_scales()
 
-    def fuse(self) -> None:
-        """Merge the active adapters (at their scales) into the base weights: LoRA costs nothing per step."""
+    def fuse(self, permanent: bool = False) -> None:
+        """Merge the active adapters (at their scales) into the base weights. Reversible with unfuse(); with
+        `permanent` the LoRA layers are also removed, so a step costs exactly what the base's costs."""
         if self.adapters and not self.fused:
             self.pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=list(self.adapters))
             self.fused = True
+        if permanent and self.fused:
+            self.baked += self._lora_records()
+            self.pipe.unload_lora_weights()  # keeps the merged weights, drops the peft wrappers
+            self.adapters, self.scales, self.fused = {}, {}, False
 
     def unfuse(self) -> None:
         if self.fused:
             self.pipe.unfuse_lora(components=["transformer"])
             self.fused = False
+
+    def _lora_records(self) -> list[dict[str, Any]]:
+        return [{"name": n, "path": str(a.path), "sha256": a.sha256, "scale": self.scales[n], "fused": self.fused}
+                for n, a in self.adapters.items()]
 
     def _apply_scales(self) -> None:
         if self.adapters:
@@ -156,8 +166,7 @@ class Generator:
             "prompt": prompt, "width": width, "height": height, "steps": steps, "guidance": guidance,
             "base_model": self.base.path, "family": self.family.name, "fused": self.fused,
             "references": len(images), "edit": image is not None,
-            "loras": [{"name": n, "path": str(a.path), "sha256": a.sha256, "scale": self.scales[n]}
-                      for n, a in self.adapters.items()],
+            "loras": self.baked + self._lora_records(),
         }
         return [Generated(img, {**record, "seed": seed + i}) for i, img in enumerate(out.images)]
 

@@ -83,6 +83,13 @@ def test_fused_equals_unfused_and_hot_swap(tiny_models, loras):
     gen.remove_adapter(second.name)
     with torch.no_grad():
         assert torch.allclose(transformer(**kwargs)[0], unfused, atol=1e-6)
+    # permanent fusing: same numbers, plain Linear layers (no per-step LoRA cost), provenance keeps the LoRA
+    gen.fuse(permanent=True)
+    assert type(transformer.transformer_blocks[0].attn.to_q) is torch.nn.Linear and gen.adapters == {}
+    with torch.no_grad():
+        assert (transformer(**kwargs)[0] - unfused).abs().max() < 1e-5
+    record = gen.generate("zxq", width=64, height=64, steps=1)[0].record
+    assert [(r["name"], r["scale"], r["fused"]) for r in record["loras"]] == [(info.name, 0.7, True)]
 
 
 @pytest.mark.parametrize("family", ["klein", "dev"])
