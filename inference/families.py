@@ -37,7 +37,6 @@ class Variant:
 class Family:
     name: str
     pipeline_class_name: str
-    text_encoder_class_name: str
     # Hidden-state layers the stock pipeline stacks into prompt embeddings. Kept here for docs and a test that
     # pins them to the pipeline's own default; conditioning always calls the pipeline's encode_prompt.
     text_encoder_layers: tuple[int, ...]
@@ -76,7 +75,6 @@ class Family:
 DEV = Family(
     name="dev",
     pipeline_class_name="Flux2Pipeline",
-    text_encoder_class_name="Mistral3ForConditionalGeneration",
     text_encoder_layers=(10, 20, 30),
     has_guidance_embedding=True,
     has_true_cfg=False,
@@ -90,7 +88,6 @@ DEV = Family(
 KLEIN = Family(
     name="klein",
     pipeline_class_name="Flux2KleinPipeline",
-    text_encoder_class_name="Qwen3ForCausalLM",
     text_encoder_layers=(9, 18, 27),
     has_guidance_embedding=False,
     has_true_cfg=True,
