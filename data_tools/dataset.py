@@ -36,6 +36,9 @@ class DataConfig:
         return None
 
 
+MAX_REFERENCES = 10  # FLUX.2 conditions on at most 10 images (an edit's base image counts as one)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sample:
     path: Path
@@ -77,8 +80,9 @@ def _metadata_rows(folder: Path) -> dict[str, dict]:
 
 def _references(folder: Path, name: str, row: dict) -> tuple[Path, ...]:
     refs = row.get("references") or []
-    if not isinstance(refs, list) or len(refs) > 10:
-        raise UserError(f"'{folder / 'metadata.jsonl'}': {name} must list at most 10 references (file names, priority order)")
+    if not isinstance(refs, list) or len(refs) > MAX_REFERENCES:
+        raise UserError(f"'{folder / 'metadata.jsonl'}': {name} must list at most {MAX_REFERENCES} references "
+                        "(file names, priority order)")
     paths = tuple(folder / str(r) for r in refs)
     for path in paths:
         if not path.is_file():

@@ -26,12 +26,11 @@ from data_tools.atomic import atomic_dir
 from data_tools.buckets import make_buckets, nearest_bucket
 from data_tools.captions import dedupe_tags, make_captioner, normalise, replace_class_word
 from data_tools.checks import ImageFacts, Problem, caption_problems, dataset_problems, inspect_image, look_alike
+from data_tools.dataset import MAX_REFERENCES
 from data_tools.errors import UserError
 from data_tools.images import MAX_PIXELS, decode_rgb, fit
 from data_tools.report import write_report
 from data_tools.sources import Entry, Source, open_source, read_bytes
-
-MAX_REFERENCES = 10
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from data_tools.dataset import with_trigger
+from data_tools.dataset import MAX_REFERENCES, with_trigger
 from data_tools.errors import UserError
 from data_tools.images import open_rgb
 from inference.adapters import AdapterInfo, load_adapter
@@ -25,7 +25,6 @@ from inference.lora_io import WEIGHT_NAME
 from inference.loading import ModelConfig, apply_memory_options, load_pipeline, resolve_base_model
 
 log = logging.getLogger("flux2_lora.generate")
-MAX_REFERENCES = 10  # FLUX.2 takes up to 10 images; the edit base counts as the first
 
 
 @dataclasses.dataclass

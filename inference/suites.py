@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from data_tools.configtree import from_dict, option, read_yaml
+from data_tools.dataset import MAX_REFERENCES
 from data_tools.errors import UserError
 
 SUITES_DIR = Path(__file__).with_name("suites")
@@ -43,8 +44,8 @@ class SuitePrompt:
             return f"prompt '{self.id}': kind colour needs colours: [#RRGGBB, ...]"
         if self.kind == "text" and not self.expected_text:
             return f"prompt '{self.id}': kind text needs expected_text"
-        if self.kind == "edit" and not 1 <= self.references <= 10:
-            return f"prompt '{self.id}': kind edit needs references: 1-10"
+        if self.kind == "edit" and not 1 <= self.references <= MAX_REFERENCES:
+            return f"prompt '{self.id}': kind edit needs references: 1-{MAX_REFERENCES}"
         return None
 
 

@@ -66,18 +66,17 @@ class SampleRenderer:
         transformer.train(was_training)
         return images
 
-    def save_grid(self, images: list[Image.Image], name: str, columns: int, labels: list[str]) -> Path:
-        path = self.out_dir / "samples" / name
-        with atomic_path(path) as tmp:
-            make_grid(images, columns=columns, labels=labels).save(tmp, format="PNG")
-        return path
+    def save_grid(self, images: list[Image.Image], name: str, columns: int, labels: list[str]) -> Image.Image:
+        grid = make_grid(images, columns=columns, labels=labels)
+        with atomic_path(self.out_dir / "samples" / name) as tmp:
+            grid.save(tmp, format="PNG")
+        return grid
 
-    def at_step(self, transformer, step: int) -> tuple[Path, Image.Image]:
+    def at_step(self, transformer, step: int) -> Image.Image:
         images = self.render(transformer)
-        path = self.save_grid(images, f"step-{step:06d}.png", len(images), self.cfg.prompts)
-        return path, Image.open(path)
+        return self.save_grid(images, f"step-{step:06d}.png", len(images), self.cfg.prompts)
 
-    def before_after(self, transformer) -> Path:
+    def before_after(self, transformer) -> Image.Image:
         """Row 1: LoRA off (scale 0); row 2: LoRA on (scale 1). Same seeds, same prompts."""
         transformer.disable_adapters()
         try:

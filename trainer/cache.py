@@ -8,6 +8,7 @@ misses the cache; nothing else does, so reruns (and other runs on the same data)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import hashlib
 import os
@@ -81,9 +82,10 @@ def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: Cach
     root = Path(cfg.dir).expanduser()
     latent_dir = root / CACHE_FORMAT / "latents" / base.identity("vae")
     text_dir = root / CACHE_FORMAT / "text" / base.identity("text_encoder")
-    latent_paths = [latent_dir / f"{_sha(s.path.read_bytes())}_{s.bucket[0]}x{s.bucket[1]}.safetensors" for s in samples]
+    file_sha = functools.cache(lambda path: _sha(path.read_bytes()))  # repeats and shared references: hash once
+    latent_paths = [latent_dir / f"{file_sha(s.path)}_{s.bucket[0]}x{s.bucket[1]}.safetensors" for s in samples]
     # references keep their own size (as at inference), so their key is the file alone
-    ref_paths = [[latent_dir / f"ref_{_sha(r.read_bytes())}.safetensors" for r in s.references] for s in samples]
+    ref_paths = [[latent_dir / f"ref_{file_sha(r)}.safetensors" for r in s.references] for s in samples]
     captions = sorted({s.caption for s in samples} | {""} | set(extra_prompts))
     text_paths = {c: text_dir / f"{_sha(c.encode('utf-8'))}.safetensors" for c in captions}
     features = Features(latents=[], references=[], embeds={})
@@ -113,11 +115,8 @@ def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: Cach
         del encoder
         gc.collect()
 
-    loaded: dict[Path, torch.Tensor] = {}
-    for path in latent_paths:  # repeated samples share one tensor
-        if path not in loaded:
-            loaded[path] = _load(path)
-    features.latents = [loaded[p] for p in latent_paths]
-    features.references = [[_load(p) for p in paths] for paths in ref_paths]
+    load_once = functools.cache(_load)  # repeated samples and shared references share one tensor
+    features.latents = [load_once(p) for p in latent_paths]
+    features.references = [[load_once(p) for p in paths] for paths in ref_paths]
     features.embeds = {c: _load(p) for c, p in text_paths.items()}
     return features

@@ -192,7 +192,7 @@ def run(cfg: Config, show_progress: bool = True) -> TrainResult:
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"loss": step_loss, "lr": lr, "skipped": float(skipped)}, step=step + 1)
             if sampler and cfg.sample.every and (step + 1) % cfg.sample.every == 0:
-                _, grid = sampler.at_step(accelerator.unwrap_model(transformer), step + 1)
+                grid = sampler.at_step(accelerator.unwrap_model(transformer), step + 1)
                 _log_image(accelerator, grid, step + 1)
             stopping = _any_rank(accelerator, stop.signum != 0)
             due = cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.train.steps
