@@ -3,10 +3,12 @@
 import argparse
 import sys
 
-from trainer.cli import add_train_arguments, cmd_train, run_guarded
+from common.commands import HelpFormatter
+from common.errors import run_guarded
+from trainer.commands import add_train_arguments, train
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_train_arguments(parser)
     args = parser.parse_args()
-    sys.exit(run_guarded(lambda: cmd_train(args)))
+    sys.exit(run_guarded(lambda: train(args)))

@@ -22,8 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from data_tools.sample_data import write_sample_data  # noqa: E402
-from inference.conditioning import build_inputs, pack  # noqa: E402
+from inference.conditioning import build_inputs  # noqa: E402
 from inference.generate import Generator  # noqa: E402
+from inference.families import FAMILIES  # noqa: E402
 from inference.tiny import write_tiny_model  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.recipe import run  # noqa: E402
@@ -31,7 +32,7 @@ from trainer.recipe import run  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="klein", choices=["klein", "dev"])
+    parser.add_argument("--family", default="klein", choices=list(FAMILIES))
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40, help="forward passes per timing")
@@ -40,7 +41,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = write_tiny_model(tmp / "model", args.family)
+        model = write_tiny_model(tmp / "model", FAMILIES[args.family])
         data = write_sample_data(tmp / "data", count=4)
         lora = run(load_config(None, [f"model.path={model}", f"data.path={data}", f"output.dir={tmp / 'run'}",
                                       f"cache.dir={tmp / 'cache'}", "train.steps=5", "train.resolution=64",
@@ -52,7 +53,7 @@ def main() -> None:
         side = args.size // 16
         g = torch.Generator().manual_seed(0)
         target = torch.randn(1, 128, side, side, generator=g)
-        inputs = build_inputs(family, pack(family, target), target.shape, torch.randn(1, 512, 48, generator=g))
+        inputs = build_inputs(family, family.pipeline_class._pack_latents(target), target.shape, torch.randn(1, 512, 48, generator=g))
         kwargs = dict(hidden_states=inputs.hidden_states, timestep=torch.tensor([0.5]),
                       guidance=family.guidance_input(4.0, 1), encoder_hidden_states=inputs.encoder_hidden_states,
                       txt_ids=inputs.txt_ids, img_ids=inputs.img_ids, return_dict=False)

@@ -25,8 +25,9 @@ from PIL import Image  # noqa: E402
 
 from data_tools.dataset import DataConfig, load_samples  # noqa: E402
 from data_tools.sample_data import write_sample_data  # noqa: E402
-from inference.conditioning import build_inputs, pack, predict_velocity  # noqa: E402
+from inference.conditioning import build_inputs, predict_velocity  # noqa: E402
 from inference.loading import ModelConfig, load_pipeline, resolve_base_model  # noqa: E402
+from inference.families import FAMILIES  # noqa: E402
 from inference.tiny import write_tiny_model  # noqa: E402
 from trainer.cache import CacheConfig, build_features  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -45,7 +46,7 @@ def floor_seconds_per_step(model_dir: Path, data: Path, cache: Path, steps: int,
     transformer.train()
     optimizer = torch.optim.AdamW(trainable_parameters(transformer), lr=1e-4)
     x0 = features.latents[0]
-    tokens = pack(base.family, x0)
+    tokens = base.family.pipeline_class._pack_latents(x0)
     noise = torch.randn_like(tokens)
     sigma = torch.tensor([0.5])
     inputs = build_inputs(base.family, interpolate(tokens, noise, sigma), x0.shape, features.embeds[samples[0].caption])
@@ -69,7 +70,7 @@ def floor_seconds_per_step(model_dir: Path, data: Path, cache: Path, steps: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="klein", choices=["klein", "dev"])
+    parser.add_argument("--family", default="klein", choices=list(FAMILIES))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
@@ -79,7 +80,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = write_tiny_model(tmp / "model", args.family)
+        model = write_tiny_model(tmp / "model", FAMILIES[args.family])
         # one bucket only, so the loop and the floor run the same shapes (shape changes cost the kernels too)
         data = write_sample_data(tmp / "data", count=12)
         for png in data.glob("*.png"):

@@ -1,1 +1,2 @@
-"""Dataset preparation and the small shared base (errors, atomic writes, config tree). Imports nothing of ours."""
+"""Datasets: reading a captioned folder for training, and `flux2-lora prepare` (check, fix, caption, bucket).
+Imports only the base (common/)."""

@@ -1,4 +1,5 @@
-"""Aspect-ratio buckets: equal-area sizes around a target resolution, sides multiples of 16.
+"""Aspect-ratio buckets: equal-area sizes around a target resolution, sides multiples of
+SIDE_MULTIPLE (common/limits.py).
 
 A batch holds one bucket only, because the transformer reads RoPE position ids from its first sample.
 """
@@ -7,10 +8,10 @@ from __future__ import annotations
 
 import math
 
-MULTIPLE = 16  # VAE factor 8 x 2x2 patchify
+from common.limits import SIDE_MULTIPLE
 
 
-def make_buckets(resolution: int, max_ratio: float = 4.0, multiple: int = MULTIPLE) -> list[tuple[int, int]]:
+def make_buckets(resolution: int, max_ratio: float = 4.0, multiple: int = SIDE_MULTIPLE) -> list[tuple[int, int]]:
     """All (width, height) with sides multiples of `multiple`, area <= resolution^2, aspect within max_ratio."""
     area = resolution * resolution
     buckets = set()

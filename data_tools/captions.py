@@ -13,25 +13,16 @@ from typing import Protocol
 
 from PIL import Image
 
-from data_tools.errors import UserError
-from data_tools.local_models import load_local
+from common.errors import UserError
+from common.local_models import load_local
+from common.trigger import with_trigger
 
 PROMPT = "Describe this image in one short sentence for an image-generation caption."
 
 
 def normalise(text: str, trigger: str | None = None) -> str:
-    """Strip and collapse whitespace; make the trigger word appear exactly once (prepended when missing,
-    later repeats removed, its first position kept)."""
-    text = re.sub(r"\s+", " ", text).strip()
-    if not trigger:
-        return text
-    pattern = re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)")
-    first = pattern.search(text)
-    if first is None:
-        return f"{trigger}, {text}" if text else trigger
-    head, tail = text[: first.end()], pattern.sub("", text[first.end():])
-    tail = re.sub(r"\s+", " ", re.sub(r"(\s*,\s*){2,}", ", ", tail)).rstrip(" ,")
-    return (head + tail).strip()
+    """Strip and collapse whitespace; then the trigger rule (common/trigger.py): exactly once."""
+    return with_trigger(re.sub(r"\s+", " ", text).strip(), trigger)
 
 
 def replace_class_word(text: str, class_word: str, replacement: str) -> str:

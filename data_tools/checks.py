@@ -10,10 +10,13 @@ import dataclasses
 import hashlib
 import io
 import math
-import re
 import warnings
 
+import imagehash
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from common.images import exif_orientation, upright_size
+from common.trigger import count_trigger
 
 MIN_IMAGES, MAX_IMAGES = 9, 50
 MAX_ASPECT = 4.0
@@ -65,8 +68,8 @@ def inspect_image(name: str, data: bytes, resolution: int, max_pixels: int) -> I
                         "downscale it, or raise --max-pixels if you trust the file")
                 return facts
             facts.format, facts.mode = im.format or "", im.mode
-            exif = im.getexif()
-            orientation = exif.get(0x0112, 1) if exif else 1
+            orientation = exif_orientation(im)
+            width, height = upright_size(im)
             im.load()  # full decode: catches truncated and corrupt files
     except UnidentifiedImageError:
         problem("error", "not_an_image", "not an image file (or a format Pillow cannot read)", "remove it or convert it to PNG/JPEG")
@@ -76,7 +79,6 @@ def inspect_image(name: str, data: bytes, resolution: int, max_pixels: int) -> I
         return facts
 
     facts.usable = True
-    width, height = (im.height, im.width) if orientation in (5, 6, 7, 8) else (im.width, im.height)
     facts.width, facts.height = width, height
     if orientation != 1:
         problem("info", "exif_orientation", f"EXIF orientation {orientation}: shown rotated/flipped",
@@ -102,8 +104,6 @@ def inspect_image(name: str, data: bytes, resolution: int, max_pixels: int) -> I
     if ratio > MAX_ASPECT:
         problem("warning", "extreme_aspect", f"aspect ratio {ratio:.1f}:1; the crop to a {MAX_ASPECT:g}:1 bucket loses a lot",
                 "crop it by hand to the part that matters")
-
-    import imagehash
 
     thumb = ImageOps.exif_transpose(im).convert("RGB")
     thumb.thumbnail((256, 256))
@@ -147,7 +147,7 @@ def caption_problems(name: str, raw: bytes | None, origin: str, trigger: str | N
         problems.append(Problem(name, "warning", "caption_too_long", f"about {approx_tokens(text)} tokens; the text "
                                 f"encoder reads {TOKEN_WINDOW} including its template, the rest is cut", "shorten it"))
     if trigger:
-        count = len(re.findall(rf"(?<!\w){re.escape(trigger)}(?!\w)", text))
+        count = count_trigger(text, trigger)
         if count == 0:
             problems.append(Problem(name, "warning", "trigger_missing", f"trigger word '{trigger}' is not in the caption",
                                     "--fix prepends it (training adds it too)"))

@@ -16,45 +16,57 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing
 from pathlib import Path
 from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
-from data_tools.atomic import atomic_dir
+from common.atomic import atomic_dir
+from common.configtree import from_dict, option, positive
+from common.errors import UserError
+from common.images import decode_rgb, fit, hex_to_rgb, normalise_hex
+from common.limits import MAX_PIXELS, MAX_REFERENCES, side_problem
 from data_tools.buckets import make_buckets, nearest_bucket
 from data_tools.captions import dedupe_tags, make_captioner, normalise, replace_class_word
 from data_tools.checks import ImageFacts, Problem, caption_problems, dataset_problems, inspect_image, look_alike
-from data_tools.dataset import MAX_REFERENCES
-from data_tools.errors import UserError
-from data_tools.images import MAX_PIXELS, decode_rgb, fit
 from data_tools.report import write_report
 from data_tools.sources import Entry, Source, open_source, read_bytes
 
 
+def _replace_class_check(value: str | None) -> str | None:
+    if value is None or "=" in value:
+        return None
+    return f"'{value}' must look like WORD=REPLACEMENT (e.g. man='ohwx man')"
+
+
 @dataclasses.dataclass
 class PrepareOptions:
-    trigger: str | None = None
-    class_word: str | None = None
-    resolution: int = 1024
-    fix: bool = False
-    captioner: str = "template"
-    workers: int = 1
-    recursive: bool = False
-    background: str = "#FFFFFF"
-    max_pixels: int = MAX_PIXELS
-    batch_size: int = 1  # buckets with fewer images than this are merged into their nearest neighbour
-    replace_class: str | None = None  # "man=ohwx man": with --fix, rewrite a class word in every caption
-    dedupe_tags: bool = False  # with --fix, drop repeated comma-separated tags
+    """`prepare`'s options: the CLI flags are generated from these fields, and the Python API checks them alike."""
 
-    def validate(self) -> None:
-        if self.resolution <= 0 or self.resolution % 16:
-            raise UserError(f"--resolution must be a positive multiple of 16, got {self.resolution}")
-        if self.workers < 1:
-            raise UserError(f"--workers must be at least 1, got {self.workers}")
-        if self.replace_class is not None and "=" not in self.replace_class:
-            raise UserError(f"--replace-class '{self.replace_class}' must look like WORD=REPLACEMENT (e.g. man='ohwx man')")
+    trigger: str | None = option(None, help="the trigger word: checked in captions, --fix puts it in exactly once")
+    class_word: str | None = option(None, help="for template captions: '{trigger} {class word}'")
+    resolution: int = option(1024, check=side_problem, help="training resolution the images are checked and bucketed for")
+    fix: bool = option(False, help="write upright RGB images cropped to their bucket, drop exact duplicates, "
+                                   "normalise captions")
+    overwrite: bool = option(False, help="replace an earlier prepare output in --out (hand-edited captions there are lost)")
+    captioner: str = option("template", help="fills missing captions: template, or vlm:PATH (a local image-to-text model)")
+    workers: int = option(1, check=positive, help="processes that decode and check images")
+    recursive: bool = option(False, help="also read images in sub-folders")
+    background: str = option("#FFFFFF", help="colour transparent images are composited on")
+    max_pixels: int = option(MAX_PIXELS, check=positive, help="refuse larger images (decompression bombs)")
+    batch_size: int = option(1, check=positive, help="merge buckets holding fewer images than this")
+    replace_class: str | None = option(None, check=_replace_class_check,
+                                       help="with --fix: rewrite a class word in every caption, e.g. man='ohwx man'")
+    dedupe_tags: bool = option(False, help="with --fix: drop repeated comma-separated tags")
+
+    def validate(self) -> list[str]:
+        try:
+            normalise_hex(self.background, "--background")
+        except UserError as exc:
+            return [str(exc)]
+        return []
 
     def clean_caption(self, text: str) -> str:
         """The --fix caption pipeline: class word, tags, whitespace, trigger exactly once."""
@@ -114,17 +126,8 @@ def _write_task(task) -> None:
     image.save(target, format="PNG", optimize=False)
 
 
-def _hex_rgb(code: str) -> tuple[int, int, int]:
-    digits = code.strip().lstrip("#")
-    if len(digits) != 6 or any(c not in "0123456789abcdefABCDEF" for c in digits):
-        raise UserError(f"--background '{code}' is not a hex colour like #FFFFFF")
-    return tuple(int(digits[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
-
-
 def _merge_small_buckets(assigned: dict[str, tuple[int, int]], min_size: int) -> dict[str, tuple[int, int]]:
     """Move images of buckets smaller than `min_size` into the nearest (by aspect) bucket with more images."""
-    import math
-
     assigned = dict(assigned)
     while True:
         counts: dict[tuple[int, int], int] = {}
@@ -139,14 +142,23 @@ def _merge_small_buckets(assigned: dict[str, tuple[int, int]], min_size: int) ->
         assigned = {k: (target if v == victim else v) for k, v in assigned.items()}
 
 
-def prepare(src: str | Path, out: str | Path, opts: PrepareOptions, show_progress: bool = True) -> dict[str, Any]:
-    opts.validate()
-    background = _hex_rgb(opts.background)
+def prepare(src: str | Path, out: str | Path, opts: PrepareOptions | None = None, show_progress: bool = True,
+            **options: Any) -> dict[str, Any]:
+    """`prepare(src, out, trigger="zxq", fix=True)` or with a PrepareOptions; options are checked as the CLI's are."""
+    opts = from_dict(PrepareOptions, {**dataclasses.asdict(opts or PrepareOptions()), **options},
+                     name=lambda key: f"prepare option '{key}'")
+    background = hex_to_rgb(opts.background, "--background")
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise UserError(f"--out '{out}' is inside the source '{src}'; choose a folder outside it (the source is never changed)")
-    if out.exists() and any(out.iterdir()) and not (out / "report.json").is_file():
-        raise UserError(f"--out '{out}' exists and is not an earlier prepare output; choose a new or empty folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; choose a new folder")
+    if out.exists() and any(out.iterdir()):
+        if not (out / "report.json").is_file():
+            raise UserError(f"--out '{out}' exists and is not an earlier prepare output; choose a new or empty folder")
+        if not opts.overwrite:
+            raise UserError(f"--out '{out}' holds an earlier prepare output (captions edited there would be lost); "
+                            "pass --overwrite to replace it, or choose another folder")
     source = open_source(src, opts.recursive)
     if not source.entries:
         raise UserError(f"source '{src}' holds no image files ({source.kind}); add 9-50 images")
@@ -163,12 +175,14 @@ def prepare(src: str | Path, out: str | Path, opts: PrepareOptions, show_progres
         it.kept = it.facts.usable
 
     # duplicates: exact by content hash, near by perceptual hash
+    # the copy kept is the captioned one, then the original: "IMG_1.jpg" before "IMG_1 copy.jpg" (shortest name)
     seen: dict[str, Item] = {}
-    for it in sorted(usable, key=lambda it: (it.entry.caption is None, it.entry.name)):  # keep the captioned copy
+    for it in sorted(usable, key=lambda it: (it.entry.caption is None, len(it.entry.name), it.entry.name)):
         twin = seen.get(it.facts.sha256)
         if twin:
-            it.facts.problems.append(Problem(it.entry.name, "warning", "exact_duplicate", f"identical to {twin.entry.name}",
-                                             "--fix drops the copy"))
+            it.facts.problems.append(Problem(it.entry.name, "warning", "exact_duplicate",
+                                             f"identical to {twin.entry.name}",
+                                             f"--fix drops this copy and keeps {twin.entry.name}"))
             it.kept = it.kept and not opts.fix
         else:
             seen[it.facts.sha256] = it

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from data_tools.images import decode_rgb
+from common.images import decode_rgb
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}

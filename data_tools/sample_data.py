@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data_tools.atomic import atomic_dir
+from common.atomic import atomic_dir
 
 BRAND_HEX = "#E4572E"
 BACKGROUNDS = [("light gray", "#D9D9D9"), ("white", "#FFFFFF"), ("navy blue", "#1B2A49"), ("mint green", "#B8E0C8"),

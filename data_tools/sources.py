@@ -3,22 +3,19 @@
 Each source lists `Entry`s cheaply (names and captions, no pixels); a worker process later calls
 `read_bytes(entry)` for one image at a time, so images stream instead of sitting in memory together.
 
-Captions: a `name.txt` or `name.caption` sidecar, else a `metadata.jsonl` / `metadata.csv` row
-(`file_name`, `text`; optional `references` — a list of file names, highest priority first — and
-`instruction` for edit pairs), else none (the captioner fills it in).
+Captions: a `name.txt` or `name.caption` sidecar, else a `metadata.jsonl` / `metadata.csv` row (the format
+and its parser are common/metadata.py, shared with training), else none (the captioner fills it in).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from data_tools.errors import UserError
-from data_tools.images import IMAGE_EXTENSIONS
+from common import metadata
+from common.errors import UserError
+from common.images import IMAGE_EXTENSIONS
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
 
@@ -40,47 +37,19 @@ class Source:
     image_column: str = "image"
 
 
-def _rows_from_metadata(text_by_name: dict[str, bytes], where: str) -> dict[str, dict]:
-    """Parse metadata.jsonl / metadata.csv contents into {file_name: row}."""
-    rows: dict[str, dict] = {}
-    if "metadata.jsonl" in text_by_name:
-        for number, line in enumerate(text_by_name["metadata.jsonl"].decode("utf-8", "replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows[str(row["file_name"])] = row
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{where}/metadata.jsonl line {number} must be JSON with 'file_name' and 'text'") from None
-    if "metadata.csv" in text_by_name:
-        reader = csv.DictReader(io.StringIO(text_by_name["metadata.csv"].decode("utf-8", "replace")))
-        if not reader.fieldnames or "file_name" not in reader.fieldnames:
-            raise UserError(f"{where}/metadata.csv needs a header with file_name and text columns")
-        for row in reader:
-            rows.setdefault(row["file_name"], row)
-    return rows
-
-
-def _entry(name: str, sidecar: bytes | None, meta: dict | None) -> Entry:
-    references: tuple[str, ...] = ()
-    instruction = None
-    if meta:
-        refs = meta.get("references") or []
-        references = tuple(str(r) for r in (json.loads(refs) if isinstance(refs, str) and refs.startswith("[") else
-                                             [refs] if isinstance(refs, str) else refs))
-        instruction = meta.get("instruction") or None
+def _entry(name: str, sidecar: bytes | None, row: metadata.Row | None) -> Entry:
+    references, instruction = (row.references, row.instruction) if row else ((), None)
     if sidecar is not None:
         return Entry(name, sidecar, "sidecar", references, instruction)
-    if meta and meta.get("text") is not None:
-        return Entry(name, str(meta["text"]).encode("utf-8"), "metadata", references, instruction)
+    if row is not None and row.text is not None:
+        return Entry(name, row.text.encode("utf-8"), "metadata", references, instruction)
     return Entry(name, None, "none", references, instruction)
 
 
 def _from_names(names: list[str], read, where: str) -> tuple[Entry, ...]:
     """Shared by folders and zips: `names` are posix paths, `read(name)` returns bytes."""
     present = set(names)
-    texts = {n: read(n) for n in ("metadata.jsonl", "metadata.csv") if n in present}
-    meta = _rows_from_metadata(texts, where)
+    meta = metadata.parse(lambda n: read(n) if n in present else None, where)
     entries = []
     for name in sorted(names):
         if PurePosixPath(name).suffix.lower() not in IMAGE_EXTENSIONS:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from data_tools.errors import UserError
+from common.errors import UserError
 from inference.lora_io import our_info, read_header
 
 _MODULE = re.compile(r"^transformer\.(.+?)\.(lora_A|lora_B|lokr_\w+)(\.[\w.]+)?\.weight$")

@@ -69,11 +69,6 @@ class Encoder:
         return self.pipe._encode_vae_image(image=pixels, generator=None)
 
 
-def pack(family: Family, latents: torch.Tensor) -> torch.Tensor:
-    """(B, 128, h, w) -> (B, h*w, 128)."""
-    return family.pipeline_class._pack_latents(latents)
-
-
 def build_inputs(
     family: Family,
     noisy_tokens: torch.Tensor,

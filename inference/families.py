@@ -1,15 +1,17 @@
 """FLUX.2 model families behind one small interface: the only place that knows dev from klein.
 
 Trainer and inference ask a `Family` for what differs (pipeline class, guidance input, sampling defaults,
-licence, tiny twin) and never compare family names themselves.
+licence, tiny twin) and never compare family names themselves. The family names exist here only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
+
+from inference import tiny
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,10 @@ class Family:
     has_true_cfg: bool
     variants: tuple[Variant, ...]
     _defaults: Callable[[bool], SamplingDefaults]
+    # whether the pipeline has an `is_distilled` switch (a step-distilled checkpoint of the same architecture)
+    has_distilled: bool
+    # builds the tiny text encoder + tokenizer of this family's real architecture (inference/tiny.py)
+    tiny_text_stack: Callable[[], tuple[Any, Any]]
 
     @property
     def pipeline_class(self) -> type:
@@ -54,6 +60,12 @@ class Family:
 
     def sampling_defaults(self, distilled: bool) -> SamplingDefaults:
         return self._defaults(distilled)
+
+    def pipeline_options(self, distilled: bool) -> dict[str, Any]:
+        """Extra constructor arguments of the family's pipeline (klein's `is_distilled`)."""
+        if distilled and not self.has_distilled:
+            raise ValueError(f"FLUX.2 {self.name} has no step-distilled variant")
+        return {"is_distilled": distilled} if self.has_distilled else {}
 
     def guidance_input(self, value: float, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """What the transformer's `guidance` argument gets, as the pipeline builds it (raw value; x1000 inside)."""
@@ -83,6 +95,8 @@ DEV = Family(
         Variant("tiny random FLUX.2 [dev] (test model)", "flux2-lora tiny-model --family dev", "apache-2.0", 1, 48),
     ),
     _defaults=lambda distilled: SamplingDefaults(steps=50, guidance=4.0),
+    has_distilled=False,
+    tiny_text_stack=tiny.mistral3_text_stack,
 )
 
 KLEIN = Family(
@@ -100,9 +114,13 @@ KLEIN = Family(
     ),
     # Distilled klein is step-distilled: 4 steps, no CFG. Base klein runs real CFG.
     _defaults=lambda distilled: SamplingDefaults(steps=4, guidance=1.0) if distilled else SamplingDefaults(50, 4.0),
+    has_distilled=True,
+    tiny_text_stack=tiny.qwen3_text_stack,
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (DEV, KLEIN)}
+# the config key `model.family` and `--family` flags accept these
+FamilyChoice = Literal[("auto", *FAMILIES)]  # type: ignore[valid-type]
 
 
 def family_for_pipeline_class(class_name: str) -> Family | None:

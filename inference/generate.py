@@ -12,17 +12,19 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from PIL import Image
 
-from data_tools.dataset import MAX_REFERENCES, with_trigger
-from data_tools.errors import UserError
-from data_tools.images import open_rgb
+from common.configtree import from_kwargs, option
+from common.errors import UserError
+from common.images import open_rgb
+from common.limits import MAX_REFERENCES, SIDE_MULTIPLE, nearest_side
+from common.trigger import with_trigger
 from inference.adapters import AdapterInfo, load_adapter
-from inference.lora_io import WEIGHT_NAME
 from inference.loading import ModelConfig, apply_memory_options, load_pipeline, resolve_base_model
+from inference.runs import lora_file, lora_label
 
 log = logging.getLogger("flux2_lora.generate")
 
@@ -47,33 +49,54 @@ def _device_available(device: str) -> bool:
     return True
 
 
-def round_to_16(value: int, what: str) -> int:
-    rounded = max(16, int(round(value / 16)) * 16)
+def round_side(value: int, what: str) -> int:
+    rounded = nearest_side(value)
     if rounded != value:
-        log.warning("%s %d is not a multiple of 16; using %d", what, value, rounded)
+        log.warning("%s %d is not a multiple of %d; using %d", what, value, SIDE_MULTIPLE, rounded)
     return rounded
 
 
+@dataclasses.dataclass
+class GeneratorOptions:
+    """How the base model is loaded and placed: `generate`'s flags and `Generator(...)`'s keyword arguments."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="dtype of the model weights")
+    device: str = option("cpu", help="where the models run: cpu, cuda, cuda:1, mps, ...")
+    fp8_storage: bool = option(False, help="store transformer weights in float8 (about half the memory)")
+    group_offload: Literal["none", "block", "leaf"] = option(
+        "none", help="keep weights in CPU RAM and stream a block (or a layer) at a time to the device")
+    cpu_offload: bool = option(False, help="model CPU offload: whole models moved to the GPU on demand (needs a GPU)")
+    vae_tiling: bool = option(False, help="decode large images in tiles")
+
+    def validate(self) -> list[str]:
+        if self.cpu_offload and self.group_offload != "none":
+            return ["cpu_offload and group_offload are two ways to offload; choose one"]
+        return []
+
+
 class Generator:
-    def __init__(self, model: str, *, dtype: str = "float32", device: str = "cpu", fp8_storage: bool = False,
-                 group_offload: str = "none", model_cpu_offload: bool = False, vae_tiling: bool = False):
-        self.config = ModelConfig(path=str(model), dtype=dtype, fp8_storage=fp8_storage, group_offload=group_offload)
-        self.base = resolve_base_model(self.config)
-        self.pipe = load_pipeline(self.base, dtype)
-        self.family = self.base.family
-        self.defaults = self.family.sampling_defaults(self.base.distilled)
+    def __init__(self, model: str, **options: Any):
+        """`options`: the fields of GeneratorOptions (dtype="bfloat16", device="cuda", group_offload="block", ...)."""
+        opts = self.options = from_kwargs(GeneratorOptions, "Generator", **options)
+        device = opts.device
         if device != "cpu" and not _device_available(device):
             raise UserError(f"device '{device}' is not available on this machine; use --device cpu")
-        if model_cpu_offload:
+        self.config = ModelConfig(path=str(model), dtype=opts.dtype, fp8_storage=opts.fp8_storage,
+                                  group_offload=opts.group_offload)
+        self.base = resolve_base_model(self.config)
+        self.pipe = load_pipeline(self.base, opts.dtype)
+        self.family = self.base.family
+        self.defaults = self.family.sampling_defaults(self.base.distilled)
+        if opts.cpu_offload:
             if not torch.cuda.is_available():
                 raise UserError("model CPU offload needs a GPU; on a CPU-only machine leave it off "
                                 "(or use group offload to keep weights in RAM)")
             self.pipe.enable_model_cpu_offload()  # moves whole models to the GPU on demand
         else:
             apply_memory_options(self.pipe.transformer, self.config, torch.device(device))
-            if group_offload == "none":
+            if opts.group_offload == "none":
                 self.pipe.to(device)
-        if vae_tiling:
+        if opts.vae_tiling:
             self.pipe.vae.enable_tiling()
         self.adapters: dict[str, AdapterInfo] = {}
         self.scales: dict[str, float] = {}
@@ -83,10 +106,8 @@ class Generator:
     # ---- adapters -------------------------------------------------------------------------------------------
     def add_adapter(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> AdapterInfo:
         self._require_unfused()
-        path = Path(path)
-        if path.is_dir():  # a run folder
-            path = path / WEIGHT_NAME
-        name = _adapter_name(name or (path.parent.name if path.name == WEIGHT_NAME else path.stem))
+        path = lora_file(path)  # a run folder means its final LoRA
+        name = _adapter_name(name or lora_label(path))
         if name in self.adapters:
             raise UserError(f"an adapter named '{name}' is already loaded; pass another name")
         info = load_adapter(self.pipe, self.family.name, path, name)
@@ -125,8 +146,8 @@ class Generator:
             self.fused = False
 
     def _lora_records(self) -> list[dict[str, Any]]:
-        return [{"name": n, "path": str(a.path), "sha256": a.sha256, "scale": self.scales[n], "fused": self.fused}
-                for n, a in self.adapters.items()]
+        return [{"name": n, "path": str(a.path), "sha256": a.sha256, "scale": self.scales[n], "fused": self.fused,
+                 "trigger": a.trigger} for n, a in self.adapters.items()]
 
     def _apply_scales(self) -> None:
         if self.adapters:
@@ -148,13 +169,13 @@ class Generator:
         if images:
             width = width or images[0].width
             height = height or images[0].height
-        width = round_to_16(width or 1024, "width")
-        height = round_to_16(height or 1024, "height")
+        width = round_side(width or 1024, "width")
+        height = round_side(height or 1024, "height")
         steps = steps or self.defaults.steps
         guidance = self.defaults.guidance if guidance is None else guidance
-        if add_trigger:
-            for info in self.adapters.values():
-                prompt = with_trigger(prompt, info.trigger or None)
+        if add_trigger:  # adapters fused for good keep their trigger words in self.baked
+            for trigger in [r["trigger"] for r in self.baked] + [a.trigger for a in self.adapters.values()]:
+                prompt = with_trigger(prompt, trigger or None)
         generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
         try:
             out = self.pipe(prompt=prompt, image=images or None, width=width, height=height, num_inference_steps=steps,

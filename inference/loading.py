@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -10,9 +11,9 @@ from typing import Any, Literal
 
 import torch
 
-from data_tools.configtree import option
-from data_tools.errors import UserError
-from inference.families import FAMILIES, Family, family_for_pipeline_class
+from common.configtree import option
+from common.errors import UserError
+from inference.families import FAMILIES, Family, FamilyChoice, family_for_pipeline_class
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclasses.dataclass
 class ModelConfig:
     path: str = option("", help="local diffusers folder or hub id of the base model")
-    family: Literal["auto", "dev", "klein"] = option("auto", help="checked against the folder's model_index.json")
+    family: FamilyChoice = option("auto", help="checked against the folder's model_index.json")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="dtype of the frozen weights")
     revision: str | None = option(None, help="hub revision (ignored for local folders)")
     fp8_storage: bool = option(False, help="keep frozen transformer weights in float8, compute in model.dtype")
@@ -28,10 +29,11 @@ class ModelConfig:
         "none", help="keep transformer weights in CPU RAM and move one block (or layer) at a time to the device"
     )
 
-    def validate(self) -> str | None:
+    def validate(self) -> list[str]:
         if not self.path:
-            return "model.path is empty; set it to a diffusers folder (e.g. one written by `flux2-lora tiny-model`) or a hub id"
-        return None
+            return ["model.path is empty; set it to a diffusers folder (e.g. one written by `flux2-lora tiny-model`) "
+                    "or a hub id"]
+        return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +52,6 @@ class BaseModel:
     @property
     def distilled(self) -> bool:
         return bool(self.index.get("is_distilled", False))
-
-    def component_config(self, component: str) -> dict[str, Any]:
-        return json.loads(_fetch(self.path, f"{component}/config.json", self.revision).read_text())
 
     def identity(self, component: str) -> str:
         """A short content hash of one component, used to key caches: a different model never hits them."""
@@ -76,7 +75,12 @@ def _fetch(path: str, filename: str, revision: str | None = None) -> Path:
         if not target.is_file():
             raise UserError(f"model.path '{path}' has no {filename}; point it at a diffusers FLUX.2 folder")
         return target
-    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+    looks_local = path.startswith((".", "/", "~")) or Path(path.split("/")[0]).is_dir()
+    if looks_local and not local.exists():
+        near = _close_folders(local)
+        raise UserError(f"model.path '{path}': no such folder{f' (did you mean {near}?)' if near else ''}; "
+                        "fix the path (hub ids look like owner/name)")
+    if local.exists() or path.count("/") != 1:
         raise UserError(f"model.path '{path}' is not a folder or a hub id (owner/name); fix the path")
     try:
         from huggingface_hub import hf_hub_download
@@ -86,6 +90,15 @@ def _fetch(path: str, filename: str, revision: str | None = None) -> Path:
         reason = str(exc).splitlines()[0][:200]
         raise UserError(f"model.path '{path}': could not fetch {filename} from the hub ({reason}); "
                         "use a local folder or check the id, token and network") from None
+
+
+def _close_folders(path: Path) -> str:
+    parent = path.expanduser().parent
+    if not parent.is_dir():
+        return ""
+    names = [p.name for p in parent.iterdir() if p.is_dir()]
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return f"'{parent / close[0]}'" if close else ""
 
 
 def resolve_base_model(cfg: ModelConfig) -> BaseModel:
@@ -122,7 +135,6 @@ def load_pipeline(base: BaseModel, dtype: str = "float32", *, text_encoder: bool
         raise UserError(f"model.path '{base.path}': could not load the {base.family.name} pipeline ({reason})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
 
 
 def apply_memory_options(transformer, cfg: ModelConfig, device: torch.device) -> None:

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_tools.atomic import atomic_path
-from data_tools.errors import UserError
+from common.atomic import atomic_path
+from common.errors import UserError
 from inference.families import Family
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"

@@ -3,28 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from data_tools.errors import UserError
-
-_HEX = re.compile(r"^#?([0-9a-fA-F]{6}|[0-9a-fA-F]{3})$")
-
-
-def normalise_hex(code: str) -> str:
-    """'#e4572e', 'E4572E', '#E52' -> '#E4572E' / '#EE5522'; anything else is a UserError."""
-    match = _HEX.match(code.strip())
-    if not match:
-        raise UserError(f"colour '{code}' is not a hex code; use #RRGGBB (e.g. #E4572E)")
-    digits = match.group(1)
-    if len(digits) == 3:
-        digits = "".join(c * 2 for c in digits)
-    return "#" + digits.upper()
-
-
-def hex_to_rgb(code: str) -> tuple[int, int, int]:
-    digits = normalise_hex(code)[1:]
-    return tuple(int(digits[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+from common.images import normalise_hex
 
 
 def hex_prompt(subject: str, colours: dict[str, str]) -> str:

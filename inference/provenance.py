@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from data_tools.atomic import atomic_path, write_text
+from common.atomic import atomic_path, write_text
 
 SOFTWARE = "flux2-lora"
 IPTC_AI = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"

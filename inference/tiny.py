@@ -7,9 +7,12 @@ at a size that trains in seconds on a CPU. Same seed -> same weights -> same fil
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+
+from common.atomic import atomic_dir
 
 # A small corpus for the byte-level BPE tokenizer; words the quickstart captions and tests use are in it
 # so prompts tokenize into a handful of pieces rather than raw bytes.
@@ -106,7 +109,8 @@ def _scheduler():
     )
 
 
-def _dev_text_stack():
+def mistral3_text_stack():
+    """dev's text encoder: Mistral-3 (with a Pixtral vision tower) and a PixtralProcessor."""
     from transformers import (
         Mistral3Config,
         Mistral3ForConditionalGeneration,
@@ -149,12 +153,13 @@ def _dev_text_stack():
     return Mistral3ForConditionalGeneration(config).eval(), processor
 
 
-def _klein_text_stack():
+def qwen3_text_stack():
+    """klein's text encoder: Qwen3 with a Qwen2 tokenizer."""
     from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     bpe = _train_bpe(specials)
-    state = __import__("json").loads(bpe.to_str())["model"]
+    state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     tokenizer = Qwen2TokenizerFast(vocab=state["vocab"], merges=merges, model_max_length=2048)
     tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
@@ -167,32 +172,19 @@ def _klein_text_stack():
     return Qwen3ForCausalLM(config).eval(), tokenizer
 
 
-def build_tiny_pipeline(family_name: str, seed: int = 0, distilled: bool = False):
-    """Return a stock `Flux2Pipeline` (dev) or `Flux2KleinPipeline` (klein) with tiny random weights."""
-    from diffusers import Flux2KleinPipeline, Flux2Pipeline
-
+def build_tiny_pipeline(family, seed: int = 0, distilled: bool = False):
+    """A stock pipeline of `family` (an inference.families.Family) with tiny random weights."""
     torch.manual_seed(seed)
-    if family_name == "dev":
-        text_encoder, tokenizer = _dev_text_stack()
-        transformer = _tiny_transformer(guidance_embeds=True)
-        extra, cls = {}, Flux2Pipeline
-    elif family_name == "klein":
-        text_encoder, tokenizer = _klein_text_stack()
-        transformer = _tiny_transformer(guidance_embeds=False)
-        extra, cls = {"is_distilled": distilled}, Flux2KleinPipeline
-    else:
-        raise ValueError(family_name)
-    vae = _tiny_vae()
-    return cls(scheduler=_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-               transformer=transformer, **extra)
+    text_encoder, tokenizer = family.tiny_text_stack()
+    transformer = _tiny_transformer(guidance_embeds=family.has_guidance_embedding)
+    return family.pipeline_class(scheduler=_scheduler(), vae=_tiny_vae(), text_encoder=text_encoder,
+                                 tokenizer=tokenizer, transformer=transformer, **family.pipeline_options(distilled))
 
 
-def write_tiny_model(out_dir: str | Path, family_name: str, seed: int = 0, distilled: bool = False) -> Path:
+def write_tiny_model(out_dir: str | Path, family, seed: int = 0, distilled: bool = False) -> Path:
     """Write a tiny pipeline folder (diffusers format, ~1 MB) atomically."""
-    from data_tools.atomic import atomic_dir
-
     out_dir = Path(out_dir)
-    pipe = build_tiny_pipeline(family_name, seed=seed, distilled=distilled)
+    pipe = build_tiny_pipeline(family, seed=seed, distilled=distilled)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp)
     return out_dir

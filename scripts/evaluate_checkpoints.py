@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference.evaluate import adapters_from_run, evaluate  # noqa: E402
-from inference.suites import load_suite  # noqa: E402
+from evaluation.evaluate import adapters_from_run, evaluate  # noqa: E402
+from evaluation.suites import load_suite  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", required=True)

@@ -6,8 +6,8 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import REPO, train_args
-from trainer.cli import main
+from helpers import REPO, train_args
+from flux2_lora import main
 
 
 def _fails(capsys, argv) -> str:
@@ -31,7 +31,7 @@ def _train(capsys, config, tiny_models, sample_data, tmp_path, **extra):
 
 def test_missing_model_path(capsys, config, tiny_models, sample_data, tmp_path):
     err = _train(capsys, config, tiny_models, sample_data, tmp_path, model__path=tmp_path / "nowhere")
-    assert "nowhere" in err and "not a folder or a hub id" in err
+    assert "nowhere" in err and "no such folder" in err
 
 
 def test_folder_that_is_not_a_model(capsys, config, tiny_models, sample_data, tmp_path):

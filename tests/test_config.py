@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from data_tools.errors import UserError
+from helpers import REPO
+from common.errors import UserError
 from trainer.config import dump_config, load_config
 
 BASE = ["model.path=m", "data.path=d"]
@@ -81,7 +81,7 @@ def test_config_reference_doc_is_current():
 
 
 def test_show_config_prints_the_resolved_tree(capsys):
-    from trainer.cli import main
+    from flux2_lora import main
 
-    assert main(["show-config", "--config", str(REPO / "configs" / "quickstart.yaml"), "train.steps=7"]) == 0
-    assert "steps: 7" in capsys.readouterr().out
+    assert main(["show-config", "--config", str(REPO / "configs" / "quickstart.yaml"), "train.steps=150"]) == 0
+    assert "steps: 150" in capsys.readouterr().out

@@ -7,8 +7,8 @@ from PIL import Image
 
 from data_tools.buckets import make_buckets, nearest_bucket
 from data_tools.dataset import DataConfig, load_samples, with_trigger
-from data_tools.errors import UserError
-from data_tools.images import fit, open_rgb
+from common.errors import UserError
+from common.images import fit, open_rgb
 from trainer.batches import BatchPlan
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import train_args
-from data_tools.errors import UserError
-from inference import metrics as M
-from inference.evaluate import Adapter, adapters_from_run, evaluate, recommend
-from inference.suites import load_suite
-from trainer.cli import main
+from helpers import train_args
+from common.errors import UserError
+from evaluation import metrics as M
+from evaluation.evaluate import Adapter, adapters_from_run, evaluate, recommend
+from evaluation.suites import load_suite
+from flux2_lora import main
 from trainer.config import load_config
 from trainer.recipe import run
 
@@ -147,7 +147,7 @@ def test_bad_input_is_one_line(case, short_run, tiny_models, sample_data, tmp_pa
     argv = ["evaluate", "--model", str(tiny_models["klein"]), "--run", str(short_run), "--steps", "1", "--seeds", "1",
             "--width", "64", "--height", "64", "--no-progress", "--out", str(tmp_path / "out")]
     expected = {
-        "no_checkpoints": "holds no checkpoints", "other_family": "trained on FLUX.2 klein, but the base model is dev",
+        "no_checkpoints": "holds no LoRA", "other_family": "trained on FLUX.2 klein, but the base model is dev",
         "suite_key": "config key 'prompts[0].colors' is unknown; did you mean 'prompts[0].colours'?",
         "encoder_missing": "is not a local model folder", "encoder_not_image": "is not an image model",
         "references_empty": "holds no readable images",
@@ -177,7 +177,7 @@ def test_example_script_evaluates_from_python(short_run, tiny_models, tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate_checkpoints.py"), "--model",
                            str(tiny_models["klein"]), "--run", str(short_run), "--suite", "style", "--out",

@@ -8,13 +8,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import train_args
-from data_tools.errors import UserError
+from helpers import train_args
+from common.errors import UserError
 from inference.families import FAMILIES
 from inference.generate import Generator
-from inference.prompts import hex_prompt, hex_to_rgb, json_prompt, normalise_hex
+from common.images import hex_to_rgb, normalise_hex
+from inference.prompts import hex_prompt, json_prompt
 from inference.provenance import read_record
-from trainer.cli import main
+from flux2_lora import main
 from trainer.config import load_config
 from trainer.recipe import run
 
@@ -178,7 +179,7 @@ def test_memory_options_generate_close_to_plain(tiny_models):
     a, b = _arr(plain.generate("zxq", **kw)).astype(int), _arr(low.generate("zxq", **kw)).astype(int)
     assert np.abs(a - b).mean() < 8  # float8 storage rounds weights; the picture stays the same
     with pytest.raises(UserError, match="needs a GPU"):
-        Generator(str(tiny_models["dev"]), model_cpu_offload=True)
+        Generator(str(tiny_models["dev"]), cpu_offload=True)
 
 
 def test_other_tools_lora_format_loads_through_diffusers_converters(tiny_models, loras, tmp_path):

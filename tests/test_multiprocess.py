@@ -7,7 +7,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, train_args
+from helpers import REPO, train_args
 
 
 def test_two_process_run_agrees_across_ranks(tiny_models, sample_data, shared_cache, tmp_path):

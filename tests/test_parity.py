@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from data_tools.dataset import DataConfig, load_samples
-from inference.conditioning import build_inputs, pack, predict_velocity
+from inference.conditioning import build_inputs, predict_velocity
 from inference.families import FAMILIES
 from inference.loading import ModelConfig, load_pipeline, resolve_base_model
 from trainer.cache import CacheConfig, build_features
@@ -63,7 +63,7 @@ def test_trainer_inputs_equal_pipeline_inputs(family, tiny_models, tmp_path):
     assert embeds.shape[1] == 512
     assert torch.equal(embeds, seen["encoder_hidden_states"])
     # latents: the pipeline's reference tokens are the same image encoded the pipeline's way
-    x0_tokens = pack(base.family, features.latents[0])
+    x0_tokens = base.family.pipeline_class._pack_latents(features.latents[0])
     n = x0_tokens.shape[1]
     assert torch.equal(seen["hidden_states"][:, n:], x0_tokens)
     # position ids (target at T=0, reference at T=10) and guidance input
@@ -89,11 +89,11 @@ def test_batched_references_share_one_id_layout(family, tiny_models):
     fam = FAMILIES[family]
     target = torch.randn(3, 128, 2, 3)
     refs = [torch.randn(3, 128, 2, 2), torch.randn(3, 128, 1, 2)]
-    inputs = build_inputs(fam, pack(fam, target), target.shape, torch.randn(3, 7, 48), references=refs)
+    inputs = build_inputs(fam, fam.pipeline_class._pack_latents(target), target.shape, torch.randn(3, 7, 48), references=refs)
     single = fam.pipeline_class._prepare_image_ids([r[:1] for r in refs])[0]
     for b in range(3):
         assert torch.equal(inputs.img_ids[b, 6:], single)
-        assert torch.equal(inputs.hidden_states[b, 6:10], pack(fam, refs[0])[b])
+        assert torch.equal(inputs.hidden_states[b, 6:10], fam.pipeline_class._pack_latents(refs[0])[b])
     assert inputs.img_ids[0, 6:10, 0].unique().tolist() == [10]
     assert inputs.img_ids[0, 10:, 0].unique().tolist() == [20]
 
@@ -128,7 +128,7 @@ def test_reference_images_are_prepared_as_the_pipeline_does(family, tiny_models)
     ours = [encoder.encode_reference(target), encoder.encode_reference(ref)]
     assert ours[1].shape[-2:] == (4, 6)  # 75x101 px -> 64x96 px -> 4x6 latent tokens
     n = 16  # the 64x64 target's tokens come first
-    tokens = torch.cat([pack(base.family, r) for r in ours], dim=1)
+    tokens = torch.cat([base.family.pipeline_class._pack_latents(r) for r in ours], dim=1)
     assert torch.equal(seen["hidden_states"][:, n:], tokens)
     ids = build_inputs(base.family, seen["hidden_states"][:, :n], torch.Size([1, 128, 4, 4]), torch.zeros(1, 512, 48),
                        references=ours).img_ids

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import train_args
+from helpers import train_args
 from data_tools.prepare import PrepareOptions, prepare
-from trainer.cli import main
+from flux2_lora import main
 
 RES = 128
 

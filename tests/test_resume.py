@@ -10,7 +10,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, train_args
+from helpers import REPO, train_args
 from trainer.checkpoints import list_checkpoints
 from trainer.config import load_config
 from trainer.recipe import run

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from inference.families import FAMILIES
-from trainer.cli import main
+from flux2_lora import main
 
 
 def _digest(folder):

@@ -7,8 +7,8 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import train_args
-from inference.conditioning import build_inputs, pack
+from helpers import train_args
+from inference.conditioning import build_inputs
 from inference.families import FAMILIES
 from inference.loading import ModelConfig, load_pipeline, resolve_base_model
 from trainer.config import load_config
@@ -18,7 +18,7 @@ from trainer.recipe import run
 def _fixed_inputs(family, seed=0):
     g = torch.Generator().manual_seed(seed)
     target = torch.randn(1, 128, 4, 4, generator=g)
-    inputs = build_inputs(family, pack(family, target), target.shape, torch.randn(1, 512, 48, generator=g))
+    inputs = build_inputs(family, family.pipeline_class._pack_latents(target), target.shape, torch.randn(1, 512, 48, generator=g))
     return inputs
 
 
@@ -139,7 +139,7 @@ def test_edit_pairs_train_with_reference_tokens(tiny_models, shared_cache, tmp_p
     assert samples[1].caption == "zxq make it blue 1" and len(samples[1].references) == 2
     rows[0]["references"] = ["gone.png"]
     (data / "metadata.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
-    from data_tools.errors import UserError
+    from common.errors import UserError
 
     with pytest.raises(UserError, match="reference 'gone.png' of target_0.png does not exist"):
         load_samples(DataConfig(path=str(data)), 64)

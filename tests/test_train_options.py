@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import train_args
-from data_tools.errors import UserError
+from helpers import train_args
+from common.errors import UserError
 from trainer.config import load_config
 from trainer.recipe import run
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+EPOCH_STRIDE = 1_000_003  # a prime: distinct (seed, epoch) pairs give distinct shuffles for up to a million epochs
+
 
 class BatchPlan:
     def __init__(self, layouts: list, batch_size: int, seed: int, world_size: int = 1, rank: int = 0):
@@ -26,7 +28,7 @@ class BatchPlan:
         """Shuffle within each layout, cut into batches (the last of a layout may be smaller), shuffle batches."""
         if self._epoch_cache and self._epoch_cache[0] == epoch:
             return self._epoch_cache[1]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + epoch)
         batches = []
         for layout in sorted(self.groups):
             members = self.groups[layout]

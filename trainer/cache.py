@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from data_tools.atomic import atomic_path
-from data_tools.configtree import option
+from common.atomic import atomic_path
+from common.configtree import option
 from data_tools.dataset import Sample
-from data_tools.errors import UserError
-from data_tools.images import fit, open_rgb
+from common.errors import UserError
+from common.images import fit, open_rgb
 from inference.conditioning import Encoder
 from inference.loading import BaseModel, load_pipeline
 

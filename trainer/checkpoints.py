@@ -1,7 +1,8 @@
 """Checkpoints: accelerate state + LoRA weights under output.dir/checkpoints/step-N, written atomically.
 
 Every rank calls `save`, because accelerate writes one RNG file per process; rank 0 alone renames the
-finished temporary folder into place, so a checkpoint folder is either complete or absent.
+finished temporary folder into place, so a checkpoint folder is either complete or absent. The folder layout
+itself is inference/runs.py's (evaluate and generate read the same folders).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
-from data_tools.atomic import fsync_dir, fsync_tree
-from data_tools.configtree import non_negative, option, positive
-from data_tools.errors import UserError
-
-STATE_FILE = "trainer_state.json"
+from common.atomic import fsync_dir, fsync_tree
+from common.configtree import non_negative, option, positive
+from common.errors import UserError
+from inference.lora_io import WEIGHT_NAME, load_state, save_lora
+from inference.runs import CHECKPOINTS, STATE_FILE, checkpoint_dir, list_checkpoints
 
 
 @dataclasses.dataclass
@@ -24,23 +26,11 @@ class CheckpointConfig:
     keep_last: int = option(3, check=positive, help="older checkpoints are deleted")
 
 
-def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def resolve_resume(resume: str, output_dir: str | Path) -> Path:
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise UserError(f"resume: latest, but '{checkpoint_root(output_dir)}' holds no checkpoint; "
+            raise UserError(f"resume: latest, but '{Path(output_dir) / CHECKPOINTS}' holds no checkpoint; "
                             "remove resume to start fresh")
         return found[-1]
     path = Path(resume)
@@ -49,13 +39,38 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
     return path
 
 
-def read_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+def register_lora_hooks(accelerator, family, lora_info: Callable[[], dict]) -> None:
+    """accelerate's save_state/load_state then write and read the LoRA alone (safetensors), never the frozen base."""
+    from peft import set_peft_model_state_dict
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_lora(Path(output_dir) / WEIGHT_NAME, accelerator.unwrap_model(models[0]), family, lora_info())
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        state = {k.removeprefix("transformer."): v for k, v in load_state(Path(input_dir) / WEIGHT_NAME).items()}
+        result = set_peft_model_state_dict(accelerator.unwrap_model(models.pop()), state)
+        if result.unexpected_keys:
+            raise UserError(f"checkpoint '{input_dir}' holds a LoRA of another shape; resume it with its own lora settings")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def load(accelerator, checkpoint: Path) -> int:
+    """Restore LoRA, optimizer, scheduler and RNG state; returns the step to continue from."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"checkpoint '{checkpoint}' does not fit this config ({str(exc).splitlines()[0][:160]}); "
+                        "resume with the config it was saved with") from None
+    return json.loads((checkpoint / STATE_FILE).read_text())["step"]
 
 
 def save(accelerator, output_dir: Path, step: int, keep_last: int) -> Path:
-    root = checkpoint_root(output_dir)
-    final = root / f"step-{step}"
+    final = checkpoint_dir(output_dir, step)
+    root = final.parent
     tmp = root / f".tmp-step-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from data_tools.configtree import option, positive
+from common.configtree import option, positive
 
 
 @dataclasses.dataclass

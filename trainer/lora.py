@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from data_tools.configtree import option, positive, probability
+from common.configtree import option, positive, probability
 
 _DOUBLE_ATTN = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 _DOUBLE_MLP = r"transformer_blocks\.\d+\.(ff|ff_context)\.(linear_in|linear_out)"

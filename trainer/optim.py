@@ -8,8 +8,8 @@ from typing import Literal
 
 import torch
 
-from data_tools.configtree import option, positive, non_negative
-from data_tools.errors import UserError
+from common.configtree import non_negative, option, positive
+from common.errors import UserError
 
 
 @dataclasses.dataclass
@@ -22,10 +22,10 @@ class OptimConfig:
     scheduler: Literal["constant", "linear", "cosine"] = option("constant", help="decay after warmup")
     warmup_steps: int = option(0, check=non_negative, help="linear warmup steps")
 
-    def validate(self) -> str | None:
+    def validate(self) -> list[str]:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            return f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}"
-        return None
+            return [f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}"]
+        return []
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

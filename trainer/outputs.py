@@ -1,18 +1,18 @@
-"""The run folder: refusing to clobber another run, the model card, the resolved config."""
+"""The run folder: refusing to clobber another run, the tracker check, the model card."""
 
 from __future__ import annotations
 
 import dataclasses
+import netrc
+import os
 import shutil
 from pathlib import Path
 from typing import Literal
 
-from data_tools.atomic import write_text
-from data_tools.configtree import option
-from data_tools.errors import UserError
-from inference.lora_io import WEIGHT_NAME
-
-RUN_MARKERS = ("config.yaml", WEIGHT_NAME, "checkpoints")
+from common.atomic import write_text
+from common.configtree import option
+from common.errors import UserError
+from inference.runs import CARD_FILE, RUN_MARKERS
 
 
 @dataclasses.dataclass
@@ -23,8 +23,23 @@ class OutputConfig:
     project: str = option("flux2-lora", help="wandb/tensorboard project name")
     name: str | None = option(None, help="LoRA name in the model card; defaults to the folder name")
 
-    def validate(self) -> str | None:
-        return None if self.dir else "output.dir is empty; set it to a folder for this run"
+    def validate(self) -> list[str]:
+        return [] if self.dir else ["output.dir is empty; set it to a folder for this run"]
+
+
+def check_tracker(cfg: OutputConfig) -> None:
+    """wandb without a login fails after minutes of caching; say so before anything loads."""
+    if cfg.report_to != "wandb":
+        return
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        logged_in = False
+    if not logged_in:
+        raise UserError("output.report_to: wandb, but wandb has no login here; run `wandb login`, or set "
+                        "WANDB_MODE=offline (logs stay in output.dir), or output.report_to: none")
 
 
 def prepare_output_dir(cfg: OutputConfig, resuming: bool) -> Path:
@@ -48,6 +63,12 @@ def prepare_output_dir(cfg: OutputConfig, resuming: bool) -> Path:
     except OSError as exc:
         raise UserError(f"output.dir '{out}' is not writable ({exc.strerror}); choose a folder you can write to") from None
     return out
+
+
+def card_base_model(base, variant) -> str:
+    """What the card names as base: a hub id names the exact checkpoint (klein base and distilled share sizes);
+    a local folder is named by the known variant its size matches."""
+    return variant.hub_id(base.distilled) if base.is_local else base.path
 
 
 def model_card(*, name: str, variant, family, base_model: str, trigger: str | None, rank: int, alpha: float, steps: int,
@@ -87,4 +108,4 @@ pipe.load_lora_weights("path/to/this/folder", weight_name="pytorch_lora_weights.
 
 
 def write_card(out: Path, text: str) -> None:
-    write_text(out / "README.md", text)
+    write_text(out / CARD_FILE, text)

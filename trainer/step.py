@@ -7,8 +7,9 @@ from typing import Literal
 
 import torch
 
-from data_tools.configtree import multiple_of, non_negative, option, positive, probability
-from inference.conditioning import build_inputs, pack, predict_velocity
+from common.configtree import non_negative, option, positive, probability
+from common.limits import side_problem
+from inference.conditioning import build_inputs, predict_velocity
 from inference.families import Family
 from trainer.cache import Features
 from trainer.flow import FlowConfig, flow_loss, interpolate, loss_weights, training_sigmas, velocity_target
@@ -18,7 +19,7 @@ from trainer.flow import FlowConfig, flow_loss, interpolate, loss_weights, train
 class TrainSettings:
     steps: int = option(1000, check=positive, help="optimizer steps")
     batch_size: int = option(1, check=positive, help="images per micro-batch (one aspect bucket each)")
-    resolution: int = option(1024, check=multiple_of(16), help="bucket area is resolution^2")
+    resolution: int = option(1024, check=side_problem, help="bucket area is resolution^2")
     seed: int = option(42, help="seeds LoRA init, batch order, noise, timesteps and caption dropout")
     gradient_accumulation: int = option(1, check=positive, help="micro-batches per optimizer step")
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", help="autocast for the forward pass (fp16 needs a GPU)")
@@ -30,9 +31,15 @@ class TrainSettings:
     log_every: int = option(1, check=positive, help="steps between progress-bar/tracker updates")
 
 
+# Strides of the per-micro-batch seed: distinct (seed, micro-batch, rank) give distinct seeds for runs of up to
+# a million micro-batches on up to 4,099 ranks (both primes, so neighbouring seeds do not line up either).
+MICRO_BATCH_STRIDE = 1_000_003
+RANK_STRIDE = 4_099
+
+
 def step_generator(seed: int, micro_batch: int, rank: int) -> torch.Generator:
     """Noise, sigmas and caption dropout of a micro-batch depend on (seed, micro-batch, rank) only: resume is exact."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_batch) * 4_099 + rank)
+    return torch.Generator().manual_seed((seed * MICRO_BATCH_STRIDE + micro_batch) * RANK_STRIDE + rank)
 
 
 def micro_batch_loss(
@@ -51,7 +58,7 @@ def micro_batch_loss(
     texts = ["" if d else captions[i] for i, d in zip(indices, drop.tolist())]
     x0 = torch.cat([features.latents[i] for i in indices]).to(device=device, dtype=dtype)
     embeds = torch.cat([features.embeds[t] for t in texts]).to(device=device, dtype=dtype)
-    x0_tokens = pack(family, x0)
+    x0_tokens = family.pipeline_class._pack_latents(x0)  # (B, 128, h, w) -> (B, h*w, 128)
     noise = torch.randn(x0_tokens.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     sigmas = training_sigmas(flow, len(indices), x0_tokens.shape[1], generator).to(device)
     references = [torch.cat([features.references[i][k] for i in indices]).to(device=device, dtype=dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_tools.errors import UserError
+from common.errors import UserError
 
 
 def load_local(model_dir: Path, processor_dir: Path, model_cls, processor_cls, flag: str, what: str):

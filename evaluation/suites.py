@@ -18,12 +18,12 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from data_tools.configtree import from_dict, option, read_yaml
-from data_tools.dataset import MAX_REFERENCES
-from data_tools.errors import UserError
+from common.configtree import from_dict, option, read_yaml
+from common.errors import UserError
+from common.images import normalise_hex
+from common.limits import MAX_REFERENCES
 
 SUITES_DIR = Path(__file__).with_name("suites")
-KINDS = ("identity", "context", "leakage", "colour", "text", "edit")
 
 
 @dataclasses.dataclass
@@ -35,18 +35,24 @@ class SuitePrompt:
     expected_text: str | None = option(None, help="text the image should render (kind: text)")
     references: int = option(0, help="how many --references images to pass (kind: edit)")
 
-    def validate(self) -> str | None:
+    def validate(self) -> list[str]:
         if not self.id or not self.text:
-            return "every prompt needs an id and a text"
+            return ["every prompt needs an id and a text"]
+        problems = []
         if self.kind == "leakage" and "{trigger}" in self.text:
-            return f"prompt '{self.id}': leakage prompts must not use {{trigger}}"
+            problems.append(f"prompt '{self.id}': leakage prompts must not use {{trigger}}")
         if self.kind == "colour" and not self.colours:
-            return f"prompt '{self.id}': kind colour needs colours: [#RRGGBB, ...]"
+            problems.append(f"prompt '{self.id}': kind colour needs colours: [#RRGGBB, ...]")
+        for code in self.colours:
+            try:
+                normalise_hex(code)
+            except UserError as exc:
+                problems.append(f"prompt '{self.id}': {exc}")
         if self.kind == "text" and not self.expected_text:
-            return f"prompt '{self.id}': kind text needs expected_text"
+            problems.append(f"prompt '{self.id}': kind text needs expected_text")
         if self.kind == "edit" and not 1 <= self.references <= MAX_REFERENCES:
-            return f"prompt '{self.id}': kind edit needs references: 1-{MAX_REFERENCES}"
-        return None
+            problems.append(f"prompt '{self.id}': kind edit needs references: 1-{MAX_REFERENCES}")
+        return problems
 
 
 @dataclasses.dataclass
@@ -55,13 +61,13 @@ class Suite:
     description: str = option("")
     prompts: list[SuitePrompt] = option(factory=list)
 
-    def validate(self) -> str | None:
+    def validate(self) -> list[str]:
         if not self.prompts:
-            return "a suite needs at least one prompt"
+            return ["a suite needs at least one prompt"]
         ids = [p.id for p in self.prompts]
         if len(set(ids)) != len(ids):
-            return "prompt ids must be unique"
-        return None
+            return ["prompt ids must be unique"]
+        return []
 
     def needs_references(self) -> int:
         return max((p.references for p in self.prompts), default=0)

@@ -1,8 +1,10 @@
-"""`flux2-lora generate`: prompts (or a JSONL of jobs) -> PNGs with provenance, results.jsonl and a grid."""
+"""Model-layer commands: `generate` (prompts or a JSONL of jobs -> PNGs with provenance, results.jsonl, a grid)
+and `tiny-model`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -10,49 +12,51 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from data_tools.atomic import atomic_path, write_text
-from data_tools.errors import UserError
+from common.atomic import atomic_path, write_text
+from common.commands import Command, quiet_libraries
+from common.configtree import add_flags, from_args
+from common.errors import UserError
+from inference.families import FAMILIES
+from inference.generate import GeneratorOptions
 from inference.grids import make_grid
 from inference.provenance import save_png
 
 JOB_KEYS = {"prompt", "seed", "width", "height", "steps", "guidance", "image", "references", "num_images"}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model: diffusers folder or hub id")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA file or run folder, optionally with its scale (default 1); repeatable")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt")
+    src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", metavar="FILE.jsonl", help="one job per line: prompt, seed, width, height, "
                      "steps, guidance, image, references, num_images")
     p.add_argument("--image", help="edit: the image to change")
     p.add_argument("--ref", action="append", default=[], help="reference image (repeatable, priority order)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--add-trigger", action="store_true", help="prepend each LoRA's trigger word")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the family's: 50, or 4 for distilled klein)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the family's: 4, or 1 for distilled klein)")
+    p.add_argument("--width", type=int, help="default: the edit image's width, else 1024")
+    p.add_argument("--height", type=int, help="default: the edit image's height, else 1024")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--add-trigger", action="store_true", help="put each LoRA's trigger word in the prompt")
     p.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the base weights (faster steps)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--fp8-storage", action="store_true", help="store transformer weights in float8 (about half the memory)")
-    p.add_argument("--group-offload", default="none", choices=["none", "block", "leaf"],
-                   help="keep weights in CPU RAM, stream blocks to the device")
-    p.add_argument("--cpu-offload", action="store_true", help="model CPU offload (needs a GPU)")
-    p.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
-    p.add_argument("--out", required=True)
+    add_flags(p, GeneratorOptions)
+    p.add_argument("--out", required=True, help="folder for the PNGs, results.jsonl and grid.png")
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
+    """'a.safetensors:0.8' -> (path, 0.8); a spec whose tail after ':' is not a number is an error unless the
+    whole spec is an existing path."""
     path, _, scale = spec.rpartition(":")
-    if path and scale:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not path or Path(spec).exists():
+        return spec, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise UserError(f"--lora '{spec}': the scale '{scale}' is not a number; write FILE:0.8, or FILE alone "
+                        "for scale 1") from None
 
 
 def read_jobs(path: Path, defaults: dict[str, Any]) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
@@ -83,7 +87,9 @@ def _make_dir(out: Path) -> None:
         raise UserError(f"--out '{out}' cannot be created ({exc.strerror})") from None
 
 
-def run(args: argparse.Namespace) -> int:
+def generate(args: argparse.Namespace) -> int:
+    opts = from_args(GeneratorOptions, args)
+    quiet_libraries()
     from inference.generate import Generator
 
     defaults = {"seed": args.seed, "width": args.width, "height": args.height, "steps": args.steps,
@@ -96,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     if not jobs:
         raise UserError("no valid prompt to run")
-    gen = Generator(args.model, dtype=args.dtype, device=args.device, fp8_storage=args.fp8_storage,
-                    group_offload=args.group_offload, model_cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling)
+    gen = Generator(args.model, **dataclasses.asdict(opts))
     for spec in args.lora:
         path, scale = parse_lora(spec)
         gen.add_adapter(path, scale=scale)
@@ -130,3 +135,28 @@ def run(args: argparse.Namespace) -> int:
             make_grid(images, labels=[f"seed {r['seed']}" for r in results]).save(tmp, format="PNG")
     print(f"{len(images)} image(s) written to {out}" + (f"; {failed} job(s) failed" if failed else ""))
     return 1 if failed else 0  # partial success still says so in the exit code
+
+
+def _add_tiny_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="new folder for the model (diffusers format)")
+    p.add_argument("--family", choices=list(FAMILIES), required=True, help="which FLUX.2 architecture")
+    p.add_argument("--seed", type=int, default=0, help="weights seed: the same seed writes the same bytes")
+    p.add_argument("--distilled", action="store_true", help="mark the model step-distilled (families that have one)")
+
+
+def tiny_model(args: argparse.Namespace) -> int:
+    quiet_libraries()
+    from inference.tiny import write_tiny_model
+
+    family = FAMILIES[args.family]
+    if args.distilled and not family.has_distilled:
+        raise UserError(f"--distilled: FLUX.2 {family.name} has no step-distilled variant")
+    path = write_tiny_model(args.dir, family, seed=args.seed, distilled=args.distilled)
+    print(f"tiny {args.family} model written to {path}")
+    return 0
+
+
+COMMANDS = {
+    "tiny-model": Command(_add_tiny_model_arguments, tiny_model),
+    "generate": Command(_add_generate_arguments, generate),
+}

@@ -20,8 +20,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from data_tools.local_models import load_local
-from inference.prompts import hex_to_rgb
+from common.local_models import load_local
+from common.images import hex_to_rgb
+
+METRICS = ("reference_similarity", "colour_delta_e", "leakage", "diversity", "text_error")
+DIRECTION = {"reference_similarity": "higher is better", "colour_delta_e": "lower is better",
+             "leakage": "lower is better", "diversity": "higher is more varied", "text_error": "lower is better"}
 
 
 def dominant_colours(image: Image.Image, count: int = 8) -> list[tuple[int, int, int]]:

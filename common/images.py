@@ -1,16 +1,19 @@
-"""Reading user images safely: EXIF orientation applied, RGB out, alpha composited, size capped."""
+"""Reading user images safely (EXIF orientation applied, RGB out, alpha composited, size capped) and hex colours."""
 
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_tools.errors import UserError
+from common.errors import UserError
+from common.limits import MAX_PIXELS
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-MAX_PIXELS = 64_000_000  # refuse decompression bombs well before they exhaust memory
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_HEX = re.compile(r"^#?([0-9a-fA-F]{6}|[0-9a-fA-F]{3})$")
 
 
 def open_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -47,11 +50,19 @@ def oriented_size(path: str | Path) -> tuple[int, int]:
     """(width, height) after EXIF orientation, without decoding the pixels."""
     try:
         with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
+            return upright_size(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"image '{path}' cannot be read ({type(exc).__name__}); fix or remove it") from None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def exif_orientation(im: Image.Image) -> int:
+    exif = im.getexif()
+    return exif.get(0x0112, 1) if exif else 1
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as shown, i.e. after its EXIF orientation."""
+    return (im.height, im.width) if exif_orientation(im) in _ROTATED else (im.width, im.height)
 
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -61,3 +72,19 @@ def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     resized = image.resize(new, Image.Resampling.LANCZOS) if new != image.size else image
     left, top = (resized.width - width) // 2, (resized.height - height) // 2
     return resized.crop((left, top, left + width, top + height))
+
+
+def normalise_hex(code: str, what: str = "colour") -> str:
+    """'#e4572e', 'E4572E', '#E52' -> '#E4572E' / '#EE5522'; anything else is a UserError naming `what`."""
+    match = _HEX.match(code.strip())
+    if not match:
+        raise UserError(f"{what} '{code}' is not a hex code; use #RRGGBB (e.g. #E4572E)")
+    digits = match.group(1)
+    if len(digits) == 3:
+        digits = "".join(c * 2 for c in digits)
+    return "#" + digits.upper()
+
+
+def hex_to_rgb(code: str, what: str = "colour") -> tuple[int, int, int]:
+    digits = normalise_hex(code, what)[1:]
+    return tuple(int(digits[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data_tools.atomic import atomic_path
-from data_tools.configtree import non_negative, option
+from common.atomic import atomic_path
+from common.configtree import non_negative, option
+from common.limits import side_problem
 from inference.grids import make_grid
 from inference.loading import BaseModel, load_pipeline
 
@@ -25,15 +26,9 @@ class SampleConfig:
     seed: int = option(0)
     steps: int | None = option(None, help="denoising steps; default: the family's")
     guidance: float | None = option(None, help="default: the family's")
-    width: int | None = option(None, help="default: train.resolution")
-    height: int | None = option(None, help="default: train.resolution")
+    width: int | None = option(None, check=side_problem, help="default: train.resolution")
+    height: int | None = option(None, check=side_problem, help="default: train.resolution")
     before_after: bool = option(True, help="at the end, a grid of each prompt without (scale 0) and with the LoRA")
-
-    def validate(self) -> str | None:
-        for side in (self.width, self.height):
-            if side is not None and (side <= 0 or side % 16):
-                return f"sample.width/height must be positive multiples of 16, got {side}"
-        return None
 
 
 class SampleRenderer:

@@ -1,7 +1,8 @@
 """Adapter evaluation: render a prompt suite across adapters/checkpoints x scales x seeds, measure, recommend.
 
-The base loads once; adapters are hot-swapped; base images (scale 0) are rendered once per prompt and seed and
-reused for every adapter's scale-0 column and for leakage. Everything is seeded: same inputs, same metrics.
+The base loads once; adapters are hot-swapped; each adapter is prompted with its own trigger word (or the one
+given); base images (scale 0) are rendered once per prompt, seed and trigger and reused for every scale-0 column
+and for leakage. Everything is seeded: same inputs, same metrics.
 
 Recommendation rule (also in report.html): among columns with scale > 0, maximise
     score = fidelity - leakage
@@ -14,7 +15,6 @@ the largest scale whose leakage is <= 0.25 (else its smallest scale).
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,17 +22,18 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data_tools.atomic import atomic_dir
-from data_tools.errors import UserError
-from data_tools.images import decode_rgb
-from inference import metrics as M
-from inference.lora_io import WEIGHT_NAME
-from inference.suites import Suite, render_prompt
+from common.atomic import atomic_dir
+from common.errors import UserError
+from common.images import decode_rgb
+from data_tools.sources import open_source, read_bytes
+from evaluation import metrics as M
+from evaluation.metrics import DIRECTION, METRICS
+from evaluation.report import write_outputs
+from evaluation.suites import Suite, render_prompt
+from inference.generate import Generator
+from inference.runs import lora_file, lora_label, run_loras
 
 LEAKAGE_LIMIT = 0.25
-METRICS = ("reference_similarity", "colour_delta_e", "leakage", "diversity", "text_error")
-DIRECTION = {"reference_similarity": "higher is better", "colour_delta_e": "lower is better",
-             "leakage": "lower is better", "diversity": "higher is more varied", "text_error": "lower is better"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,30 +44,21 @@ class Adapter:
 
 
 def adapters_from_run(run_dir: str | Path) -> list[Adapter]:
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise UserError(f"--run '{run}' is not a folder; pass a training output.dir")
-    found = []
-    for ckpt in (run / "checkpoints").glob("step-*"):
-        if ckpt.name[5:].isdigit() and (ckpt / WEIGHT_NAME).is_file():
-            found.append(Adapter(ckpt.name, ckpt / WEIGHT_NAME, int(ckpt.name[5:])))
-    found.sort(key=lambda a: a.step)
-    if (run / WEIGHT_NAME).is_file():
-        steps = None
-        config = run / "config.yaml"
-        if config.is_file():
-            match = re.search(r"^\s+steps:\s*(\d+)", config.read_text(), re.MULTILINE)
-            steps = int(match.group(1)) if match else None
-        if not found or steps is None or steps > found[-1].step:
-            found.append(Adapter("final", run / WEIGHT_NAME, steps))
-    if not found:
-        raise UserError(f"--run '{run}' holds no checkpoints (checkpoints/step-N/{WEIGHT_NAME}) and no final LoRA")
-    return found
+    """Every checkpoint of a run and its final LoRA (inference/runs.py reads the folder)."""
+    return [Adapter(r.label, r.path, r.step) for r in run_loras(run_dir)]
+
+
+def adapters_from_files(paths: Sequence[str | Path]) -> list[Adapter]:
+    """LoRA files (or run folders), named by their run folder; equal names get -2, -3, ... so outputs never clash."""
+    adapters, seen = [], {}
+    for path in paths:
+        label = lora_label(path)
+        seen[label] = seen.get(label, 0) + 1
+        adapters.append(Adapter(label if seen[label] == 1 else f"{label}-{seen[label]}", lora_file(path)))
+    return adapters
 
 
 def load_references(spec: str | Path) -> list[Image.Image]:
-    from data_tools.sources import open_source, read_bytes
-
     source = open_source(spec, recursive=True)
     images = []
     for entry in source.entries:
@@ -83,20 +75,25 @@ def load_references(spec: str | Path) -> list[Image.Image]:
 class Column:
     adapter: Adapter | None  # None: the base model
     scale: float
+    trigger: str
+    base_label: str = "base"
 
     @property
     def label(self) -> str:
-        return "base" if self.adapter is None else f"{self.adapter.label} x{self.scale:g}"
+        return self.base_label if self.adapter is None else f"{self.adapter.label} x{self.scale:g}"
 
 
 def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | Path, *, scales: Sequence[float] = (0, 0.5, 1.0),
              seeds: int = 3, references: str | Path | None = None, encoder: str | Path | None = None,
              trigger: str | None = None, steps: int | None = None, width: int = 512, height: int = 512,
              guidance: float | None = None, show_progress: bool = True) -> dict[str, Any]:
-    from inference.generate import Generator
-
+    """`trigger` (when given) replaces every adapter's own trigger word in the suite's prompts."""
     if not adapters:
         raise UserError("nothing to evaluate: pass --lora FILE or --run OUTPUT_DIR")
+    labels = [a.label for a in adapters]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"adapter names repeat ({', '.join(sorted({x for x in labels if labels.count(x) > 1}))}); "
+                        "give every adapter its own label")
     refs = load_references(references) if references else []
     if suite.needs_references() > len(refs):
         raise UserError(f"suite '{suite.name}' has edit prompts needing {suite.needs_references()} reference images; "
@@ -104,38 +101,42 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
     image_encoder = M.ImageEncoder(encoder) if encoder else None
     ref_embeddings = image_encoder.embed(refs) if image_encoder and refs else None
     gen = Generator(model)
+    triggers = {}
     for adapter in adapters:  # fail early on a missing or foreign adapter, before any rendering
         info = gen.add_adapter(adapter.path, name="probe")
-        trigger = trigger if trigger is not None else (info.trigger or None)
+        triggers[adapter.label] = trigger if trigger is not None else info.trigger
         gen.remove_adapter("probe")
-    trigger = trigger or ""
     jobs = [(p, s) for p in suite.prompts for s in range(seeds)]
+    distinct = list(dict.fromkeys(triggers.values()))
+    positive = [s for s in scales if s != 0]
+    bar = tqdm(total=len(jobs) * (len(distinct) + len(adapters) * len(positive)), desc="rendering",
+               disable=not show_progress)
 
-    def render() -> dict[tuple[str, int], Image.Image]:
+    def render(word: str) -> dict[tuple[str, int], Image.Image]:
         images = {}
         for prompt, seed in jobs:
             kwargs = dict(references=refs[: prompt.references]) if prompt.kind == "edit" else {}
-            images[(prompt.id, seed)] = gen.generate(render_prompt(prompt, trigger), seed=seed, steps=steps, width=width,
+            images[(prompt.id, seed)] = gen.generate(render_prompt(prompt, word), seed=seed, steps=steps, width=width,
                                                      height=height, guidance=guidance, **kwargs)[0].image
             bar.update()
         return images
 
-    positive = [s for s in scales if s != 0]
-    bar = tqdm(total=len(jobs) * (1 + len(adapters) * len(positive)), desc="rendering", disable=not show_progress)
-    base_images = render()
-    columns: list[tuple[Column, dict]] = [(Column(None, 0.0), base_images)]
+    base = {word: render(word) for word in distinct}
+    base_label = {word: "base" if len(distinct) == 1 else f"base [{word or 'no trigger'}]" for word in distinct}
+    columns = [(Column(None, 0.0, word, base_label[word]), base[word]) for word in distinct]
     for adapter in adapters:
+        word = triggers[adapter.label]
         gen.add_adapter(adapter.path, name="under_test")
         for scale in scales:
             if scale == 0:
-                columns.append((Column(adapter, 0.0), base_images))  # the adapter at scale 0 is the base
+                columns.append((Column(adapter, 0.0, word), base[word]))  # the adapter at scale 0 is the base
                 continue
             gen.set_scales({"under_test": float(scale)})
-            columns.append((Column(adapter, float(scale)), render()))
+            columns.append((Column(adapter, float(scale), word), render(word)))
         gen.remove_adapter("under_test")
     bar.close()
 
-    rows, summary = _measure(suite, columns, base_images, seeds, image_encoder, ref_embeddings)
+    rows, summary = _measure(suite, columns, base, seeds, image_encoder, ref_embeddings)
     unavailable = {}
     if image_encoder is None or ref_embeddings is None:
         unavailable["reference_similarity"] = "needs --encoder (a local CLIP/SigLIP/DINOv2 folder) and --references"
@@ -143,12 +144,10 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
         unavailable["text_error"] = "needs the ocr extra: pip install 'flux2-lora[ocr]'"
     if seeds < 2:
         unavailable["diversity"] = "needs --seeds 2 or more"
-    recommendation = recommend(summary)
-    result = {"suite": suite.name, "model": str(model), "trigger": trigger, "scales": list(map(float, scales)),
-              "seeds": seeds, "steps": steps, "width": width, "height": height, "columns": summary, "prompts": rows,
-              "unavailable": unavailable, "recommendation": recommendation, "directions": DIRECTION}
-    from inference.eval_report import write_outputs
-
+    result = {"suite": suite.name, "model": str(model), "trigger": ", ".join(w or "(none)" for w in distinct),
+              "triggers": triggers, "scales": list(map(float, scales)), "seeds": seeds, "steps": steps,
+              "width": width, "height": height, "columns": summary, "prompts": rows, "unavailable": unavailable,
+              "recommendation": recommend(summary), "directions": DIRECTION}
     with atomic_dir(out) as tmp:
         write_outputs(tmp, result, suite, columns, seeds)
     return result
@@ -159,9 +158,10 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _measure(suite: Suite, columns, base_images, seeds: int, encoder, ref_embeddings):
+def _measure(suite: Suite, columns, base: dict[str, dict], seeds: int, encoder, ref_embeddings):
     rows, summary = [], []
     for column, images in columns:
+        base_images = base[column.trigger]
         per_prompt = []
         for prompt in suite.prompts:
             shots = [images[(prompt.id, s)] for s in range(seeds)]

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from inference.evaluate import DIRECTION, METRICS
+from evaluation.metrics import DIRECTION, METRICS
 from inference.grids import make_grid
 from inference.provenance import save_png
 

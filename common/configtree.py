@@ -3,6 +3,11 @@
 Every section is a dataclass that lives next to the code that uses it. This module only knows how to
 turn plain dicts into those dataclasses, strictly: an unknown key, a wrong type or a value that fails its
 check is a `UserError` naming the full key path, the problem and, for typos, the closest valid key.
+
+The same dataclasses serve command-line options (`add_flags` / `from_args`) and Python keyword arguments
+(`from_kwargs`), so a CLI flag, a YAML key and an API argument are checked by one rule. The one `validate`
+contract: a dataclass may define `validate(self) -> list[str]`, the problems that involve several fields; all of
+them are reported at once, after every field passed its own check.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, Callable, Literal, TypeVar, Union
 
 import yaml
 
-from data_tools.errors import UserError
+from common.errors import UserError
 
 T = TypeVar("T")
 Check = Callable[[Any], "str | None"]
@@ -45,9 +50,9 @@ def probability(v: float) -> str | None:
     return None if 0 <= v <= 1 else f"must be between 0 and 1, got {v}"
 
 
-def multiple_of(n: int) -> Check:
-    def check(v: int) -> str | None:
-        return None if v is None or (v > 0 and v % n == 0) else f"must be a positive multiple of {n}, got {v} (try {max(n, round(v / n) * n)})"
+def at_least(n: float) -> Check:
+    def check(v: float) -> str | None:
+        return None if v is None or v >= n else f"must be >= {n}, got {v}"
 
     return check
 
@@ -68,11 +73,18 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def config_key(path: str) -> str:
+    return f"config key '{path}'"
+
+
+_name: Callable[[str], str] = config_key  # how errors name a key; set per from_dict call
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"config key '{key}' must be a mapping of keys, got {value!r}")
+            raise UserError(f"{_name(key)} must be a mapping of keys, got {value!r}")
         return from_dict(tp, value, key)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -85,17 +97,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except UserError:
                 continue
-        raise UserError(f"config key '{key}' must be {type_name(tp)}, got {value!r}")
+        raise UserError(f"{_name(key)} must be {type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
             return value
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         tip = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise UserError(f"config key '{key}' must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{tip}")
+        raise UserError(f"{_name(key)} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{tip}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' must be {type_name(tp)}, got {value!r}")
+            raise UserError(f"{_name(key)} must be {type_name(tp)}, got {value!r}")
         (item_tp, *_rest) = typing.get_args(tp)
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -119,11 +131,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    raise UserError(f"config key '{key}' must be {type_name(tp)}, got {value!r}")
+    raise UserError(f"{_name(key)} must be {type_name(tp)}, got {value!r}")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and running each field's check."""
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", name: Callable[[str], str] = config_key) -> T:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and running each field's check, then the
+    dataclass's own `validate()`. `name(path)` is how messages call a key (config key, --flag, argument)."""
+    global _name
+    previous, _name = _name, name
+    try:
+        return _build(cls, data, prefix)
+    finally:
+        _name = previous
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -131,35 +153,46 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             full = f"{prefix}.{key}" if prefix else str(key)
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             if close:
-                tip = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+                tip = f"did you mean {_name(prefix + '.' + close[0] if prefix else close[0]).rsplit(' ', 1)[-1]}?"
             else:
                 tip = f"valid keys here: {', '.join(fields)}"
-            raise UserError(f"config key '{full}' is unknown; {tip}")
+            raise UserError(f"{_name(full)} is unknown; {tip}")
     kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            value = _coerce(data[name], hints[name], key)
-        elif dataclasses.is_dataclass(hints[name]):
-            value = from_dict(hints[name], {}, key)  # absent sections are still validated
+    for field_name, f in fields.items():
+        key = f"{prefix}.{field_name}" if prefix else field_name
+        if field_name in data:
+            value = _coerce(data[field_name], hints[field_name], key)
+        elif dataclasses.is_dataclass(hints[field_name]):
+            value = _build(hints[field_name], {}, key)  # absent sections are still validated
         elif f.default is not dataclasses.MISSING:
             value = f.default
         elif f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
         else:
-            raise UserError(f"config key '{key}' is required but missing; set it in the YAML or as {key}=VALUE")
+            raise UserError(f"{_name(key)} is required but missing; set it in the YAML or as {key}=VALUE")
         check = f.metadata.get("check")
         problem = check(value) if check else None
         if problem:
-            raise UserError(f"config key '{key}' {problem}")
-        kwargs[name] = value
+            raise UserError(f"{_name(key)} {problem}")
+        kwargs[field_name] = value
     obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        problem = validate()
-        if problem:
-            raise UserError(f"config section '{prefix or 'root'}': {problem}")
+    problems = validate(obj)
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError(f"{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
     return obj
+
+
+def validate(obj: Any) -> list[str]:
+    """The dataclass's own cross-field problems (empty when it has no `validate`)."""
+    check = getattr(obj, "validate", None)
+    return list(check() or []) if callable(check) else []
+
+
+def from_kwargs(cls: type[T], what: str, **kwargs: Any) -> T:
+    """Python API arguments, checked exactly as the config tree checks YAML keys."""
+    return from_dict(cls, kwargs, name=lambda key: f"{what} argument '{key}'")
 
 
 def to_dict(obj: Any) -> Any:
@@ -217,3 +250,45 @@ def _looks_like_float(text: str) -> bool:
     except ValueError:
         return False
     return text.strip().lower() not in {"nan", "inf", "-inf", "infinity"}
+
+
+# Command-line flags from the same dataclasses ------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--flag` per field of `cls`, with its help and default; values are checked by `from_args`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "")}
+        if f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs["default"] = f.default_factory()
+        else:
+            kwargs["required"] = True
+        if f.metadata.get("shown_default"):
+            kwargs["help"] += f" (default: {f.metadata['shown_default']})"
+        if tp is bool:
+            kwargs["action"] = "store_true"
+        elif typing.get_origin(tp) in (list, tuple):
+            kwargs["action"] = "append"
+        elif typing.get_origin(tp) is Literal:
+            kwargs["choices"] = typing.get_args(tp)
+        else:
+            scalar = next((a for a in typing.get_args(tp) if a is not type(None)), tp)  # X | None -> X
+            if scalar in (int, float, str):
+                kwargs["type"] = scalar
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def from_args(cls: type[T], args: Any, **fixed: Any) -> T:
+    """The dataclass from parsed flags, checked with the same rules as YAML keys; messages name the flags."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in vars(args).items() if k in names}
+    data.update(fixed)
+    return from_dict(cls, data, name=lambda key: f"option '{_flag(key)}'")

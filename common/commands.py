@@ -1,0 +1,43 @@
+"""What every subcommand is made of, and what every command does before its work starts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from typing import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: its flags (beside the code they drive) and what it runs. Its one-line help is in the hub."""
+
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is nothing useful to show (flags off, no value)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or action.required or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars and one-line messages, not the libraries' chatter. Imported per command, because
+    importing diffusers costs seconds a command like `sample-data` does not need."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import datasets
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
