@@ -23,8 +23,8 @@ import torch  # noqa: E402
 
 from data_tools.sample_data import write_sample_data  # noqa: E402
 from inference.conditioning import build_inputs  # noqa: E402
-from inference.generate import Generator  # noqa: E402
 from inference.families import FAMILIES  # noqa: E402
+from inference.generate import Generator  # noqa: E402
 from inference.tiny import write_tiny_model  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.recipe import run  # noqa: E402

@@ -26,8 +26,8 @@ from PIL import Image  # noqa: E402
 from data_tools.dataset import DataConfig, load_samples  # noqa: E402
 from data_tools.sample_data import write_sample_data  # noqa: E402
 from inference.conditioning import build_inputs, predict_velocity  # noqa: E402
-from inference.loading import ModelConfig, load_pipeline, resolve_base_model  # noqa: E402
 from inference.families import FAMILIES  # noqa: E402
+from inference.loading import ModelConfig, load_pipeline, resolve_base_model  # noqa: E402
 from inference.tiny import write_tiny_model  # noqa: E402
 from trainer.cache import CacheConfig, build_features  # noqa: E402
 from trainer.config import load_config  # noqa: E402

@@ -99,7 +99,7 @@ def inspect_image(name: str, data: bytes, resolution: int, max_pixels: int) -> I
         problem("info", "alpha", "has transparency", "--fix composites it on --background")
     if min(width, height) < resolution * 0.75 and width * height < resolution * resolution * 0.6:
         problem("warning", "small", f"{width}x{height} is below the {resolution}px training size and would be upscaled",
-                f"use a larger original, or train at a lower resolution")
+                "use a larger original, or train at a lower resolution")
     ratio = max(width, height) / max(1, min(width, height))
     if ratio > MAX_ASPECT:
         problem("warning", "extreme_aspect", f"aspect ratio {ratio:.1f}:1; the crop to a {MAX_ASPECT:g}:1 bucket loses a lot",

@@ -29,8 +29,20 @@ from common.errors import UserError
 from common.images import decode_rgb, fit, hex_to_rgb, normalise_hex
 from common.limits import MAX_PIXELS, MAX_REFERENCES, side_problem
 from data_tools.buckets import make_buckets, nearest_bucket
-from data_tools.captions import dedupe_tags, make_captioner, normalise, replace_class_word
-from data_tools.checks import ImageFacts, Problem, caption_problems, dataset_problems, inspect_image, look_alike
+from data_tools.captions import (
+    dedupe_tags,
+    make_captioner,
+    normalise,
+    replace_class_word,
+)
+from data_tools.checks import (
+    ImageFacts,
+    Problem,
+    caption_problems,
+    dataset_problems,
+    inspect_image,
+    look_alike,
+)
 from data_tools.report import write_report
 from data_tools.sources import Entry, Source, open_source, read_bytes
 
@@ -144,11 +156,29 @@ def _merge_small_buckets(assigned: dict[str, tuple[int, int]], min_size: int) ->
 
 def prepare(src: str | Path, out: str | Path, opts: PrepareOptions | None = None, show_progress: bool = True,
             **options: Any) -> dict[str, Any]:
-    """`prepare(src, out, trigger="zxq", fix=True)` or with a PrepareOptions; options are checked as the CLI's are."""
+    """`prepare(src, out, trigger="zxq", fix=True)` or with a PrepareOptions; options are checked as the CLI's are.
+    Reads: check every image → mark duplicates → check captions and references → bucket → write it all."""
     opts = from_dict(PrepareOptions, {**dataclasses.asdict(opts or PrepareOptions()), **options},
                      name=lambda key: f"prepare option '{key}'")
-    background = hex_to_rgb(opts.background, "--background")
     src, out = Path(src), Path(out)
+    _check_out(src, out, opts)
+    source = open_source(src, opts.recursive)
+    if not source.entries:
+        raise UserError(f"source '{src}' holds no image files ({source.kind}); add 9-50 images")
+    items = _inspect(source, opts, show_progress)
+    _mark_duplicates(items, opts.fix)
+    kept = [it for it in items if it.kept]
+    _check_captions_and_references(kept, opts)
+    assigned = {it.entry.name: nearest_bucket(it.facts.width, it.facts.height, make_buckets(opts.resolution))
+                for it in kept}
+    assigned = _merge_small_buckets(assigned, opts.batch_size)
+    for it in kept:
+        it.bucket = assigned[it.entry.name]
+    with atomic_dir(out) as tmp:
+        return _write(tmp, src, source, opts, items, kept, show_progress)
+
+
+def _check_out(src: Path, out: Path, opts: PrepareOptions) -> None:
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise UserError(f"--out '{out}' is inside the source '{src}'; choose a folder outside it (the source is never changed)")
     if out.exists() and not out.is_dir():
@@ -159,31 +189,36 @@ def prepare(src: str | Path, out: str | Path, opts: PrepareOptions | None = None
         if not opts.overwrite:
             raise UserError(f"--out '{out}' holds an earlier prepare output (captions edited there would be lost); "
                             "pass --overwrite to replace it, or choose another folder")
-    source = open_source(src, opts.recursive)
-    if not source.entries:
-        raise UserError(f"source '{src}' holds no image files ({source.kind}); add 9-50 images")
 
-    base = (source.kind, str(source.path), source.image_column)
-    tasks = [(*base, e, opts.resolution, opts.max_pixels) for e in source.entries]
-    items = [Item(e, f) for e, f in zip(source.entries, _parallel(_inspect_task, tasks, opts.workers, "checking", show_progress))]
-    usable = [it for it in items if it.facts.usable]
-    if not usable:
+
+def _task_base(source: Source) -> tuple:
+    """What a worker process needs to reopen the source (a Source with its entries would be pickled whole)."""
+    return source.kind, str(source.path), source.image_column
+
+
+def _inspect(source: Source, opts: PrepareOptions, show_progress: bool) -> list[Item]:
+    tasks = [(*_task_base(source), e, opts.resolution, opts.max_pixels) for e in source.entries]
+    facts = _parallel(_inspect_task, tasks, opts.workers, "checking", show_progress)
+    items = [Item(e, f, kept=f.usable) for e, f in zip(source.entries, facts)]
+    if not any(it.kept for it in items):
         first = items[0].facts.problems[0]
-        raise UserError(f"source '{src}': none of its {len(items)} image files can be used "
+        raise UserError(f"source '{source.path}': none of its {len(items)} image files can be used "
                         f"(e.g. {first.file}: {first.message})")
-    for it in items:
-        it.kept = it.facts.usable
+    return items
 
-    # duplicates: exact by content hash, near by perceptual hash
+
+def _mark_duplicates(items: list[Item], fix: bool) -> None:
+    """Exact duplicates by content hash (--fix drops them), near ones by perceptual hash (reported)."""
     # the copy kept is the captioned one, then the original: "IMG_1.jpg" before "IMG_1 copy.jpg" (shortest name)
     seen: dict[str, Item] = {}
-    for it in sorted(usable, key=lambda it: (it.entry.caption is None, len(it.entry.name), it.entry.name)):
+    for it in sorted((it for it in items if it.kept), key=lambda it: (it.entry.caption is None, len(it.entry.name),
+                                                                      it.entry.name)):
         twin = seen.get(it.facts.sha256)
         if twin:
             it.facts.problems.append(Problem(it.entry.name, "warning", "exact_duplicate",
                                              f"identical to {twin.entry.name}",
                                              f"--fix drops this copy and keeps {twin.entry.name}"))
-            it.kept = it.kept and not opts.fix
+            it.kept = not fix
         else:
             seen[it.facts.sha256] = it
     distinct = sorted(seen.values(), key=lambda it: it.entry.name)
@@ -193,7 +228,8 @@ def prepare(src: str | Path, out: str | Path, opts: PrepareOptions | None = None
                 b.facts.problems.append(Problem(b.entry.name, "warning", "near_duplicate", f"looks almost the same as {a.entry.name}",
                                                 "keep the better one: near copies overweight one view"))
 
-    kept = [it for it in items if it.kept]
+
+def _check_captions_and_references(kept: list[Item], opts: PrepareOptions) -> None:
     names = {it.entry.name for it in kept}
     for it in kept:
         text, problems = caption_problems(it.entry.name, it.entry.caption, it.entry.caption_origin, opts.trigger)
@@ -203,7 +239,7 @@ def prepare(src: str | Path, out: str | Path, opts: PrepareOptions | None = None
         if len(refs) > MAX_REFERENCES:
             it.facts.problems.append(Problem(it.entry.name, "error", "too_many_references",
                                              f"{len(refs)} references; FLUX.2 takes at most {MAX_REFERENCES}",
-                                             "keep the 10 most important, in priority order"))
+                                             f"keep the {MAX_REFERENCES} most important, in priority order"))
             refs = []
         missing = [r for r in refs if r not in names]
         if missing:
@@ -213,37 +249,35 @@ def prepare(src: str | Path, out: str | Path, opts: PrepareOptions | None = None
             refs = []
         it.references = refs
 
-    buckets = make_buckets(opts.resolution)
-    assigned = {it.entry.name: nearest_bucket(it.facts.width, it.facts.height, buckets) for it in kept}
-    assigned = _merge_small_buckets(assigned, opts.batch_size)
-    for it in kept:
-        it.bucket = assigned[it.entry.name]
 
-    with atomic_dir(out) as tmp:
-        (tmp / "images").mkdir()
-        for index, it in enumerate(kept):
-            ext = ".png" if opts.fix else (Path(it.entry.name).suffix.lower() or f".{it.facts.format.lower()}")
-            it.output = f"images/{index:04d}{ext}"
-        write_tasks = [(*base, it.entry, str(tmp / it.output), opts.fix, it.bucket, background) for it in kept]
-        for _ in _parallel(_write_task, write_tasks, opts.workers, "writing", show_progress):
-            pass
-        missing_captions = [it for it in kept if it.caption is None]
-        if missing_captions:
-            captioner = make_captioner(opts.captioner, opts.trigger, opts.class_word)
-            for it in tqdm(missing_captions, desc=f"captioning ({captioner.name})", disable=not show_progress):
-                text = captioner.caption(decode_rgb((tmp / it.output).read_bytes(), it.output, background))
-                it.caption = normalise(text, opts.trigger) if opts.trigger else text
-                it.facts.problems.append(Problem(it.entry.name, "info", "captioned", f"caption written by {captioner.name}",
-                                                 "review it in report.html"))
-        by_name = {it.entry.name: it for it in kept}
-        for it in kept:
-            it.references = [by_name[r].output for r in it.references]
-        _write_metadata(tmp, kept)
-        _write_dataset(tmp, kept, opts.fix)
-        ds_problems = dataset_problems([it.facts for it in items], {it.entry.name: it.bucket for it in kept})
-        report = _report(src, source, opts, items, kept, ds_problems)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        write_report(tmp / "report.html", report, tmp)
+def _write(tmp: Path, src: Path, source: Source, opts: PrepareOptions, items: list[Item], kept: list[Item],
+           show_progress: bool) -> dict[str, Any]:
+    background = hex_to_rgb(opts.background, "--background")
+    (tmp / "images").mkdir()
+    for index, it in enumerate(kept):
+        ext = ".png" if opts.fix else (Path(it.entry.name).suffix.lower() or f".{it.facts.format.lower()}")
+        it.output = f"images/{index:04d}{ext}"
+    write_tasks = [(*_task_base(source), it.entry, str(tmp / it.output), opts.fix, it.bucket, background)
+                   for it in kept]
+    for _ in _parallel(_write_task, write_tasks, opts.workers, "writing", show_progress):
+        pass
+    missing_captions = [it for it in kept if it.caption is None]
+    if missing_captions:
+        captioner = make_captioner(opts.captioner, opts.trigger, opts.class_word)
+        for it in tqdm(missing_captions, desc=f"captioning ({captioner.name})", disable=not show_progress):
+            text = captioner.caption(decode_rgb((tmp / it.output).read_bytes(), it.output, background))
+            it.caption = normalise(text, opts.trigger) if opts.trigger else text
+            it.facts.problems.append(Problem(it.entry.name, "info", "captioned", f"caption written by {captioner.name}",
+                                             "review it in report.html"))
+    by_name = {it.entry.name: it for it in kept}
+    for it in kept:
+        it.references = [by_name[r].output for r in it.references]
+    _write_metadata(tmp, kept)
+    _write_dataset(tmp, kept, opts.fix)
+    ds_problems = dataset_problems([it.facts for it in items], {it.entry.name: it.bucket for it in kept})
+    report = _report(src, source, opts, items, kept, ds_problems)
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_report(tmp / "report.html", report, tmp)
     return report
 
 

@@ -40,7 +40,8 @@ def parse_scales(text: str) -> list[float]:
 
 def evaluate(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from evaluation.evaluate import adapters_from_files, adapters_from_run, evaluate as run_evaluation
+    from evaluation.evaluate import adapters_from_files, adapters_from_run
+    from evaluation.evaluate import evaluate as run_evaluation
     from evaluation.suites import load_suite
 
     suite = load_suite(args.suite)

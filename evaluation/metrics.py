@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from common.local_models import load_local
 from common.images import hex_to_rgb
+from common.local_models import load_local
 
 METRICS = ("reference_similarity", "colour_delta_e", "leakage", "diversity", "text_error")
 DIRECTION = {"reference_similarity": "higher is better", "colour_delta_e": "lower is better",

@@ -23,7 +23,12 @@ from common.images import open_rgb
 from common.limits import MAX_REFERENCES, SIDE_MULTIPLE, nearest_side
 from common.trigger import with_trigger
 from inference.adapters import AdapterInfo, load_adapter
-from inference.loading import ModelConfig, apply_memory_options, load_pipeline, resolve_base_model
+from inference.loading import (
+    ModelConfig,
+    apply_memory_options,
+    load_pipeline,
+    resolve_base_model,
+)
 from inference.runs import lora_file, lora_label
 
 log = logging.getLogger("flux2_lora.generate")

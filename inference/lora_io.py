@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_path
 from common.errors import UserError
@@ -71,7 +71,5 @@ def our_info(header: dict[str, str]) -> dict[str, Any]:
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     read_header(path)
     return load_file(str(path))

@@ -1,6 +1,8 @@
 """Compare two or more LoRA files (e.g. a character and a style LoRA) on one suite from Python.
 
-    python scripts/compare_adapters.py --model runs/tiny-klein --out runs/compare a.safetensors b.safetensors
+    python scripts/compare_adapters.py --model runs/tiny-klein --out runs/compare runs/brand runs/style
+
+Each LoRA (a file, or a run folder) is named by its run folder and prompted with its own trigger word.
 """
 
 import argparse
@@ -9,19 +11,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.evaluate import Adapter, evaluate  # noqa: E402
+from evaluation.evaluate import adapters_from_files, evaluate  # noqa: E402
 from evaluation.suites import load_suite  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", required=True)
 parser.add_argument("--out", required=True)
 parser.add_argument("--suite", default="style")
-parser.add_argument("loras", nargs="+")
+parser.add_argument("loras", nargs="+", help="LoRA files or run folders")
 args = parser.parse_args()
 
-adapters = [Adapter(Path(p).stem if Path(p).is_file() else Path(p).name,
-                    Path(p) if Path(p).is_file() else Path(p) / "pytorch_lora_weights.safetensors") for p in args.loras]
-result = evaluate(args.model, adapters, load_suite(args.suite), args.out, scales=(0.0, 1.0), seeds=2, steps=8,
+result = evaluate(args.model, adapters_from_files(args.loras), load_suite(args.suite), args.out, scales=(0.0, 1.0), seeds=2, steps=8,
                   width=64, height=64)
 for column in result["columns"]:
     leak = column["metrics"]["leakage"]

@@ -6,6 +6,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# (caption, trigger, the caption trained on)
+TRIGGER_CASES = [
+    ("a photo of zxq, red mug", "zxq", "a photo of zxq, red mug"),  # punctuation after the trigger
+    ("zxqfoo logo", "zxq", "zxq, zxqfoo logo"),  # a word that starts with the trigger is not it
+    ("a mug in zxq style", "in zxq style", "a mug in zxq style"),  # multi-word, mid-caption
+    ("a mug in  zxq\tstyle", "in zxq style", "a mug in  zxq\tstyle"),  # multi-word, other spacing
+    ("zxq logo on a mug", "zxq", "zxq logo on a mug"),  # already present
+    ("a red mug", "zxq", "zxq, a red mug"),  # absent
+    ("zxq logo, zxq mug", "zxq", "zxq logo, mug"),  # repeated: kept once
+    ("(zxq) logo", "zxq", "(zxq) logo"),
+]
+
 
 def train_args(model: Path, data: Path, out: Path, cache: Path, **extra) -> list[str]:
     """Dotted overrides for a short tiny-model run; `extra` uses __ for dots (train__steps=5)."""

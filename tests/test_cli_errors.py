@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO, train_args
 from PIL import Image
 
-from helpers import REPO, train_args
 from flux2_lora import main
 
 

@@ -5,10 +5,11 @@ import json
 import pytest
 from PIL import Image
 
-from data_tools.buckets import make_buckets, nearest_bucket
-from data_tools.dataset import DataConfig, load_samples, with_trigger
 from common.errors import UserError
 from common.images import fit, open_rgb
+from common.trigger import with_trigger
+from data_tools.buckets import make_buckets, nearest_bucket
+from data_tools.dataset import DataConfig, load_samples
 from trainer.batches import BatchPlan
 
 

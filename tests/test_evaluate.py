@@ -2,11 +2,10 @@
 
 import json
 
-import numpy as np
 import pytest
+from helpers import train_args
 from PIL import Image
 
-from helpers import train_args
 from common.errors import UserError
 from evaluation import metrics as M
 from evaluation.evaluate import Adapter, adapters_from_run, evaluate, recommend
@@ -27,8 +26,14 @@ prompts:
 
 def _tiny_encoder(folder, kind):
     import torch
-    from transformers import (BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config,
-                              Dinov2Model)
+    from transformers import (
+        BitImageProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        Dinov2Config,
+        Dinov2Model,
+    )
 
     torch.manual_seed(0)
     if kind == "dinov2":
@@ -184,3 +189,35 @@ def test_example_script_evaluates_from_python(short_run, tiny_models, tmp_path):
                            str(tmp_path / "e")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "recommended:" in proc.stdout and (tmp_path / "e" / "report.html").is_file()
+
+
+def _retrigger(src, dst, trigger):
+    """A copy of a LoRA file whose header names another trigger word."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, "pt") as fh:
+        header, tensors = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
+    header["flux2_lora.trigger"] = trigger
+    dst.parent.mkdir(parents=True)
+    save_file(tensors, str(dst), metadata=header)
+    return dst
+
+
+def test_two_runs_are_compared_each_with_its_own_name_and_trigger(short_run, tiny_models, tmp_path):
+    """Two runs' files share one file name: they get their run folders' names, and each its own trigger."""
+    from evaluation.evaluate import adapters_from_files
+
+    other = _retrigger(short_run / "pytorch_lora_weights.safetensors",
+                       tmp_path / "style-run" / "pytorch_lora_weights.safetensors", "qqv")
+    adapters = adapters_from_files([short_run / "pytorch_lora_weights.safetensors", other, other.parent])
+    assert [a.label for a in adapters] == ["run", "style-run", "style-run-2"]
+    suite = load_suite("product")
+    suite.prompts = [p for p in suite.prompts if p.kind == "identity"][:1]
+    result = evaluate(str(tiny_models["klein"]), adapters[:2], suite, tmp_path / "out", scales=(0, 1), seeds=1,
+                      steps=1, width=64, height=64, show_progress=False)
+    assert result["triggers"] == {"run": "zxq", "style-run": "qqv"}
+    assert [c["column"] for c in result["columns"]] == ["base [zxq]", "base [qqv]", "run x0", "run x1",
+                                                        "style-run x0", "style-run x1"]
+    with pytest.raises(UserError, match="adapter names repeat"):
+        evaluate(str(tiny_models["klein"]), [adapters[0], adapters[0]], suite, tmp_path / "o2", show_progress=False)

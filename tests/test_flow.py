@@ -7,8 +7,16 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from trainer.flow import (
-    FlowConfig, empirical_mu, flow_loss, interpolate, loss_weights, sample_sigmas, shift_factor, time_shift,
-    training_sigmas, velocity_target,
+    FlowConfig,
+    empirical_mu,
+    flow_loss,
+    interpolate,
+    loss_weights,
+    sample_sigmas,
+    shift_factor,
+    time_shift,
+    training_sigmas,
+    velocity_target,
 )
 
 

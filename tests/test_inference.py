@@ -5,17 +5,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import TRIGGER_CASES, train_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import train_args
 from common.errors import UserError
+from common.images import hex_to_rgb, normalise_hex
+from flux2_lora import main
 from inference.families import FAMILIES
 from inference.generate import Generator
-from common.images import hex_to_rgb, normalise_hex
 from inference.prompts import hex_prompt, json_prompt
 from inference.provenance import read_record
-from flux2_lora import main
 from trainer.config import load_config
 from trainer.recipe import run
 
@@ -216,3 +216,35 @@ def test_invisible_watermark_when_installed(tmp_path):
     assert decoded == WATERMARK
     save_png(Image.new("RGB", (64, 64)), tmp_path / "small.png", {"prompt": "x"})
     assert read_record(tmp_path / "small.png")["invisible_watermark"] is False  # too small to carry it
+
+
+def test_add_trigger_follows_the_one_rule_fused_or_not(tiny_models, loras, tmp_path, capsys):
+    gen = Generator(str(tiny_models["klein"]))
+    gen.add_adapter(loras["klein"])
+    kw = dict(width=64, height=64, steps=1)
+    for caption, trigger, expected in TRIGGER_CASES:
+        if trigger == "zxq":
+            assert gen.generate(caption, add_trigger=True, **kw)[0].record["prompt"] == expected
+    gen.fuse(permanent=True)  # what --fuse does: the adapter list empties, its trigger must stay
+    assert gen.generate("a red mug", add_trigger=True, **kw)[0].record["prompt"] == "zxq, a red mug"
+
+    out = tmp_path / "fused"
+    assert main(["generate", "--model", str(tiny_models["klein"]), "--lora", str(loras["klein"].parent), "--fuse",
+                 "--add-trigger", "--prompt", "a red mug", "--steps", "1", "--width", "64", "--height", "64",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "results.jsonl").read_text())["prompt"] == "zxq, a red mug"
+
+
+def test_lora_scale_that_is_not_a_number_is_named(tiny_models, loras, tmp_path, capsys):
+    code = main(["generate", "--model", str(tiny_models["klein"]), "--lora", f"{loras['klein'].parent}:high",
+                 "--prompt", "x", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (f"error: --lora '{loras['klein'].parent}:high': the scale 'high' is not a number; "
+                                 "write FILE:0.8, or FILE alone for scale 1")
+
+
+def test_generator_options_are_checked_like_the_cli(tiny_models):
+    with pytest.raises(UserError, match="Generator argument 'dtype' must be one of .*did you mean 'bfloat16'"):
+        Generator(str(tiny_models["klein"]), dtype="bf16")
+    with pytest.raises(UserError, match="Generator argument 'group_offload' must be one of"):
+        Generator(str(tiny_models["klein"]), group_offload="leaves")

@@ -1,13 +1,13 @@
 """A real 2-process data-parallel run (gloo on CPU): every rank ends with the same LoRA, rank 0 writes."""
 
 import os
+import socket
 import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file
-
 from helpers import REPO, train_args
+from safetensors.torch import load_file
 
 
 def test_two_process_run_agrees_across_ranks(tiny_models, sample_data, shared_cache, tmp_path):
@@ -15,7 +15,10 @@ def test_two_process_run_agrees_across_ranks(tiny_models, sample_data, shared_ca
     config.write_text("{}\n")
     out = tmp_path / "ddp"
     env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as probe:  # a free port: a fixed one collides with any other run on the machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(REPO / "train.py"), "--config", str(config), "--no-progress",
            *train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=8, checkpoint__every=4)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import train_args
 from PIL import Image
 
-from helpers import train_args
 from data_tools.prepare import PrepareOptions, prepare
 from flux2_lora import main
 
@@ -253,3 +253,36 @@ def test_caption_helpers():
     assert normalise("a  logo", "zxq") == "zxq, a logo"
     opts = PrepareOptions(trigger="ohwx", fix=True, replace_class="man=ohwx man", dedupe_tags=True)
     assert opts.clean_caption("man, portrait, man, portrait") == "ohwx man, portrait"
+
+
+def test_an_earlier_output_is_replaced_only_with_overwrite(corpus, tmp_path, capsys):
+    src = tmp_path / "two"
+    src.mkdir()
+    for name in ("good_0.png", "good_1.png"):
+        (src / name).write_bytes((corpus / name).read_bytes())
+    out = tmp_path / "out"
+    argv = ["prepare", str(src), "--out", str(out), "--resolution", str(RES), "--no-progress"]
+    assert main(argv) == 0
+    assert f"data.path={out}" in capsys.readouterr().out  # the next command is printed
+    edited = out / "metadata.jsonl"
+    edited.write_text(edited.read_text().replace("a photo", "hand-edited"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --out '{out}' holds an earlier prepare output (captions edited there would be lost); "
+                   "pass --overwrite to replace it, or choose another folder")
+    assert "hand-edited" in edited.read_text()  # nothing lost
+    assert main(argv + ["--overwrite"]) == 0 and "hand-edited" not in edited.read_text()
+
+
+def test_exact_duplicates_keep_the_original_name(corpus, tmp_path):
+    src = tmp_path / "dupes"
+    src.mkdir()
+    data = (corpus / "good_0.png").read_bytes()
+    for name in ("IMG_4101 copy.png", "IMG_4101.png", "IMG_4101 copy 2.png"):
+        (src / name).write_bytes(data)
+    report = prepare(src, tmp_path / "out", resolution=RES, fix=True, show_progress=False)
+    kept = [i["source"] for i in report["images"] if i["kept"]]
+    assert kept == ["IMG_4101.png"]
+    dropped = next(i for i in report["images"] if i["source"] == "IMG_4101 copy.png")
+    assert [p["fix"] for p in dropped["problems"] if p["code"] == "exact_duplicate"] == \
+        ["--fix drops this copy and keeps IMG_4101.png"]

@@ -8,9 +8,9 @@ import sys
 import time
 
 import torch
+from helpers import REPO, train_args
 from safetensors.torch import load_file
 
-from helpers import REPO, train_args
 from trainer.checkpoints import list_checkpoints
 from trainer.config import load_config
 from trainer.recipe import run

@@ -5,8 +5,8 @@ import hashlib
 import pytest
 import torch
 
-from inference.families import FAMILIES
 from flux2_lora import main
+from inference.families import FAMILIES
 
 
 def _digest(folder):

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 import yaml
+from helpers import train_args
 from safetensors import safe_open
 
-from helpers import train_args
 from inference.conditioning import build_inputs
 from inference.families import FAMILIES
 from inference.loading import ModelConfig, load_pipeline, resolve_base_model

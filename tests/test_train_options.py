@@ -1,11 +1,10 @@
 """Loop options on a real tiny run: bf16 autocast, gradient checkpointing, accumulation, trackers, NaN policy."""
 
-import math
 
 import pytest
 import torch
-
 from helpers import train_args
+
 from common.errors import UserError
 from trainer.config import load_config
 from trainer.recipe import run

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from common.atomic import atomic_path
 from common.configtree import option
-from data_tools.dataset import Sample
 from common.errors import UserError
 from common.images import fit, open_rgb
+from data_tools.dataset import Sample
 from inference.conditioning import Encoder
 from inference.loading import BaseModel, load_pipeline
 

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from common.configtree import apply_overrides, from_dict, option, read_yaml, to_dict, type_name
+from common.configtree import (
+    apply_overrides,
+    from_dict,
+    option,
+    read_yaml,
+    to_dict,
+    type_name,
+)
 from data_tools.dataset import DataConfig
 from inference.families import FAMILIES
 from inference.loading import ModelConfig

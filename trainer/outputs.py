@@ -12,6 +12,7 @@ from typing import Literal
 from common.atomic import write_text
 from common.configtree import option
 from common.errors import UserError
+from inference.lora_io import WEIGHT_NAME
 from inference.runs import CARD_FILE, RUN_MARKERS
 
 
@@ -102,7 +103,7 @@ A LoRA for {variant.name}, trained with flux2-lora.
 import torch
 from diffusers import {pipeline}
 pipe = {pipeline}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)
-pipe.load_lora_weights("path/to/this/folder", weight_name="pytorch_lora_weights.safetensors")
+pipe.load_lora_weights("path/to/this/folder", weight_name="{WEIGHT_NAME}")
 ```
 """
 

@@ -16,7 +16,13 @@ from common.atomic import write_text
 from common.configtree import to_dict
 from common.errors import Interrupted, UserError
 from data_tools.dataset import Sample, load_samples
-from inference.loading import DTYPES, BaseModel, apply_memory_options, load_pipeline, resolve_base_model
+from inference.loading import (
+    DTYPES,
+    BaseModel,
+    apply_memory_options,
+    load_pipeline,
+    resolve_base_model,
+)
 from inference.lora_io import WEIGHT_NAME, save_lora
 from inference.runs import CONFIG_FILE
 from trainer import checkpoints
@@ -25,7 +31,13 @@ from trainer.cache import Features, build_features
 from trainer.config import Config, dump_config
 from trainer.lora import add_lora, trainable_parameters
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.outputs import card_base_model, check_tracker, model_card, prepare_output_dir, write_card
+from trainer.outputs import (
+    card_base_model,
+    check_tracker,
+    model_card,
+    prepare_output_dir,
+    write_card,
+)
 from trainer.samples import SampleRenderer
 from trainer.signals import StopRequest
 from trainer.step import micro_batch_loss, step_generator

@@ -12,7 +12,14 @@ from common.limits import side_problem
 from inference.conditioning import build_inputs, predict_velocity
 from inference.families import Family
 from trainer.cache import Features
-from trainer.flow import FlowConfig, flow_loss, interpolate, loss_weights, training_sigmas, velocity_target
+from trainer.flow import (
+    FlowConfig,
+    flow_loss,
+    interpolate,
+    loss_weights,
+    training_sigmas,
+    velocity_target,
+)
 
 
 @dataclasses.dataclass
