@@ -21,7 +21,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except where there is nothing useful to show (flags off, no value)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, [], argparse.SUPPRESS) or action.required or "default:" in (action.help or ""):
+        nothing = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS
+        if nothing or action.required or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

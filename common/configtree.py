@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -129,6 +130,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     raise UserError(f"{_name(key)} must be {type_name(tp)}, got {value!r}")

@@ -7,7 +7,8 @@
                   (in CSV: a JSON list, or one file name)
     instruction   an edit pair's instruction (trained as its prompt)
     bucket        [width, height] chosen by prepare
-A file listed in both files takes its metadata.jsonl row.
+    source        where prepare found the image (informational)
+A file listed in both files takes its metadata.jsonl row. `write_jsonl` writes the format, `parse` reads it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Callable
 
 from common.errors import UserError
 
-FILES = ("metadata.jsonl", "metadata.csv")
+JSONL = "metadata.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Row:
     references: tuple[str, ...] = ()
     instruction: str | None = None
     bucket: tuple[int, int] | None = None
+    source: str | None = None
 
 
 def _references(value, where: str) -> tuple[str, ...]:
@@ -70,7 +72,8 @@ def _row(data, where: str) -> Row:
                text=None if text is None else str(text),
                references=_references(data.get("references"), where),
                instruction=(str(data["instruction"]).strip() or None) if data.get("instruction") else None,
-               bucket=_bucket(data.get("bucket"), where))
+               bucket=_bucket(data.get("bucket"), where),
+               source=str(data["source"]) if data.get("source") else None)
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -83,9 +86,9 @@ def _decode(raw: bytes, where: str) -> str:
 def parse(read: Callable[[str], bytes | None], where: str) -> dict[str, Row]:
     """Rows by file name. `read(name)` returns a metadata file's bytes or None when absent; `where` names the folder."""
     rows: dict[str, Row] = {}
-    raw = read("metadata.jsonl")
+    raw = read(JSONL)
     if raw is not None:
-        path = f"{where}/metadata.jsonl"
+        path = f"{where}/{JSONL}"
         for number, line in enumerate(_decode(raw, path).splitlines(), 1):
             if not line.strip():
                 continue
@@ -109,3 +112,12 @@ def parse(read: Callable[[str], bytes | None], where: str) -> dict[str, Row]:
 
 def read_folder(folder: Path) -> dict[str, Row]:
     return parse(lambda name: (folder / name).read_bytes() if (folder / name).is_file() else None, str(folder))
+
+
+def write_jsonl(path: Path, rows: list[Row]) -> None:
+    """One JSON object a line, keys sorted, empty fields left out (so equal rows give equal bytes)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(row).items()
+                    if v not in (None, (), [])}
+            fh.write(json.dumps(data, ensure_ascii=False, sort_keys=True) + "\n")

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
+from common import metadata
 from common.atomic import atomic_dir
 from common.configtree import from_dict, option, positive
 from common.errors import UserError
@@ -282,14 +283,9 @@ def _write(tmp: Path, src: Path, source: Source, opts: PrepareOptions, items: li
 
 
 def _write_metadata(root: Path, kept: list[Item]) -> None:
-    with open(root / "metadata.jsonl", "w", encoding="utf-8") as fh:
-        for it in kept:
-            row = {"file_name": it.output, "text": it.caption, "bucket": list(it.bucket), "source": it.entry.name}
-            if it.references:
-                row["references"] = it.references
-            if it.entry.instruction:
-                row["instruction"] = it.entry.instruction
-            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    metadata.write_jsonl(root / metadata.JSONL, [
+        metadata.Row(file_name=it.output, text=it.caption, references=tuple(it.references),
+                     instruction=it.entry.instruction, bucket=it.bucket, source=it.entry.name) for it in kept])
 
 
 def _write_dataset(root: Path, kept: list[Item], fixed: bool) -> None:

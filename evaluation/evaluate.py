@@ -23,8 +23,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.atomic import atomic_dir
+from common.configtree import from_kwargs, option, positive
 from common.errors import UserError
 from common.images import decode_rgb
+from common.limits import side_problem
 from data_tools.sources import open_source, read_bytes
 from evaluation import metrics as M
 from evaluation.metrics import DIRECTION, METRICS
@@ -71,6 +73,28 @@ def load_references(spec: str | Path) -> list[Image.Image]:
     return images
 
 
+def _scales_problem(scales: list[float]) -> str | None:
+    if not scales or any(s < 0 for s in scales):
+        return f"must be one or more numbers >= 0, got {scales}"
+    return None
+
+
+@dataclasses.dataclass
+class EvaluateOptions:
+    """What `evaluate` renders and measures: the CLI's flags and `evaluate(...)`'s keyword arguments."""
+
+    scales: list[float] = option(factory=lambda: [0.0, 0.5, 1.0], check=_scales_problem,
+                                 help="LoRA scales (0 = the base model)")
+    seeds: int = option(3, check=positive, help="seeds per prompt")
+    references: str | None = option(None, help="training images (folder, zip, datasets folder or prepared DIR)")
+    encoder: str | None = option(None, help="local vision model for reference similarity (CLIP, SigLIP, DINOv2)")
+    trigger: str | None = option(None, help="replaces every adapter's own trigger word in the prompts")
+    steps: int | None = option(None, check=positive, help="denoising steps (default: the family's)")
+    guidance: float | None = option(None, help="guidance scale (default: the family's)")
+    width: int = option(512, check=side_problem, help="render width")
+    height: int = option(512, check=side_problem, help="render height")
+
+
 @dataclasses.dataclass
 class Column:
     adapter: Adapter | None  # None: the base model
@@ -83,33 +107,34 @@ class Column:
         return self.base_label if self.adapter is None else f"{self.adapter.label} x{self.scale:g}"
 
 
-def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | Path, *, scales: Sequence[float] = (0, 0.5, 1.0),
-             seeds: int = 3, references: str | Path | None = None, encoder: str | Path | None = None,
-             trigger: str | None = None, steps: int | None = None, width: int = 512, height: int = 512,
-             guidance: float | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """`trigger` (when given) replaces every adapter's own trigger word in the suite's prompts."""
+def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | Path, *, show_progress: bool = True,
+             **options: Any) -> dict[str, Any]:
+    """`options`: the fields of EvaluateOptions (scales=(0, 1), seeds=2, steps=8, ...), checked as the CLI's are."""
+    opts = from_kwargs(EvaluateOptions, "evaluate", **options)
+    scales, seeds, steps, width, height, guidance = (sorted(set(opts.scales)), opts.seeds, opts.steps, opts.width,
+                                                     opts.height, opts.guidance)
     if not adapters:
         raise UserError("nothing to evaluate: pass --lora FILE or --run OUTPUT_DIR")
     labels = [a.label for a in adapters]
     if len(set(labels)) != len(labels):
         raise UserError(f"adapter names repeat ({', '.join(sorted({x for x in labels if labels.count(x) > 1}))}); "
                         "give every adapter its own label")
-    refs = load_references(references) if references else []
+    refs = load_references(opts.references) if opts.references else []
     if suite.needs_references() > len(refs):
         raise UserError(f"suite '{suite.name}' has edit prompts needing {suite.needs_references()} reference images; "
                         f"pass --references with at least that many")
-    image_encoder = M.ImageEncoder(encoder) if encoder else None
+    image_encoder = M.ImageEncoder(opts.encoder) if opts.encoder else None
     ref_embeddings = image_encoder.embed(refs) if image_encoder and refs else None
     gen = Generator(model)
     triggers = {}
     for adapter in adapters:  # fail early on a missing or foreign adapter, before any rendering
         info = gen.add_adapter(adapter.path, name="probe")
-        triggers[adapter.label] = trigger if trigger is not None else info.trigger
+        triggers[adapter.label] = opts.trigger if opts.trigger is not None else info.trigger
         gen.remove_adapter("probe")
     jobs = [(p, s) for p in suite.prompts for s in range(seeds)]
     distinct = list(dict.fromkeys(triggers.values()))
-    positive = [s for s in scales if s != 0]
-    bar = tqdm(total=len(jobs) * (len(distinct) + len(adapters) * len(positive)), desc="rendering",
+    nonzero = [s for s in scales if s != 0]
+    bar = tqdm(total=len(jobs) * (len(distinct) + len(adapters) * len(nonzero)), desc="rendering",
                disable=not show_progress)
 
     def render(word: str) -> dict[tuple[str, int], Image.Image]:

@@ -114,3 +114,20 @@ def test_accelerate_launch_prints_one_line_without_traceback(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == "error: config key 'optim.lr' must be > 0, got 0.0"
     assert "Traceback" not in proc.stderr
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from flux2_lora import TABLE, build_parser
+
+    for name in TABLE:
+        parser = build_parser([name])
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        bare = [a.option_strings or a.dest for a in sub._actions if not a.help]
+        assert not bare, f"{name}: {bare}"
+        text = " ".join(sub.format_help().split())
+        if name == "prepare":
+            assert "(default: 1024)" in text and "(default: #FFFFFF)" in text
+        if name == "generate":
+            assert "(default: float32)" in text and "(default: 0)" in text

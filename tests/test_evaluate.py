@@ -221,3 +221,14 @@ def test_two_runs_are_compared_each_with_its_own_name_and_trigger(short_run, tin
                                                         "style-run x0", "style-run x1"]
     with pytest.raises(UserError, match="adapter names repeat"):
         evaluate(str(tiny_models["klein"]), [adapters[0], adapters[0]], suite, tmp_path / "o2", show_progress=False)
+
+
+def test_python_api_and_cli_check_options_alike(short_run, tiny_models, tmp_path, capsys):
+    suite = load_suite("product")
+    with pytest.raises(UserError, match="evaluate argument 'seeds' must be > 0, got 0"):
+        evaluate(str(tiny_models["klein"]), adapters_from_run(short_run), suite, tmp_path / "o", seeds=0)
+    with pytest.raises(UserError, match="evaluate argument 'width' must be a positive multiple of 16"):
+        evaluate(str(tiny_models["klein"]), adapters_from_run(short_run), suite, tmp_path / "o", width=100)
+    assert main(["evaluate", "--model", str(tiny_models["klein"]), "--run", str(short_run), "--seeds", "0",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "error: option '--seeds' must be > 0, got 0"
