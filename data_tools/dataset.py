@@ -15,7 +15,7 @@ from typing import Literal
 from common import metadata
 from common.configtree import option, positive
 from common.errors import UserError
-from common.images import IMAGE_EXTENSIONS, oriented_size
+from common.images import IMAGE_EXTENSIONS, check_image
 from common.limits import MAX_REFERENCES
 from common.metadata import Row
 from common.trigger import with_trigger
@@ -87,25 +87,34 @@ def load_samples(cfg: DataConfig, resolution: int) -> list[Sample]:
     if not images:
         raise UserError(f"data.path '{folder}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 9-50 captioned images")
     buckets = make_buckets(resolution)
-    samples = []
+    samples, problems = [], []
     for image in images:
-        sidecar = image.with_suffix(cfg.caption_ext)
-        rel = image.relative_to(folder).as_posix()
-        row = meta.get(rel)
-        if sidecar.is_file():
-            caption = _read_caption(sidecar)
-        elif row is not None and row.text is not None:
-            caption = row.text.strip()
-        elif cfg.missing_caption == "trigger":
-            caption = ""
-        else:
-            raise UserError(f"image '{image}' has no caption: add {sidecar.name} or a metadata.jsonl line, "
-                            "or set data.missing_caption: trigger")
-        references = _references(folder, rel, row)
-        if references and row.instruction:
-            caption = row.instruction  # an edit pair trains on its instruction, as it is prompted
-        width, height = oriented_size(image)
-        # a bucket chosen by `flux2-lora prepare` (possibly merged) wins when it fits this resolution
-        bucket = row.bucket if row and row.bucket in buckets else nearest_bucket(width, height, buckets)
-        samples.append(Sample(image, with_trigger(caption, cfg.trigger), width, height, bucket, references))
+        try:
+            samples.append(_sample(folder, image, meta.get(image.relative_to(folder).as_posix()), cfg, buckets))
+        except UserError as exc:  # every image is checked, so one run reports every problem
+            problems.append(str(exc))
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise UserError(f"data.path '{folder}': {len(problems)} of {len(images)} images cannot be trained on: {shown}. "
+                        f"`flux2-lora prepare {folder} --out DIR` checks them all and fixes what it can")
     return samples * cfg.repeats
+
+
+def _sample(folder: Path, image: Path, row: Row | None, cfg: DataConfig, buckets) -> Sample:
+    sidecar = image.with_suffix(cfg.caption_ext)
+    if sidecar.is_file():
+        caption = _read_caption(sidecar)
+    elif row is not None and row.text is not None:
+        caption = row.text.strip()
+    elif cfg.missing_caption == "trigger":
+        caption = ""
+    else:
+        raise UserError(f"image '{image}' has no caption: add {sidecar.name} or a metadata.jsonl line, "
+                        "or set data.missing_caption: trigger")
+    references = _references(folder, image.relative_to(folder).as_posix(), row)
+    if references and row.instruction:
+        caption = row.instruction  # an edit pair trains on its instruction, as it is prompted
+    width, height = check_image(image)
+    # a bucket chosen by `flux2-lora prepare` (possibly merged) wins when it fits this resolution
+    bucket = row.bucket if row and row.bucket in buckets else nearest_bucket(width, height, buckets)
+    return Sample(image, with_trigger(caption, cfg.trigger), width, height, bucket, references)

@@ -45,9 +45,10 @@ def evaluate(args: argparse.Namespace) -> int:
     adapters = adapters_from_run(args.run) if args.run else adapters_from_files(args.lora)
     result = run_evaluation(args.model, adapters, suite, args.out, show_progress=not args.no_progress,
                             **dataclasses.asdict(opts))
-    rec = result["recommendation"]
+    rec, speed = result["recommendation"], result["speed"]
     print(f"evaluated {len(adapters)} adapter(s) x {len(opts.scales)} scale(s) x {opts.seeds} seed(s) on suite "
-          f"'{suite.name}'; report: {Path(args.out) / 'report.html'}"
+          f"'{suite.name}': {speed['renders']} renders at {speed['renders_per_second']:.2f}/s; "
+          f"report: {Path(args.out) / 'report.html'}"
           + (f"; recommended: {rec['adapter']} at scale {rec['scale']:g}" if rec else ""))
     return 0
 

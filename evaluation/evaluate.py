@@ -15,6 +15,7 @@ the largest scale whose leakage is <= 0.25 (else its smallest scale).
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -131,19 +132,23 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
         info = gen.add_adapter(adapter.path, name="probe")
         triggers[adapter.label] = opts.trigger if opts.trigger is not None else info.trigger
         gen.remove_adapter("probe")
-    jobs = [(p, s) for p in suite.prompts for s in range(seeds)]
+    renders = len(suite.prompts) * seeds
     distinct = list(dict.fromkeys(triggers.values()))
     nonzero = [s for s in scales if s != 0]
-    bar = tqdm(total=len(jobs) * (len(distinct) + len(adapters) * len(nonzero)), desc="rendering",
+    bar = tqdm(total=renders * (len(distinct) + len(adapters) * len(nonzero)), desc="rendering", unit="image",
                disable=not show_progress)
+    started, done = time.perf_counter(), [0]
 
     def render(word: str) -> dict[tuple[str, int], Image.Image]:
+        """Every prompt of the suite, all seeds in one batch (seed s is the same picture as alone, bar rounding)."""
         images = {}
-        for prompt, seed in jobs:
+        for prompt in suite.prompts:
             kwargs = dict(references=refs[: prompt.references]) if prompt.kind == "edit" else {}
-            images[(prompt.id, seed)] = gen.generate(render_prompt(prompt, word), seed=seed, steps=steps, width=width,
-                                                     height=height, guidance=guidance, **kwargs)[0].image
-            bar.update()
+            made = gen.generate(render_prompt(prompt, word), seed=0, num_images=seeds, steps=steps, width=width,
+                                height=height, guidance=guidance, **kwargs)
+            images.update({(prompt.id, s): m.image for s, m in enumerate(made)})
+            bar.update(seeds)
+            done[0] += seeds
         return images
 
     base = {word: render(word) for word in distinct}
@@ -160,6 +165,7 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
             columns.append((Column(adapter, float(scale), word), render(word)))
         gen.remove_adapter("under_test")
     bar.close()
+    render_seconds = time.perf_counter() - started
 
     rows, summary = _measure(suite, columns, base, seeds, image_encoder, ref_embeddings)
     unavailable = {}
@@ -172,7 +178,10 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
     result = {"suite": suite.name, "model": str(model), "trigger": ", ".join(w or "(none)" for w in distinct),
               "triggers": triggers, "scales": list(map(float, scales)), "seeds": seeds, "steps": steps,
               "width": width, "height": height, "columns": summary, "prompts": rows, "unavailable": unavailable,
-              "recommendation": recommend(summary), "directions": DIRECTION}
+              "recommendation": recommend(summary), "directions": DIRECTION,
+              "speed": {"renders": done[0], "render_seconds": round(render_seconds, 3),
+                        "renders_per_second": round(done[0] / max(render_seconds, 1e-9), 3),
+                        "text_encoder_calls": gen.text_encoder_calls}}
     with atomic_dir(out) as tmp:
         write_outputs(tmp, result, suite, columns, seeds)
     return result

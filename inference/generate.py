@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -32,6 +33,8 @@ from inference.loading import (
 from inference.runs import lora_file, lora_label
 
 log = logging.getLogger("flux2_lora.generate")
+
+PROMPT_CACHE = 32
 
 
 @dataclasses.dataclass
@@ -107,6 +110,8 @@ class Generator:
         self.scales: dict[str, float] = {}
         self.fused = False
         self.baked: list[dict[str, Any]] = []  # adapters merged for good by fuse(permanent=True)
+        self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.text_encoder_calls = 0
 
     # ---- adapters -------------------------------------------------------------------------------------------
     def add_adapter(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> AdapterInfo:
@@ -182,9 +187,12 @@ class Generator:
             for trigger in [r["trigger"] for r in self.baked] + [a.trigger for a in self.adapters.values()]:
                 prompt = with_trigger(prompt, trigger or None)
         generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+        embeds = {"prompt_embeds": self.prompt_embeds(prompt)}
+        if self.family.has_true_cfg:
+            embeds["negative_prompt_embeds"] = self.prompt_embeds("")
         try:
-            out = self.pipe(prompt=prompt, image=images or None, width=width, height=height, num_inference_steps=steps,
-                            guidance_scale=guidance, num_images_per_prompt=num_images, generator=generators)
+            out = self.pipe(image=images or None, width=width, height=height, num_inference_steps=steps,
+                            guidance_scale=guidance, num_images_per_prompt=num_images, generator=generators, **embeds)
         except ValueError as exc:  # the pipeline's own input checks (e.g. a reference image under 64 px)
             raise UserError(f"generation refused: {str(exc).splitlines()[0]}") from None
         record = {
@@ -194,6 +202,20 @@ class Generator:
             "loras": self.baked + self._lora_records(),
         }
         return [Generated(img, {**record, "seed": seed + i}) for i, img in enumerate(out.images)]
+
+    @torch.no_grad()
+    def prompt_embeds(self, prompt: str) -> torch.Tensor:
+        """The pipeline's own encode_prompt, once per distinct prompt: LoRAs act on the transformer only, so the
+        embeddings do not change when adapters or scales do. The last PROMPT_CACHE prompts are kept (a real
+        klein-4B embedding is ~8 MB)."""
+        if prompt in self._embeds:
+            self._embeds.move_to_end(prompt)
+        else:
+            self.text_encoder_calls += 1
+            self._embeds[prompt] = self.pipe.encode_prompt(prompt=prompt, device=self.pipe._execution_device)[0]
+            if len(self._embeds) > PROMPT_CACHE:
+                self._embeds.popitem(last=False)
+        return self._embeds[prompt]
 
     @staticmethod
     def _image(value: Image.Image | str | Path) -> Image.Image:

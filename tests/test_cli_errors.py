@@ -96,6 +96,44 @@ def test_unwritable_output(capsys, config, tiny_models, sample_data, tmp_path):
 def test_resume_without_checkpoint(capsys, config, tiny_models, sample_data, tmp_path):
     err = _train(capsys, config, tiny_models, sample_data, tmp_path, resume="latest")
     assert "holds no checkpoint" in err
+    assert not (tmp_path / "out").exists()  # the refused run leaves no empty output folder behind
+
+
+def test_mistyped_local_model_path_is_named_at_once(capsys, config, tiny_models, sample_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_models["klein"].parent)  # "tiny-klein" is here; "tiny-klien" looks like owner/name
+    err = _train(capsys, config, tiny_models, sample_data, tmp_path, model__path="./tiny-klien")
+    assert err.startswith("error: model.path './tiny-klien': no such folder (did you mean")
+    (tiny_models["klein"].parent / "runs").mkdir(exist_ok=True)
+    err = _train(capsys, config, tiny_models, sample_data, tmp_path, model__path="runs/tiny-klein")
+    assert "model.path 'runs/tiny-klein': no such folder" in err  # its first folder exists: no hub lookup
+
+
+def test_every_data_problem_is_reported_in_one_run(capsys, config, tiny_models, tmp_path):
+    data = tmp_path / "raw"
+    data.mkdir()
+    for name in ("good", "nocaption", "latin1", "broken", "truncated"):
+        Image.new("RGB", (64, 64), "red").save(data / f"{name}.png")
+        (data / f"{name}.txt").write_text("zxq")
+    (data / "nocaption.txt").unlink()
+    (data / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (data / "broken.png").write_bytes(b"not a png")
+    whole = (data / "good.png").read_bytes()
+    (data / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    err = _train(capsys, config, tiny_models, data, tmp_path)
+    assert "4 of 5 images cannot be trained on" in err and "and 1 more" in err and "flux2-lora prepare" in err
+    for name in ("broken.png", "latin1.txt", "nocaption.png"):  # sorted: the first three named
+        assert name in err
+
+
+def test_wandb_without_login_is_refused_before_caching(capsys, config, tiny_models, sample_data, tmp_path,
+                                                       monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    err = _train(capsys, config, tiny_models, sample_data, tmp_path, output__report_to="wandb")
+    assert "wandb has no login here" in err and "WANDB_MODE=offline" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_fp16_on_cpu(capsys, config, tiny_models, sample_data, tmp_path):

@@ -217,6 +217,8 @@ def test_two_runs_are_compared_each_with_its_own_name_and_trigger(short_run, tin
     result = evaluate(str(tiny_models["klein"]), adapters[:2], suite, tmp_path / "out", scales=(0, 1), seeds=1,
                       steps=1, width=64, height=64, show_progress=False)
     assert result["triggers"] == {"run": "zxq", "style-run": "qqv"}
+    # each distinct prompt is encoded once, whatever the adapters and scales: 2 triggers + klein's empty negative
+    assert result["speed"]["text_encoder_calls"] == 3 and result["speed"]["renders"] == 4  # base x 2 triggers + 2 adapters at scale 1
     assert [c["column"] for c in result["columns"]] == ["base [zxq]", "base [qqv]", "run x0", "run x1",
                                                         "style-run x0", "style-run x1"]
     with pytest.raises(UserError, match="adapter names repeat"):

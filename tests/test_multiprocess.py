@@ -23,7 +23,10 @@ def test_two_process_run_agrees_across_ranks(tiny_models, sample_data, shared_ca
            *train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=8, checkpoint__every=4)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "all 2 ranks hold identical LoRA weights" in proc.stderr + proc.stdout
+    said = proc.stderr + proc.stdout
+    assert "all 2 ranks hold identical LoRA weights" in said
+    # one summary, not one per rank
+    assert said.count("ready to train") == 1 and said.count("LoRA written to") == 1, said[-3000:]
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert any(torch.count_nonzero(v) for k, v in lora.items() if "lora_B" in k)  # it trained
     # one checkpoint with both ranks' RNG states, written once

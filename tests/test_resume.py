@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from helpers import REPO, train_args
@@ -84,3 +85,50 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_models, sample_data, shared_c
     saved = list_checkpoints(out)
     assert len(saved) == 1 and int(saved[0].name[5:]) > 0
     assert (saved[0] / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid:
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_to_the_launcher_stops_the_trainer_with_a_checkpoint(tiny_models, sample_data, shared_cache,
+                                                                     tmp_path):
+    """A scheduler's SIGTERM reaches `accelerate launch`, which exits at once: the trainer must not run on alone."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    out = tmp_path / "run"
+    args = train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=100000)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+         str(REPO / "configs" / "accelerate" / "default.yaml"), str(REPO / "train.py"), "--config", str(empty),
+         "--no-progress", *args], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "config.yaml").exists() and time.time() < deadline:  # written just before the loop
+        assert launcher.poll() is None
+        time.sleep(0.05)
+    [trainer] = _children(launcher.pid)
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=30)
+    deadline = time.time() + 60
+    while _alive(trainer) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(trainer), "the trainer outlived its launcher"
+    saved = list_checkpoints(out)
+    assert len(saved) == 1 and (saved[0] / "pytorch_lora_weights.safetensors").is_file()

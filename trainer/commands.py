@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from common.commands import Command, quiet_libraries
+from common.commands import Command, quiet_libraries, rank
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,13 +15,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
+    from trainer.signals import follow_launcher
 
+    follow_launcher()  # before the slow part: a launcher killed while we load must not leave us behind
     cfg = load_config(args.config, args.overrides)  # validated before anything heavy is imported or loaded
     quiet_libraries()
     from trainer.recipe import run
 
     result = run(cfg, show_progress=not args.no_progress)
-    print(f"LoRA written to {result.lora_path}")
+    if rank() == 0:
+        print(f"LoRA written to {result.lora_path}")
     return 0
 
 

@@ -97,6 +97,7 @@ def run(cfg: Config, show_progress: bool = True) -> TrainResult:
 
 # ---- setup: everything a user can get wrong fails here, before any weights load ------------------------------
 def setup(cfg: Config, show_progress: bool) -> Run:
+    started = time.perf_counter()
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
@@ -123,7 +124,6 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     with accelerator.main_process_first():  # rank 0 fills the cache, the others then read it
         features = build_features(samples, base, cfg.model.dtype, cfg.cache, show_progress and main,
                                   accelerator.device, extra_prompts=tuple(cfg.sample.prompts))
-    log.info("encoders called: text %d, vae %d", features.text_encoder_calls, features.vae_calls)
 
     transformer = load_pipeline(base, cfg.model.dtype, text_encoder=False, vae=False).transformer
     add_lora(transformer, cfg.lora, cfg.train.seed)
@@ -151,6 +151,9 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     if cfg.output.report_to != "none":
         accelerator.init_trackers(cfg.output.project, config=_flat(cfg),
                                   init_kwargs={"wandb": {"dir": str(out), "name": cfg.output.name or out.name}})
+    log.info("ready to train in %.1f s (%d images; text encoder ran %d times, VAE %d times)",
+             time.perf_counter() - started, len(samples) // cfg.data.repeats, features.text_encoder_calls,
+             features.vae_calls)
     return r
 
 
