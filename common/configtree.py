@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -219,11 +220,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"config file '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    _refuse_cut_hex_codes(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a mapping of keys at the top level")
     return data
+
+
+_CUT_HEX = re.compile(r"^[^#'\"]*\S\s+(#[0-9A-Fa-f]{6}\b|#[0-9A-Fa-f]{3}\b)")
+
+
+def _refuse_cut_hex_codes(path: Path) -> None:
+    """In YAML, " #" starts a comment: an unquoted prompt with a hex colour loses everything from the colour on,
+    silently. FLUX.2 prompts use hex colours a lot, so this is checked on the raw text."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        match = _CUT_HEX.match(line)
+        if match and not line.lstrip().startswith("#"):
+            raise UserError(f"config file '{path}' line {number}: {match.group(1)} starts a YAML comment there, so "
+                            "the rest of the line is dropped; put the value in quotes")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ h1{font-size:22px;margin:0 0 4px}.muted{color:#777}
 .bars div{display:flex;align-items:center;margin:2px 0;font-size:12px}
 .bars b{display:inline-block;height:14px;background:#4a7bd0;margin:0 8px;border-radius:2px}
 table{border-collapse:collapse;font-size:12px}td{padding:3px 8px;border-bottom:1px solid #eee}
+.next{background:#e6f4ea;padding:8px 12px;border-radius:8px;display:inline-block}
 """
 
 
@@ -45,6 +46,12 @@ def write_report(target: Path, report: dict[str, Any], root: Path) -> None:
              f"<h1>Dataset report</h1><div class='muted'>{e(report['source'])} ({e(report['source_kind'])}) — "
              f"resolution {report['options']['resolution']}, trigger {e(str(report['options']['trigger']))}, "
              f"fix {'on' if report['options']['fix'] else 'off'}</div>",
+             "<p class='next'>Next: train on this folder with <code>data.path: <span id='here'>this folder</span></code>"
+             f"{' and <code>data.trigger: ' + e(str(report['options']['trigger'])) + '</code>' if report['options']['trigger'] else ''}"
+             " (or check <code>report.json</code> from a script).</p>"
+             # the folder's path is filled in when the page is opened, so equal input still gives equal bytes
+             "<script>document.getElementById('here').textContent = decodeURIComponent("
+             "location.pathname.replace(/\\/[^\\/]*$/, ''));</script>"
              "<div class='summary'>"
              f"<span>{s['kept']} of {s['files']} images kept</span>"
              f"<span class='error'>{s['errors']} errors</span><span class='warning'>{s['warnings']} warnings</span>"

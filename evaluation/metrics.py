@@ -23,6 +23,7 @@ from PIL import Image
 from common.images import hex_to_rgb
 from common.local_models import load_local
 
+NOTICEABLE_DELTA_E = 2.0  # CIEDE2000: below about 2 most people see no difference
 METRICS = ("reference_similarity", "colour_delta_e", "leakage", "diversity", "text_error")
 DIRECTION = {"reference_similarity": "higher is better", "colour_delta_e": "lower is better",
              "leakage": "lower is better", "diversity": "higher is more varied", "text_error": "lower is better"}

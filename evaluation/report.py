@@ -9,7 +9,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from evaluation.metrics import DIRECTION, METRICS
+from evaluation.metrics import DIRECTION, METRICS, NOTICEABLE_DELTA_E
+
+# the smallest y-range a plot shows: about 2.5 noticeable colour differences, a tenth of a [0, 1] score
+MIN_SPAN = {"colour_delta_e": 2.5 * NOTICEABLE_DELTA_E, "reference_similarity": 0.1, "leakage": 0.1,
+            "diversity": 0.1, "text_error": 0.1}
 from inference.grids import make_grid
 from inference.provenance import save_png
 
@@ -37,7 +41,7 @@ def _plots(root: Path, result: dict[str, Any]) -> list[str]:
             if pts:
                 by_step.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"scale {scale:g}")
         by_step.set_xticks(range(len(adapters)), adapters, rotation=30, fontsize=8)
-        by_step.set_title(f"{metric} by checkpoint", fontsize=10)
+        by_step.set_title(f"{metric} by checkpoint ({DIRECTION[metric]})", fontsize=10)
         for adapter in adapters:
             pts = sorted((c["scale"], c["metrics"][metric]) for c in columns
                          if c["adapter"] == adapter and c["metrics"][metric] is not None)
@@ -47,6 +51,7 @@ def _plots(root: Path, result: dict[str, Any]) -> list[str]:
         by_scale.set_title(f"{metric} by scale ({DIRECTION[metric]})", fontsize=10)
         for ax in (by_step, by_scale):
             ax.grid(alpha=0.3)
+            _honest_axis(ax, metric)
             ax.legend(fontsize=7)
         fig.tight_layout()
         name = f"plots/{metric}.png"
@@ -54,6 +59,23 @@ def _plots(root: Path, result: dict[str, Any]) -> list[str]:
         plt.close(fig)
         written.append(name)
     return written
+
+
+def _honest_axis(ax, metric: str) -> None:
+    """A y-range at least as wide as a difference people would notice, so noise does not look like a trend."""
+    low, high = ax.get_ylim()
+    span = MIN_SPAN[metric]
+    if high - low < span:
+        middle = (low + high) / 2
+        low, high = middle - span / 2, middle + span / 2
+        if metric != "reference_similarity":
+            low, high = max(0.0, low), max(0.0, low) + span  # the other metrics are >= 0
+        ax.set_ylim(low, high)
+    values = [float(v) for line in ax.get_lines() for v in line.get_ydata()]
+    if metric == "colour_delta_e" and values:
+        best = min(values)
+        ax.axhspan(best, best + NOTICEABLE_DELTA_E, color="#2e7d32", alpha=0.1,
+                   label=f"within ΔE {NOTICEABLE_DELTA_E:g} of the best: hard to tell apart")
 
 
 def write_outputs(root: Path, result: dict[str, Any], suite, columns, seeds: int) -> None:
@@ -73,7 +95,8 @@ def write_outputs(root: Path, result: dict[str, Any], suite, columns, seeds: int
                 tiles.append(images[(prompt.id, s)])
                 labels.append(column.label)
         name = f"grid_seed{s}.png"
-        make_grid(tiles, columns=len(columns), labels=labels, row_labels=[p.id for p in suite.prompts]).save(root / name)
+        make_grid(tiles, columns=len(columns), labels=labels, row_labels=[p.id for p in suite.prompts],
+                  title=f"seed {s}: rows are prompts, columns are checkpoint x scale").save(root / name)
         grids.append(name)
     plots = _plots(root, result)
     (root / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -59,6 +59,11 @@ def parse_lora(spec: str) -> tuple[str, float]:
                         "for scale 1") from None
 
 
+def _grid_label(record: dict[str, Any]) -> str:
+    loras = ", ".join(f"{lora['name']} x{lora['scale']:g}" for lora in record["loras"])
+    return f"{record['prompt']}\nseed {record['seed']}" + (f" · {loras}" if loras else "")
+
+
 def read_jobs(path: Path, defaults: dict[str, Any]) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     """Valid jobs with their line numbers, and one error line per bad line (the rest still run)."""
     if not path.is_file():
@@ -132,7 +137,7 @@ def generate(args: argparse.Namespace) -> int:
         write_text(out / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in results))
     if len(images) > 1:
         with atomic_path(out / "grid.png") as tmp:
-            make_grid(images, labels=[f"seed {r['seed']}" for r in results]).save(tmp, format="PNG")
+            make_grid(images, labels=[_grid_label(r) for r in results]).save(tmp, format="PNG")
     print(f"{len(images)} image(s) written to {out}" + (f"; {failed} job(s) failed" if failed else ""))
     return 1 if failed else 0  # partial success still says so in the exit code
 

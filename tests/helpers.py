@@ -6,6 +6,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# How long a test waits for a subprocess before calling it hung. Only a guard against hangs: no test depends on
+# how fast the machine is, and a loaded 2-core machine can be ten times slower than an idle one.
+HANG = 1800
+
 # (caption, trigger, the caption trained on)
 TRIGGER_CASES = [
     ("a photo of zxq, red mug", "zxq", "a photo of zxq, red mug"),  # punctuation after the trigger

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, train_args
+from helpers import HANG, REPO, train_args
 from PIL import Image
 
 from flux2_lora import main
@@ -148,7 +148,7 @@ def test_accelerate_launch_prints_one_line_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--cpu", "--num_processes", "1",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            str(REPO / "train.py"), "--config", str(cfg)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == "error: config key 'optim.lr' must be > 0, got 0.0"
     assert "Traceback" not in proc.stderr

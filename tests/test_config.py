@@ -91,3 +91,10 @@ def test_cross_section_problems_are_reported_together():
     assert message.startswith("3 problems: (1) optim.warmup_steps (20) must be below train.steps (10)")
     assert "(2) train.guidance is set, but FLUX.2 klein has no guidance embedding" in message
     assert "(3) sample.every (50) is beyond train.steps (10)" in message and "\n" not in message
+
+
+def test_a_hex_colour_that_yaml_would_cut_is_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('sample:\n  prompts:\n    - "zxq mug, #E4572E quoted"\n    - zxq mug, a #E4572E ring\n')
+    assert _error([], cfg) == (f"config file '{cfg}' line 4: #E4572E starts a YAML comment there, so the rest of the "
+                               "line is dropped; put the value in quotes")

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers import train_args
+from helpers import HANG, train_args
 from PIL import Image
 
 from common.errors import UserError
@@ -186,7 +186,7 @@ def test_example_script_evaluates_from_python(short_run, tiny_models, tmp_path):
 
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate_checkpoints.py"), "--model",
                            str(tiny_models["klein"]), "--run", str(short_run), "--suite", "style", "--out",
-                           str(tmp_path / "e")], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "e")], capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "recommended:" in proc.stdout and (tmp_path / "e" / "report.html").is_file()
 

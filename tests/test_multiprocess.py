@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import torch
-from helpers import REPO, train_args
+from helpers import HANG, REPO, train_args
 from safetensors.torch import load_file
 
 
@@ -21,7 +21,7 @@ def test_two_process_run_agrees_across_ranks(tiny_models, sample_data, shared_ca
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(REPO / "train.py"), "--config", str(config), "--no-progress",
            *train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=8, checkpoint__every=4)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = proc.stderr + proc.stdout
     assert "all 2 ranks hold identical LoRA weights" in said

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import torch
-from helpers import REPO, train_args
+from helpers import HANG, REPO, train_args
 from safetensors.torch import load_file
 
 from trainer.checkpoints import list_checkpoints
@@ -34,7 +34,7 @@ def _launch(args):
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_checkpoint(out, proc, at_least, timeout=120):
+def _wait_for_checkpoint(out, proc, at_least, timeout=HANG):
     deadline = time.time() + timeout
     while time.time() < deadline:
         done = [int(p.name[5:]) for p in list_checkpoints(out)]
@@ -73,13 +73,13 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_models, sample_data, shared_c
     out = tmp_path / "run"
     args = train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=100000)
     proc = _launch([str(empty), *args])
-    deadline = time.time() + 120
+    deadline = time.time() + HANG
     while not (out / "config.yaml").exists() and time.time() < deadline:  # written just before the loop
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.05)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=HANG)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in err and "Traceback" not in err
     saved = list_checkpoints(out)
@@ -119,14 +119,14 @@ def test_sigterm_to_the_launcher_stops_the_trainer_with_a_checkpoint(tiny_models
          str(REPO / "configs" / "accelerate" / "default.yaml"), str(REPO / "train.py"), "--config", str(empty),
          "--no-progress", *args], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + HANG
     while not (out / "config.yaml").exists() and time.time() < deadline:  # written just before the loop
         assert launcher.poll() is None
         time.sleep(0.05)
     [trainer] = _children(launcher.pid)
     launcher.send_signal(signal.SIGTERM)
-    launcher.wait(timeout=30)
-    deadline = time.time() + 60
+    launcher.wait(timeout=HANG)
+    deadline = time.time() + HANG
     while _alive(trainer) and time.time() < deadline:
         time.sleep(0.05)
     assert not _alive(trainer), "the trainer outlived its launcher"

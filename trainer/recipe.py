@@ -235,7 +235,7 @@ def finish(r: Run) -> None:
     if accelerator.is_main_process:
         save_lora(r.out / WEIGHT_NAME, final, r.base.family, r.lora_info())
         if r.sampler and cfg.sample.before_after:
-            r.sampler.before_after(final)
+            r.sampler.before_after(final, r.step)
         variant = r.base.family.variant(final.config)
         write_card(r.out, model_card(name=cfg.output.name or r.out.resolve().name, variant=variant,
                                      family=r.base.family, base_model=card_base_model(r.base, variant),

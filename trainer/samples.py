@@ -61,17 +61,20 @@ class SampleRenderer:
         transformer.train(was_training)
         return images
 
-    def save_grid(self, images: list[Image.Image], name: str, columns: int, labels: list[str]) -> Image.Image:
-        grid = make_grid(images, columns=columns, labels=labels)
+    def save_grid(self, name: str, images: list[Image.Image], **layout) -> Image.Image:
+        grid = make_grid(images, columns=len(self.cfg.prompts), **layout)
         with atomic_path(self.out_dir / "samples" / name) as tmp:
             grid.save(tmp, format="PNG")
         return grid
 
-    def at_step(self, transformer, step: int) -> Image.Image:
-        images = self.render(transformer)
-        return self.save_grid(images, f"step-{step:06d}.png", len(images), self.cfg.prompts)
+    def _labels(self) -> list[str]:
+        return [f"{p}\nseed {self.cfg.seed + i}" for i, p in enumerate(self.cfg.prompts)]
 
-    def before_after(self, transformer) -> Image.Image:
+    def at_step(self, transformer, step: int) -> Image.Image:
+        return self.save_grid(f"step-{step:06d}.png", self.render(transformer), labels=self._labels(),
+                              title=f"step {step}: {self.steps} sampling steps, guidance {self.guidance:g}")
+
+    def before_after(self, transformer, step: int) -> Image.Image:
         """Row 1: LoRA off (scale 0); row 2: LoRA on (scale 1). Same seeds, same prompts."""
         transformer.disable_adapters()
         try:
@@ -79,5 +82,6 @@ class SampleRenderer:
         finally:
             transformer.enable_adapters()
         after = self.render(transformer)
-        labels = [f"base: {p}" for p in self.cfg.prompts] + [f"LoRA: {p}" for p in self.cfg.prompts]
-        return self.save_grid(before + after, "before_after.png", len(before), labels)
+        return self.save_grid("before_after.png", before + after, labels=[""] * len(before) + self._labels(),
+                              row_labels=["without the LoRA", f"with the LoRA (step {step})"],
+                              title=f"before / after {step} steps: same prompts, same seeds")
