@@ -47,6 +47,8 @@ def quiet_libraries() -> None:
     else:
         logging.basicConfig(level=logging.WARNING, format=f"[rank {rank()}] %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    # huggingface_hub has its own handler; propagating to ours too printed every hub retry twice
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 def rank() -> int:

@@ -169,3 +169,10 @@ def test_every_option_of_every_command_has_help():
             assert "(default: 1024)" in text and "(default: #FFFFFF)" in text
         if name == "generate":
             assert "(default: float32)" in text and "(default: 0)" in text
+
+
+def test_hub_retries_are_printed_once():
+    code = ("from common.commands import quiet_libraries; quiet_libraries(); import logging; "
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=HANG)
+    assert proc.stderr.count("Retrying in 1s") == 1, proc.stderr
