@@ -30,10 +30,11 @@ Check = Callable[[Any], "str | None"]
 
 
 def option(default: Any = dataclasses.MISSING, *, check: Check | None = None, help: str = "", factory=None,
-           shown_default: str | None = None) -> Any:
-    """A config field with an optional `check(value) -> error text or None`, a help string, and (for defaults
-    computed per machine) the text the reference docs show instead of the value."""
-    meta = {"check": check, "help": help, "shown_default": shown_default}
+           shown_default: str | None = None, migrations: dict[Any, str] | None = None) -> Any:
+    """A config field with an optional `check(value) -> error text or None`, a help string, (for defaults
+    computed per machine) the text the reference docs show instead of the value, and `migrations`: retired
+    values and what to write instead."""
+    meta = {"check": check, "help": help, "shown_default": shown_default, "migrations": migrations or {}}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -165,6 +166,9 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
     for field_name, f in fields.items():
         key = f"{prefix}.{field_name}" if prefix else field_name
         if field_name in data:
+            retired = f.metadata.get("migrations", {})
+            if isinstance(data[field_name], (str, int, float, bool)) and data[field_name] in retired:
+                raise UserError(f"{_name(key)}: {retired[data[field_name]]}")
             value = _coerce(data[field_name], hints[field_name], key)
         elif dataclasses.is_dataclass(hints[field_name]):
             value = _build(hints[field_name], {}, key)  # absent sections are still validated

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from common import metadata
 from common.configtree import option, positive
@@ -19,7 +19,7 @@ from common.images import IMAGE_EXTENSIONS, check_image
 from common.limits import MAX_REFERENCES
 from common.metadata import Row
 from common.trigger import with_trigger
-from data_tools.buckets import make_buckets, nearest_bucket
+from data_tools.buckets import make_buckets, merge_small_buckets, nearest_bucket, upscale_factor
 
 
 @dataclasses.dataclass
@@ -70,7 +70,9 @@ def _references(folder: Path, name: str, row: Row | None) -> tuple[Path, ...]:
     return paths
 
 
-def load_samples(cfg: DataConfig, resolution: int) -> list[Sample]:
+def load_samples(cfg: DataConfig, resolution: int | Sequence[int], batch_size: int = 1) -> list[Sample]:
+    """Every image as a Sample, once per training resolution (multi-resolution training), bucketed on that
+    resolution's grid, buckets too small for `batch_size` merged; repeated `data.repeats` times."""
     folder = Path(cfg.path)
     if not folder.is_dir():
         raise UserError(f"data.path '{folder}' is not a folder; point it at your images (try `flux2-lora sample-data DIR`)")
@@ -86,21 +88,34 @@ def load_samples(cfg: DataConfig, resolution: int) -> list[Sample]:
     images = [folder / name for name in sorted((found | listed) - reference_only)]
     if not images:
         raise UserError(f"data.path '{folder}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 9-50 captioned images")
-    buckets = make_buckets(resolution)
-    samples, problems = [], []
+    read, problems = [], []
     for image in images:
         try:
-            samples.append(_sample(folder, image, meta.get(image.relative_to(folder).as_posix()), cfg, buckets))
+            read.append(_sample(folder, image, meta.get(image.relative_to(folder).as_posix()), cfg))
         except UserError as exc:  # every image is checked, so one run reports every problem
             problems.append(str(exc))
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise UserError(f"data.path '{folder}': {len(problems)} of {len(images)} images cannot be trained on: {shown}. "
                         f"`flux2-lora prepare {folder} --out DIR` checks them all and fixes what it can")
+    samples = []
+    for res in [resolution] if isinstance(resolution, int) else resolution:
+        buckets = make_buckets(res)
+        # a bucket chosen by `flux2-lora prepare` (possibly merged) wins when it is on this resolution's grid
+        assigned = {i: chosen if chosen in buckets else nearest_bucket(s.width, s.height, buckets)
+                    for i, (s, chosen) in enumerate(read)}
+        assigned = merge_small_buckets(assigned, batch_size)
+        samples += [dataclasses.replace(s, bucket=assigned[i]) for i, (s, _) in enumerate(read)]
     return samples * cfg.repeats
 
 
-def _sample(folder: Path, image: Path, row: Row | None, cfg: DataConfig, buckets) -> Sample:
+def upscaled(samples: list[Sample]) -> list[Sample]:
+    """Samples whose image is smaller than its bucket, so training enlarges it (softer than the rest)."""
+    return [s for s in samples if upscale_factor(s.width, s.height, s.bucket) > 1.0]
+
+
+def _sample(folder: Path, image: Path, row: Row | None, cfg: DataConfig) -> tuple[Sample, tuple[int, int] | None]:
+    """The sample (its bucket not chosen yet) and the bucket prepare chose for it, if any."""
     sidecar = image.with_suffix(cfg.caption_ext)
     if sidecar.is_file():
         caption = _read_caption(sidecar)
@@ -115,6 +130,5 @@ def _sample(folder: Path, image: Path, row: Row | None, cfg: DataConfig, buckets
     if references and row.instruction:
         caption = row.instruction  # an edit pair trains on its instruction, as it is prompted
     width, height = check_image(image)
-    # a bucket chosen by `flux2-lora prepare` (possibly merged) wins when it fits this resolution
-    bucket = row.bucket if row and row.bucket in buckets else nearest_bucket(width, height, buckets)
-    return Sample(image, with_trigger(caption, cfg.trigger), width, height, bucket, references)
+    sample = Sample(image, with_trigger(caption, cfg.trigger), width, height, (width, height), references)
+    return sample, row.bucket if row else None

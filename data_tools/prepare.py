@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import multiprocessing
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +28,7 @@ from common.configtree import from_dict, option, positive
 from common.errors import UserError
 from common.images import decode_rgb, fit, hex_to_rgb, normalise_hex
 from common.limits import MAX_PIXELS, MAX_REFERENCES, side_problem
-from data_tools.buckets import make_buckets, nearest_bucket
+from data_tools.buckets import make_buckets, merge_small_buckets, nearest_bucket
 from data_tools.captions import (
     dedupe_tags,
     make_captioner,
@@ -139,22 +138,6 @@ def _write_task(task) -> None:
     image.save(target, format="PNG", optimize=False)
 
 
-def _merge_small_buckets(assigned: dict[str, tuple[int, int]], min_size: int) -> dict[str, tuple[int, int]]:
-    """Move images of buckets smaller than `min_size` into the nearest (by aspect) bucket with more images."""
-    assigned = dict(assigned)
-    while True:
-        counts: dict[tuple[int, int], int] = {}
-        for b in assigned.values():
-            counts[b] = counts.get(b, 0) + 1
-        small = sorted((c, b) for b, c in counts.items() if c < min_size)
-        if not small or len(counts) == 1:
-            return assigned
-        _, victim = small[0]
-        others = [b for b in counts if b != victim]
-        target = min(others, key=lambda b: (abs(math.log(b[0] / b[1]) - math.log(victim[0] / victim[1])), -counts[b]))
-        assigned = {k: (target if v == victim else v) for k, v in assigned.items()}
-
-
 def prepare(src: str | Path, out: str | Path, opts: PrepareOptions | None = None, show_progress: bool = True,
             **options: Any) -> dict[str, Any]:
     """`prepare(src, out, trigger="zxq", fix=True)` or with a PrepareOptions; options are checked as the CLI's are.
@@ -172,7 +155,7 @@ def prepare(src: str | Path, out: str | Path, opts: PrepareOptions | None = None
     _check_captions_and_references(kept, opts)
     assigned = {it.entry.name: nearest_bucket(it.facts.width, it.facts.height, make_buckets(opts.resolution))
                 for it in kept}
-    assigned = _merge_small_buckets(assigned, opts.batch_size)
+    assigned = merge_small_buckets(assigned, opts.batch_size)
     for it in kept:
         it.bucket = assigned[it.entry.name]
     with atomic_dir(out) as tmp:

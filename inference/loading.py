@@ -28,6 +28,8 @@ class ModelConfig:
     group_offload: Literal["none", "block", "leaf"] = option(
         "none", help="keep transformer weights in CPU RAM and move one block (or layer) at a time to the device"
     )
+    allow_distilled: bool = option(False, help="train on a step-distilled checkpoint anyway (LoRAs trained on one "
+                                               "come out weak or grey; train on the base checkpoint)")
 
     def validate(self) -> list[str]:
         if not self.path:
@@ -52,6 +54,9 @@ class BaseModel:
     @property
     def distilled(self) -> bool:
         return bool(self.index.get("is_distilled", False))
+
+    def transformer_config(self) -> dict[str, Any]:
+        return json.loads(_fetch(self.path, "transformer/config.json", self.revision).read_text(encoding="utf-8"))
 
     def identity(self, component: str) -> str:
         """A short content hash of one component, used to key caches: a different model never hits them."""

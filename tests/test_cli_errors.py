@@ -176,3 +176,14 @@ def test_hub_retries_are_printed_once():
             "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=HANG)
     assert proc.stderr.count("Retrying in 1s") == 1, proc.stderr
+
+
+def test_a_distilled_checkpoint_is_refused_unless_allowed(capsys, config, sample_data, tmp_path):
+    distilled = tmp_path / "distilled"
+    assert main(["tiny-model", str(distilled), "--family", "klein", "--distilled"]) == 0
+    capsys.readouterr()
+    args = train_args(distilled, sample_data, tmp_path / "out", tmp_path / "cache", train__steps=1)
+    err = _fails(capsys, ["train", "--config", config, *args])
+    assert "is a step-distilled FLUX.2 klein checkpoint" in err and "model.allow_distilled: true" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["train", "--config", config, "--no-progress", *args, "model.allow_distilled=true"]) == 0

@@ -8,7 +8,7 @@ from PIL import Image
 from common.errors import UserError
 from common.images import fit, open_rgb
 from common.trigger import with_trigger
-from data_tools.buckets import make_buckets, nearest_bucket
+from data_tools.buckets import bucket_step, make_buckets, nearest_bucket
 from data_tools.dataset import DataConfig, load_samples
 from trainer.batches import BatchPlan
 
@@ -59,14 +59,38 @@ def test_alpha_is_composited_on_white(tmp_path):
     assert open_rgb(tmp_path / "t.png").getpixel((5, 5)) == (255, 255, 255)
 
 
-def test_buckets_are_multiples_of_16_with_bounded_area():
+def test_buckets_lie_on_a_grid_of_a_sixteenth_of_the_resolution_with_bounded_area():
+    assert [bucket_step(r) for r in (64, 256, 512, 768, 1024, 2048)] == [16, 16, 32, 48, 64, 128]
     buckets = make_buckets(1024)
     assert (1024, 1024) in buckets
-    assert all(w % 16 == 0 and h % 16 == 0 and w * h <= 1024 * 1024 for w, h in buckets)
+    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 1024 * 1024 for w, h in buckets)
     assert all(max(w / h, h / w) <= 4 for w, h in buckets)
-    assert nearest_bucket(4000, 3000, buckets) in {(1184, 880), (1168, 880), (1184, 896)}
-    assert nearest_bucket(3000, 4000, buckets)[1] > nearest_bucket(3000, 4000, buckets)[0]
-    assert fit(Image.new("RGB", (4000, 3000)), 1184, 880).size == (1184, 880)
+    assert nearest_bucket(4000, 3000, buckets) == (1152, 896)
+    assert nearest_bucket(3000, 4000, buckets) == (896, 1152)
+    assert fit(Image.new("RGB", (4000, 3000)), 1152, 896).size == (1152, 896)
+
+
+def test_real_photo_sizes_form_full_batches(tmp_path):
+    """Phone and camera photos of slightly different sizes must share buckets, so batch_size 4 means 4."""
+    sizes = [(4032, 3024), (4000, 3000), (3024, 4032), (3000, 4000), (4080, 3060), (1920, 1080), (1080, 1920),
+             (2048, 1536), (3264, 2448), (2448, 3264), (1600, 1200), (4032, 2268)]
+    for i, (w, h) in enumerate(sizes):
+        Image.new("RGB", (w // 8, h // 8), "gray").save(tmp_path / f"p{i:02d}.jpg")
+        (tmp_path / f"p{i:02d}.txt").write_text("a photo")
+    samples = load_samples(DataConfig(path=str(tmp_path)), 128, batch_size=4)
+    plan = BatchPlan([s.bucket for s in samples], 4, seed=0)
+    assert plan.batch_sizes() == {4: 3}  # 12 images in 3 full batches
+    alone = load_samples(DataConfig(path=str(tmp_path)), 128)  # without merging, the 16-px-era problem shows
+    assert len({s.bucket for s in alone}) > 3
+
+
+def test_multi_resolution_trains_every_image_at_each_size(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (96, 64), "blue").save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("x")
+    samples = load_samples(DataConfig(path=str(tmp_path)), [64, 128])
+    assert len(samples) == 6 and {s.bucket[0] * s.bucket[1] <= 64 * 64 for s in samples[:3]} == {True}
+    assert all(64 * 64 < s.bucket[0] * s.bucket[1] <= 128 * 128 for s in samples[3:])
 
 
 def test_batch_plan_keeps_buckets_apart_and_is_deterministic():

@@ -38,6 +38,16 @@ class BatchPlan:
         self._epoch_cache = (epoch, batches)
         return batches
 
+    def batch_sizes(self) -> dict[int, int]:
+        """How many batches of each size an epoch holds (a bucket's last batch may be short)."""
+        sizes: dict[int, int] = {}
+        for members in self.groups.values():
+            full, rest = divmod(len(members), self.batch_size)
+            sizes[self.batch_size] = sizes.get(self.batch_size, 0) + full
+            if rest:
+                sizes[rest] = sizes.get(rest, 0) + 1
+        return {k: v for k, v in sizes.items() if v}
+
     def micro_batch(self, number: int) -> list[int]:
         """Sample indices of this rank's micro-batch `number` (0-based, counted over the whole run)."""
         global_index = number * self.world_size + self.rank

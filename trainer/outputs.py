@@ -73,7 +73,7 @@ def card_base_model(base, variant) -> str:
 
 
 def model_card(*, name: str, variant, family, base_model: str, trigger: str | None, rank: int, alpha: float, steps: int,
-               dataset_size: int, resolution: int, targets: str) -> str:
+               dataset_size: int, resolution: str, targets: str) -> str:
     trigger_line = f"Use the trigger word **`{trigger}`** in prompts." if trigger else "No trigger word was set."
     pipeline = family.pipeline_class_name
     return f"""---

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from common.atomic import write_text
 from common.configtree import to_dict
 from common.errors import Interrupted, UserError
-from data_tools.dataset import Sample, load_samples
+from data_tools.buckets import upscale_factor
+from data_tools.dataset import Sample, load_samples, upscaled
 from inference.loading import (
     DTYPES,
     BaseModel,
@@ -103,7 +104,9 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     from accelerate.utils import ProjectConfiguration
 
     base = resolve_base_model(cfg.model)
-    samples = load_samples(cfg.data, cfg.train.resolution)
+    _refuse_distilled(base, cfg.model.allow_distilled)
+    samples = load_samples(cfg.data, cfg.train.resolutions, cfg.train.batch_size)
+    _report_upscaling(samples)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     check_tracker(cfg.output)
@@ -139,7 +142,7 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=placement)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
 
-    sampler = SampleRenderer(base, cfg.model.dtype, cfg.sample, features.embeds, cfg.train.resolution, out) \
+    sampler = SampleRenderer(base, cfg.model.dtype, cfg.sample, features.embeds, max(cfg.train.resolutions), out) \
         if cfg.sample.prompts and main else None
     r = Run(cfg, base, samples, out, accelerator, features, transformer, trainable, optimizer, scheduler, sampler,
             start=0, show_progress=show_progress)
@@ -164,6 +167,9 @@ def loop(r: Run) -> tuple[float, list[float]]:
     layouts = [(s.bucket, tuple(tuple(t.shape) for t in refs)) for s, refs in zip(r.samples, r.features.references)]
     plan = BatchPlan(layouts, cfg.train.batch_size, cfg.train.seed, accelerator.num_processes,
                      accelerator.process_index)
+    sizes = plan.batch_sizes()
+    log.info("batches per epoch: %s (%d buckets)", ", ".join(f"{n} of {size}" for size, n in sorted(sizes.items(),
+                                                             reverse=True)), len(plan.groups))
     stop = StopRequest()
     bar = tqdm(total=cfg.train.steps, initial=r.start, desc="training", dynamic_ncols=True,
                disable=not (r.show_progress and accelerator.is_main_process))
@@ -241,8 +247,26 @@ def finish(r: Run) -> None:
                                      family=r.base.family, base_model=card_base_model(r.base, variant),
                                      trigger=cfg.data.trigger, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                                      steps=cfg.train.steps, dataset_size=len(r.samples) // cfg.data.repeats,
-                                     resolution=cfg.train.resolution, targets=cfg.lora.targets))
+                                     resolution=", ".join(map(str, cfg.train.resolutions)), targets=cfg.lora.targets))
     accelerator.end_training()
+
+
+def _report_upscaling(samples: list[Sample]) -> None:
+    small = upscaled(samples)
+    if small:
+        worst = max(small, key=lambda s: upscale_factor(s.width, s.height, s.bucket))
+        log.warning("%d of %d training images are smaller than their bucket and are upscaled (most: %s, %dx%d to "
+                    "%dx%d); use larger originals or a lower train.resolution", len(small), len(samples),
+                    worst.path.name, worst.width, worst.height, *worst.bucket)
+
+
+def _refuse_distilled(base: BaseModel, allowed: bool) -> None:
+    """Step-distilled checkpoints learn LoRAs badly (weak or grey results, reported by users of every trainer)."""
+    if base.distilled and not allowed:
+        variant = base.family.variant(base.transformer_config())
+        raise UserError(f"model.path '{base.path}' is a step-distilled FLUX.2 {base.family.name} checkpoint, and LoRAs "
+                        f"trained on one come out weak or grey; train on the base checkpoint ({variant.base_model}) "
+                        "and use the LoRA on either, or set model.allow_distilled: true")
 
 
 def _check_ranks_agree(accelerator, model: torch.nn.Module) -> None:

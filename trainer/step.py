@@ -22,11 +22,20 @@ from trainer.flow import (
 )
 
 
+def _resolutions_problem(value: int | list[int]) -> str | None:
+    values = [value] if isinstance(value, int) else value
+    if not values:
+        return "must be a size or a list of sizes, got an empty list"
+    return next((p for p in map(side_problem, values) if p), None)
+
+
 @dataclasses.dataclass
 class TrainSettings:
     steps: int = option(1000, check=positive, help="optimizer steps")
     batch_size: int = option(1, check=positive, help="images per micro-batch (one aspect bucket each)")
-    resolution: int = option(1024, check=side_problem, help="bucket area is resolution^2")
+    resolution: int | list[int] = option(1024, check=_resolutions_problem,
+                                         help="bucket area is resolution^2; a list trains every image at each size "
+                                              "(multi-resolution, e.g. [512, 768, 1024])")
     seed: int = option(42, help="seeds LoRA init, batch order, noise, timesteps and caption dropout")
     gradient_accumulation: int = option(1, check=positive, help="micro-batches per optimizer step")
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", help="autocast for the forward pass (fp16 needs a GPU)")
@@ -36,6 +45,10 @@ class TrainSettings:
     max_grad_norm: float = option(1.0, check=non_negative, help="0 disables clipping")
     nonfinite: Literal["skip", "stop"] = option("stop", help="what a NaN/inf loss does")
     log_every: int = option(1, check=positive, help="steps between progress-bar/tracker updates")
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [self.resolution] if isinstance(self.resolution, int) else sorted(set(self.resolution))
 
 
 # Strides of the per-micro-batch seed: distinct (seed, micro-batch, rank) give distinct seeds for runs of up to
@@ -72,4 +85,5 @@ def micro_batch_loss(
                   for k in range(len(features.references[indices[0]]))]
     inputs = build_inputs(family, interpolate(x0_tokens, noise, sigmas), x0.shape, embeds, references)
     pred = predict_velocity(transformer, family, inputs, sigmas, settings.guidance)
-    return flow_loss(pred, velocity_target(x0_tokens, noise), loss_weights(flow.loss_weighting, sigmas))
+    return flow_loss(pred, velocity_target(x0_tokens, noise), loss_weights(flow.loss_weighting, sigmas),
+                     settings.batch_size)
