@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ from typing import Any
 from common.errors import UserError
 from inference.lora_io import our_info, read_header
 
-_MODULE = re.compile(r"^transformer\.(.+?)\.(lora_A|lora_B|lokr_\w+)(\.[\w.]+)?\.weight$")
+_MODULE = re.compile(r"^transformer\.(.+?)\.(lora_A|lora_B|lokr_\w+|hada_\w+)(\.[\w.]+)?(\.weight)?$")
+# adapter types stock diffusers does not load, with the peft config class that rebuilds them
+PEFT_ONLY = {"loha": "LoHaConfig"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,28 @@ def load_adapter(pipe, family_name: str, path: str | Path, name: str) -> Adapter
         raise UserError(f"LoRA '{path}' has no FLUX.2 transformer weights (keys like {next(iter(state), 'none')!r}); "
                         "it was made for another model")
     _check_fits(state, pipe.transformer, path)
-    # loading from the file (not the dict above) keeps the adapter metadata, so alpha != rank loads at its scale
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, use_safetensors=True)
+    if info.get("type") in PEFT_ONLY:
+        _inject_with_peft(pipe.transformer, state, header, PEFT_ONLY[info["type"]], name, path)
+    else:
+        # loading from the file (not the dict above) keeps the adapter metadata, so alpha != rank loads at its scale
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, use_safetensors=True)
     return AdapterInfo(name=name, path=path, sha256=sha256_file(path), info=info)
+
+
+def _inject_with_peft(transformer, state: dict, header: dict, config_class: str, name: str, path: Path) -> None:
+    """Adapter types diffusers' loader refuses (LoHa): the peft config saved in the header, injected by peft."""
+    import peft
+
+    cls = getattr(peft, config_class)
+    saved = {k.removeprefix("transformer."): v for k, v in json.loads(header.get("lora_adapter_metadata", "{}")).items()}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    try:
+        config = cls(**{k: v for k, v in saved.items() if k in fields and k not in ("peft_type", "task_type")})
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"LoRA '{path}' has an unreadable {config_class} in its header ({exc})") from None
+    transformer.add_adapter(config, adapter_name=name)
+    result = peft.set_peft_model_state_dict(transformer, {k.removeprefix("transformer."): v for k, v in state.items()},
+                                            adapter_name=name)
+    if result.unexpected_keys:
+        raise UserError(f"LoRA '{path}' holds weights this base model has no place for "
+                        f"(e.g. {result.unexpected_keys[0]}); it was made for another FLUX.2 family or size")

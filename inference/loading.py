@@ -58,6 +58,15 @@ class BaseModel:
     def transformer_config(self) -> dict[str, Any]:
         return json.loads(_fetch(self.path, "transformer/config.json", self.revision).read_text(encoding="utf-8"))
 
+    def empty_transformer(self):
+        """The transformer's architecture on the meta device: shapes and names, no weights read or allocated."""
+        import diffusers
+        from accelerate import init_empty_weights
+
+        config = self.transformer_config()
+        with init_empty_weights():
+            return getattr(diffusers, config.get("_class_name", "Flux2Transformer2DModel")).from_config(config)
+
     def identity(self, component: str) -> str:
         """A short content hash of one component, used to key caches: a different model never hits them."""
         h = hashlib.sha256(self.path.encode() if not self.is_local else b"")

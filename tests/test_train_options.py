@@ -6,6 +6,7 @@ import torch
 from helpers import train_args
 
 from common.errors import UserError
+from inference.families import FAMILIES
 from trainer.config import load_config
 from trainer.recipe import run
 
@@ -84,3 +85,69 @@ def test_samples_during_training_and_before_after_grid(family, tiny_models, samp
     assert grids == ["step-000002.png", "step-000004.png"]
     assert Image.open(out / "samples" / "step-000002.png").width >= 2 * 64
     assert Image.open(out / "samples" / "before_after.png").height > Image.open(out / "samples" / "step-000004.png").height
+
+
+def _forward(transformer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(hidden_states=torch.randn(1, 16, 128, generator=g), timestep=torch.tensor([0.5]), guidance=None,
+              encoder_hidden_states=torch.randn(1, 7, 48, generator=g), txt_ids=torch.zeros(1, 7, 4),
+              img_ids=torch.zeros(1, 16, 4), return_dict=False)
+    with torch.no_grad():
+        return transformer(**kw)[0]
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "lokr", "loha"])
+def test_every_adapter_type_trains_and_loads_in_generate(kind, tiny_models, sample_data, shared_cache, tmp_path):
+    from inference.generate import Generator
+    from inference.lora_io import our_info, read_header
+
+    cfg = load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache,
+                                       train__steps=4, lora__type=kind, lora__rank=4, lora__alpha=4, optim__lr=1e-2))
+    result = run(cfg, show_progress=False)
+    assert our_info(read_header(result.lora_path))["type"] == kind  # the file states its type
+    trained = _forward(result.transformer.eval())
+    gen = Generator(str(tiny_models["klein"]))
+    base = _forward(gen.pipe.transformer)
+    info = gen.add_adapter(result.lora_path)
+    loaded = _forward(gen.pipe.transformer)
+    assert (trained - base).abs().max() > 1e-4  # it learned something ...
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)  # ... and generate applies exactly that
+    gen.set_scales({info.name: 0.0})
+    if kind != "dora":  # DoRA's learned magnitudes stay at scale 0: only removing the adapter gives the base back
+        torch.testing.assert_close(_forward(gen.pipe.transformer), base, atol=1e-6, rtol=1e-6)
+    gen.remove_adapter(info.name)
+    torch.testing.assert_close(_forward(gen.pipe.transformer), base, atol=1e-6, rtol=1e-6)
+    if kind in ("lora", "dora"):  # the diffusers contract: the stock loader reproduces it too
+        stock = FAMILIES["klein"].pipeline_class.from_pretrained(str(tiny_models["klein"]))
+        stock.load_lora_weights(str(result.lora_path.parent))
+        torch.testing.assert_close(_forward(stock.transformer), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_a_rank_that_does_not_fit_is_refused_before_loading(tiny_models, sample_data, shared_cache, tmp_path):
+    cfg = load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache,
+                                       lora__type="lokr", lora__rank=64))
+    with pytest.raises(UserError, match=r"lora.rank 64 does not fit this model: .* use lora.rank <= 32"):
+        run(cfg, show_progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_prodigy_trains_and_resumes_its_state(tiny_models, sample_data, shared_cache, tmp_path):
+    args = train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache, train__steps=4,
+                      optim__name="prodigy", optim__lr=1.0, checkpoint__every=2)
+    straight = run(load_config(None, args), show_progress=False)
+    assert any(p.abs().sum() > 0 for n, p in straight.transformer.named_parameters() if "lora_B" in n)
+    resumed = run(load_config(None, [*args, "resume=latest"]), show_progress=False)
+    for (n, a), (_, b) in zip(straight.transformer.named_parameters(), resumed.transformer.named_parameters()):
+        assert torch.equal(a, b), n  # prodigy's own estimate (d) is in the checkpoint
+
+
+@pytest.mark.parametrize("override, message", [
+    (["optim.name=adamw8bit"], "optim.name: adamw8bit runs on a CUDA GPU only"),
+    (["optim.name=prodigy", "optim.lr=1e-4"], "prodigy wants optim.lr: 1.0"),
+])
+def test_optimizer_problems_are_found_before_loading(override, message, tiny_models, sample_data, shared_cache,
+                                                     tmp_path):
+    cfg = load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache) + override)
+    with pytest.raises(UserError, match=message):
+        run(cfg, show_progress=False)
+    assert not (tmp_path / "r").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
 import torch
@@ -23,6 +24,9 @@ PRESETS = {
 
 @dataclasses.dataclass
 class LoraSettings:
+    type: Literal["lora", "dora", "lokr", "loha"] = option(
+        "lora", help="lora; dora (weight-decomposed LoRA: a learned magnitude per output, often better likeness); "
+                     "lokr / loha (LyCORIS Kronecker / Hadamard products, through peft; files load in flux2-lora)")
     rank: int = option(16, check=positive, help="LoRA rank r")
     alpha: float = option(16.0, check=positive, help="scale = alpha / rank")
     dropout: float = option(0.0, check=probability, help="dropout on the LoRA branch")
@@ -30,6 +34,41 @@ class LoraSettings:
         "attention_mlp", help="all_linear adds every other Linear: modulation, embedders, proj_out"
     )
     init_seed: int | None = option(None, help="seed for LoRA init; defaults to train.seed")
+
+    def validate(self) -> list[str]:
+        if self.type in ("lokr", "loha") and self.dropout:
+            return [f"lora.dropout applies to lora and dora; {self.type} has no dropout on its branch, remove it"]
+        return []
+
+
+def peft_config(cfg: LoraSettings, targets):
+    """The peft config of `cfg.type`, aimed at `targets` (a regex or a list of module names)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if cfg.type == "lokr":
+        return LoKrConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=targets)
+    if cfg.type == "loha":
+        return LoHaConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=targets)
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights=True,
+                      use_dora=cfg.type == "dora", target_modules=targets)
+
+
+def targeted_layers(transformer: torch.nn.Module, preset: str) -> dict[str, torch.nn.Linear]:
+    targets = target_modules(transformer, preset)
+    if isinstance(targets, str):
+        return {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(targets, n)}
+    return {n: m for n, m in transformer.named_modules() if n in set(targets)}
+
+
+def rank_problem(transformer: torch.nn.Module, cfg: LoraSettings) -> str | None:
+    """A rank above a targeted layer's smaller side adds parameters and nothing else: say so before training."""
+    layers = targeted_layers(transformer, cfg.targets)
+    name, layer = min(layers.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
+    smallest = min(layer.in_features, layer.out_features)
+    if cfg.rank > smallest:
+        return (f"lora.rank {cfg.rank} does not fit this model: the {cfg.type} targets include {name} "
+                f"({layer.in_features} -> {layer.out_features}); use lora.rank <= {smallest}")
+    return None
 
 
 def target_modules(transformer: torch.nn.Module, preset: str) -> str | list[str]:
@@ -40,19 +79,9 @@ def target_modules(transformer: torch.nn.Module, preset: str) -> str | list[str]
 
 def add_lora(transformer: torch.nn.Module, cfg: LoraSettings, seed: int) -> None:
     """Inject a trainable LoRA (adapter 'default'); base weights stay frozen, LoRA weights are float32."""
-    from peft import LoraConfig
-
     transformer.requires_grad_(False)
     torch.manual_seed(cfg.init_seed if cfg.init_seed is not None else seed)
-    transformer.add_adapter(
-        LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            init_lora_weights=True,
-            target_modules=target_modules(transformer, cfg.targets),
-        )
-    )
+    transformer.add_adapter(peft_config(cfg, target_modules(transformer, cfg.targets)))
     for param in transformer.parameters():
         if param.requires_grad:
             param.data = param.data.float()

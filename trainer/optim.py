@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from typing import Literal
 
 import torch
 
 from common.configtree import non_negative, option, positive
-from common.errors import UserError
 
 
 @dataclasses.dataclass
 class OptimConfig:
-    name: Literal["adamw", "adamw8bit"] = option("adamw", help="adamw8bit needs bitsandbytes and a GPU")
-    lr: float = option(1e-4, check=positive, help="peak learning rate")
+    name: Literal["adamw", "adamw8bit", "prodigy"] = option(
+        "adamw", help="adamw; adamw8bit (bitsandbytes, GPU only: optimizer state in 8 bits); prodigy (prodigyopt: "
+                      "estimates the step size itself; set optim.lr: 1.0, a multiplier on its estimate)")
+    lr: float = option(1e-4, check=positive, help="peak learning rate (with prodigy: 1.0 = its own estimate)")
     betas: tuple[float, ...] = option(factory=lambda: (0.9, 0.999), help="AdamW betas")
     weight_decay: float = option(1e-4, check=non_negative, help="AdamW weight decay")
     eps: float = option(1e-8, check=positive, help="AdamW epsilon")
@@ -28,16 +30,33 @@ class OptimConfig:
         return []
 
 
+def optimizer_problem(cfg: OptimConfig) -> str | None:
+    """What would stop the optimizer from being built, found before any weights load."""
+    if cfg.name == "adamw8bit":
+        if not torch.cuda.is_available():
+            return "optim.name: adamw8bit runs on a CUDA GPU only; use optim.name: adamw on this machine"
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return "optim.name: adamw8bit needs bitsandbytes: pip install 'flux2-lora[bnb]', or use optim.name: adamw"
+    if cfg.name == "prodigy":
+        if importlib.util.find_spec("prodigyopt") is None:
+            return "optim.name: prodigy needs prodigyopt: pip install 'flux2-lora[prodigy]', or use optim.name: adamw"
+        if cfg.lr < 0.1:
+            return (f"optim.lr {cfg.lr:g} with prodigy scales its own step-size estimate down {1 / cfg.lr:.0f}x; "
+                    "prodigy wants optim.lr: 1.0 (or 0.5-2)")
+    return None
+
+
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
     if cfg.name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
+        import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, **kwargs)
-        except Exception as exc:  # not installed, or no usable GPU backend
-            raise UserError(f"optim.name: adamw8bit needs a working bitsandbytes ({type(exc).__name__}: "
-                            f"{str(exc)[:100]}); install it on a GPU machine or use optim.name: adamw") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    if cfg.name == "prodigy":
+        from prodigyopt import Prodigy
+
+        # safeguard_warmup keeps the estimate from running away during lr warmup; bias correction as in Adam
+        return Prodigy(params, **kwargs, use_bias_correction=True, safeguard_warmup=cfg.warmup_steps > 0)
     return torch.optim.AdamW(params, **kwargs)
 
 

@@ -30,8 +30,8 @@ from trainer import checkpoints
 from trainer.batches import BatchPlan
 from trainer.cache import Features, build_features
 from trainer.config import Config, dump_config
-from trainer.lora import add_lora, trainable_parameters
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.lora import add_lora, rank_problem, trainable_parameters
+from trainer.optim import build_optimizer, build_scheduler, optimizer_problem
 from trainer.outputs import (
     card_base_model,
     check_tracker,
@@ -84,7 +84,8 @@ class Run:
     def lora_info(self) -> dict:
         """The flux2_lora.* header entries of every LoRA file this run writes."""
         return {"family": self.base.family.name, "base_model": self.base.path, "trigger": self.cfg.data.trigger or "",
-                "rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha, "targets": self.cfg.lora.targets,
+                "type": self.cfg.lora.type, "rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
+                "targets": self.cfg.lora.targets,
                 "step": self.step}
 
 
@@ -105,6 +106,9 @@ def setup(cfg: Config, show_progress: bool) -> Run:
 
     base = resolve_base_model(cfg.model)
     _refuse_distilled(base, cfg.model.allow_distilled)
+    problem = optimizer_problem(cfg.optim) or rank_problem(base.empty_transformer(), cfg.lora)
+    if problem:
+        raise UserError(problem)
     samples = load_samples(cfg.data, cfg.train.resolutions, cfg.train.batch_size)
     _report_upscaling(samples)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
