@@ -9,6 +9,7 @@
     bucket        [width, height] chosen by prepare
     source        where prepare found the image (informational)
 A file listed in both files takes its metadata.jsonl row. `write_jsonl` writes the format, `parse` reads it.
+Beside an image NAME.png, NAME.mask.png is its loss mask (white = learn, black = ignore): never an image itself.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Callable
 from common.errors import UserError
 
 JSONL = "metadata.jsonl"
+MASK_SUFFIX = ".mask.png"
 
 
 @dataclasses.dataclass(frozen=True)

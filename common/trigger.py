@@ -33,3 +33,10 @@ def with_trigger(text: str, trigger: str | None) -> str:
         return text
     tail = re.sub(r"\s+", " ", re.sub(r"(\s*,\s*){2,}", ", ", pattern.sub("", tail))).rstrip(" ,")
     return (text[: first.end()] + tail).strip()
+
+
+def replace_trigger(text: str, trigger: str, replacement: str) -> str:
+    """`text` with every occurrence of `trigger` (the rule above) replaced, e.g. 'zxq logo' -> 'a logo'."""
+    if not trigger.strip():
+        return text
+    return re.sub(r"\s+", " ", _pattern(" ".join(trigger.split())).sub(replacement, text)).strip(" ,")

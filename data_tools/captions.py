@@ -7,6 +7,7 @@ Mistral-3 text encoder is a vision-language model).
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 from typing import Protocol
@@ -15,7 +16,7 @@ from PIL import Image
 
 from common.errors import UserError
 from common.local_models import load_local
-from common.trigger import with_trigger
+from common.trigger import count_trigger, with_trigger
 
 PROMPT = "Describe this image in one short sentence for an image-generation caption."
 
@@ -38,6 +39,28 @@ def dedupe_tags(text: str) -> str:
             seen.add(tag.lower())
             out.append(tag)
     return ", ".join(out)
+
+
+def caption_variants(caption: str, trigger: str | None, *, shuffle: bool, keep: int, dropout: float, count: int,
+                     seed: int) -> tuple[str, ...]:
+    """The caption itself, then `count - 1` variants with its comma-separated tags shuffled (the first `keep`
+    stay in place) and each later tag dropped with probability `dropout`; the trigger's tag is never moved or
+    dropped. Deterministic in `seed`. Embeddings are cached, so variants are made up front, not per step."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    if count <= 1 or len(tags) <= keep + (0 if shuffle else -1) or not (shuffle or dropout):
+        return (caption,)
+    pinned = [i for i, t in enumerate(tags) if i < keep or (trigger and count_trigger(t, trigger))]
+    rng = random.Random(seed)
+    variants = [caption]
+    for _ in range(count - 1):
+        loose = [t for i, t in enumerate(tags) if i not in pinned]
+        if shuffle:
+            rng.shuffle(loose)
+        loose = [t for t in loose if rng.random() >= dropout]
+        it = iter(loose)
+        variant = [tags[i] if i in pinned else next(it, None) for i in range(len(tags))]
+        variants.append(", ".join(t for t in variant if t))
+    return tuple(dict.fromkeys(variants))
 
 
 class Captioner(Protocol):

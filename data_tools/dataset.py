@@ -13,13 +13,18 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from common import metadata
-from common.configtree import option, positive
+from common.configtree import non_negative, option, positive, probability
 from common.errors import UserError
 from common.images import IMAGE_EXTENSIONS, check_image
 from common.limits import MAX_REFERENCES
-from common.metadata import Row
+from common.metadata import MASK_SUFFIX, Row
 from common.trigger import with_trigger
-from data_tools.buckets import make_buckets, merge_small_buckets, nearest_bucket, upscale_factor
+from data_tools.buckets import (
+    make_buckets,
+    merge_small_buckets,
+    nearest_bucket,
+    upscale_factor,
+)
 
 
 @dataclasses.dataclass
@@ -30,6 +35,14 @@ class DataConfig:
     missing_caption: Literal["error", "trigger"] = option("error", help="an image with no caption: stop, or train it on the trigger word alone")
     recursive: bool = option(False, help="also read images in sub-folders")
     repeats: int = option(1, check=positive, help="times each image appears per epoch")
+    masks: bool = option(False, help="masked loss: NAME.mask.png beside each image (white = learn, black = ignore, "
+                                     "grey = in between), the same size as the image")
+    shuffle_tags: bool = option(False, help="shuffle a caption's comma-separated tags (the first keep_tags and the "
+                                            "trigger stay in place)")
+    keep_tags: int = option(1, check=non_negative, help="leading tags shuffle_tags leaves in place")
+    tag_dropout: float = option(0.0, check=probability, help="chance each other tag is left out of a caption")
+    caption_variants: int = option(8, check=positive, help="caption variants per image when tags are shuffled or "
+                                                           "dropped (each is encoded once and cached)")
 
     def validate(self) -> list[str]:
         problems = []
@@ -49,6 +62,7 @@ class Sample:
     height: int
     bucket: tuple[int, int]  # (width, height) the image is resized and cropped to
     references: tuple[Path, ...] = ()  # conditioning images of an edit / multi-reference pair, priority order
+    mask: Path | None = None  # NAME.mask.png with data.masks: which pixels the loss counts
 
 
 def _read_caption(path: Path) -> str:
@@ -70,16 +84,18 @@ def _references(folder: Path, name: str, row: Row | None) -> tuple[Path, ...]:
     return paths
 
 
-def load_samples(cfg: DataConfig, resolution: int | Sequence[int], batch_size: int = 1) -> list[Sample]:
+def load_samples(cfg: DataConfig, resolution: int | Sequence[int], batch_size: int = 1,
+                 key: str = "data.path") -> list[Sample]:
     """Every image as a Sample, once per training resolution (multi-resolution training), bucketed on that
     resolution's grid, buckets too small for `batch_size` merged; repeated `data.repeats` times."""
     folder = Path(cfg.path)
     if not folder.is_dir():
-        raise UserError(f"data.path '{folder}' is not a folder; point it at your images (try `flux2-lora sample-data DIR`)")
+        raise UserError(f"{key} '{folder}' is not a folder; point it at your images (try `flux2-lora sample-data DIR`)")
     pattern = "**/*" if cfg.recursive else "*"
     meta = metadata.read_folder(folder)
     found = {p.relative_to(folder).as_posix() for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS
-             and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+             and p.is_file() and not p.name.endswith(MASK_SUFFIX)
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
     listed = {name for name in meta if (folder / name).is_file() and Path(name).suffix.lower() in IMAGE_EXTENSIONS}
     # an image only used as another's reference (no caption of its own) is conditioning, not a target
     referenced = {r for row in meta.values() for r in row.references}
@@ -87,7 +103,7 @@ def load_samples(cfg: DataConfig, resolution: int | Sequence[int], batch_size: i
                       and not (folder / n).with_suffix(cfg.caption_ext).is_file()}
     images = [folder / name for name in sorted((found | listed) - reference_only)]
     if not images:
-        raise UserError(f"data.path '{folder}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 9-50 captioned images")
+        raise UserError(f"{key} '{folder}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add captioned images")
     read, problems = [], []
     for image in images:
         try:
@@ -96,7 +112,7 @@ def load_samples(cfg: DataConfig, resolution: int | Sequence[int], batch_size: i
             problems.append(str(exc))
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise UserError(f"data.path '{folder}': {len(problems)} of {len(images)} images cannot be trained on: {shown}. "
+        raise UserError(f"{key} '{folder}': {len(problems)} of {len(images)} images cannot be trained on: {shown}. "
                         f"`flux2-lora prepare {folder} --out DIR` checks them all and fixes what it can")
     samples = []
     for res in [resolution] if isinstance(resolution, int) else resolution:
@@ -130,5 +146,13 @@ def _sample(folder: Path, image: Path, row: Row | None, cfg: DataConfig) -> tupl
     if references and row.instruction:
         caption = row.instruction  # an edit pair trains on its instruction, as it is prompted
     width, height = check_image(image)
-    sample = Sample(image, with_trigger(caption, cfg.trigger), width, height, (width, height), references)
+    mask = image.with_name(image.stem + MASK_SUFFIX) if cfg.masks else None
+    if mask is not None:
+        if not mask.is_file():
+            raise UserError(f"image '{image}' has no mask: add {mask.name} (white = learn, black = ignore), "
+                            "or set data.masks: false")
+        if check_image(mask) != (width, height):
+            raise UserError(f"mask '{mask}' is {'x'.join(map(str, check_image(mask)))} but its image is "
+                            f"{width}x{height}; masks must match their image")
+    sample = Sample(image, with_trigger(caption, cfg.trigger), width, height, (width, height), references, mask)
     return sample, row.bucket if row else None

@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing
 from pathlib import Path
 from typing import Any, Iterator
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from common import metadata
 from common.atomic import atomic_dir
 from common.configtree import from_dict, option, positive
 from common.errors import UserError
-from common.images import decode_rgb, fit, hex_to_rgb, normalise_hex
+from common.images import decode_rgb, fit, hex_to_rgb, normalise_hex, upright_size
 from common.limits import MAX_PIXELS, MAX_REFERENCES, side_problem
+from common.metadata import MASK_SUFFIX
 from data_tools.buckets import make_buckets, merge_small_buckets, nearest_bucket
 from data_tools.captions import (
     dedupe_tags,
@@ -125,17 +128,31 @@ def _inspect_task(task) -> ImageFacts:
         facts.problems.append(Problem(entry.name, "error", "unreadable", f"cannot be read ({exc.strerror})",
                                       "check the file's permissions"))
         return facts
-    return inspect_image(entry.name, data, resolution, max_pixels)
+    facts = inspect_image(entry.name, data, resolution, max_pixels)
+    if entry.mask and facts.usable:
+        with Image.open(io.BytesIO(read_bytes(Source(kind, Path(path), (), column), entry, entry.mask))) as mask:
+            size = upright_size(mask)
+        if size != (facts.width, facts.height):
+            facts.usable = False
+            facts.problems.append(Problem(entry.name, "error", "mask_size", f"its mask {entry.mask} is "
+                                          f"{size[0]}x{size[1]}, the image {facts.width}x{facts.height}",
+                                          "export the mask at the image's size"))
+    return facts
 
 
 def _write_task(task) -> None:
     kind, path, column, entry, target, fix, bucket, background = task
-    data = read_bytes(Source(kind, Path(path), (), column), entry)
-    if not fix:
-        Path(target).write_bytes(data)
-        return
-    image = fit(decode_rgb(data, entry.name, background), *bucket)
-    image.save(target, format="PNG", optimize=False)
+    source = Source(kind, Path(path), (), column)
+    files = [(entry.name, Path(target))]
+    if entry.mask:  # the mask goes beside its image, cropped the same way
+        files.append((entry.mask, Path(target).with_name(Path(target).stem + MASK_SUFFIX)))
+    for name, out in files:
+        data = read_bytes(source, entry, name)
+        if not fix:
+            out.write_bytes(data)
+            continue
+        image = fit(decode_rgb(data, name, background), *bucket)
+        (image.convert("L") if name == entry.mask else image).save(out, format="PNG", optimize=False)
 
 
 def prepare(src: str | Path, out: str | Path, opts: PrepareOptions | None = None, show_progress: bool = True,

@@ -27,6 +27,7 @@ class Entry:
     caption_origin: str  # "sidecar", "metadata", "dataset" or "none"
     references: tuple[str, ...] = ()
     instruction: str | None = None
+    mask: str | None = None  # NAME.mask.png beside the image, if the source has one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +38,13 @@ class Source:
     image_column: str = "image"
 
 
-def _entry(name: str, sidecar: bytes | None, row: metadata.Row | None) -> Entry:
+def _entry(name: str, sidecar: bytes | None, row: metadata.Row | None, mask: str | None) -> Entry:
     references, instruction = (row.references, row.instruction) if row else ((), None)
     if sidecar is not None:
-        return Entry(name, sidecar, "sidecar", references, instruction)
+        return Entry(name, sidecar, "sidecar", references, instruction, mask)
     if row is not None and row.text is not None:
-        return Entry(name, row.text.encode("utf-8"), "metadata", references, instruction)
-    return Entry(name, None, "none", references, instruction)
+        return Entry(name, row.text.encode("utf-8"), "metadata", references, instruction, mask)
+    return Entry(name, None, "none", references, instruction, mask)
 
 
 def _from_names(names: list[str], read, where: str) -> tuple[Entry, ...]:
@@ -52,11 +53,12 @@ def _from_names(names: list[str], read, where: str) -> tuple[Entry, ...]:
     meta = metadata.parse(lambda n: read(n) if n in present else None, where)
     entries = []
     for name in sorted(names):
-        if PurePosixPath(name).suffix.lower() not in IMAGE_EXTENSIONS:
+        if PurePosixPath(name).suffix.lower() not in IMAGE_EXTENSIONS or name.endswith(metadata.MASK_SUFFIX):
             continue
         stem = str(PurePosixPath(name).with_suffix(""))
         sidecar = next((read(stem + ext) for ext in CAPTION_EXTENSIONS if stem + ext in present), None)
-        entries.append(_entry(name, sidecar, meta.get(name)))
+        mask = stem + metadata.MASK_SUFFIX
+        entries.append(_entry(name, sidecar, meta.get(name), mask if mask in present else None))
     return tuple(entries)
 
 
@@ -97,13 +99,13 @@ def _dataset_source(path: Path) -> Source:
     return Source("dataset", path, tuple(entries), image_column)
 
 
-def read_bytes(source: Source, entry: Entry) -> bytes:
-    """The image file's bytes (run in worker processes, one image at a time)."""
+def read_bytes(source: Source, entry: Entry, name: str | None = None) -> bytes:
+    """The image file's bytes, or those of `name` beside it (its mask); run in worker processes, one at a time."""
     if source.kind == "folder":
-        return (source.path / entry.name).read_bytes()
+        return (source.path / (name or entry.name)).read_bytes()
     if source.kind == "zip":
         with zipfile.ZipFile(source.path) as zf:
-            return zf.read(entry.name)
+            return zf.read(name or entry.name)
     import datasets
 
     ds = datasets.load_from_disk(str(source.path)).cast_column(source.image_column, datasets.Image(decode=False))

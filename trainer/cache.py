@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -23,6 +24,7 @@ from common.atomic import atomic_path
 from common.configtree import option
 from common.errors import UserError
 from common.images import fit, open_rgb
+from common.limits import SIDE_MULTIPLE
 from data_tools.dataset import Sample
 from inference.conditioning import Encoder
 from inference.loading import BaseModel, load_pipeline
@@ -47,6 +49,7 @@ class Features:
     latents: list[torch.Tensor]  # per sample: (1, 128, h, w), normalised as the pipeline does
     references: list[list[torch.Tensor]]  # per sample, per reference image: (1, 128, h_i, w_i)
     embeds: dict[str, torch.Tensor]  # caption -> (1, L, D); "" is the caption-dropout embedding
+    masks: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per sample (1, h*w) in [0, 1], or empty
     text_encoder_calls: int = 0
     vae_calls: int = 0
 
@@ -73,6 +76,15 @@ def _encode_reference(encoder: Encoder, path: Path) -> torch.Tensor:
         return encoder.encode_reference(open_rgb(path))
     except ValueError as exc:  # the pipeline's own reference checks: too small, too extreme an aspect ratio
         raise UserError(f"reference image '{path}': {str(exc).splitlines()[0]}") from None
+
+
+def token_mask(sample: Sample) -> torch.Tensor:
+    """A sample's mask on its latent token grid: cropped to the bucket exactly as the image, then averaged over each
+    16x16-pixel patch (one token) -> (1, h*w) in [0, 1]. Cheap, so not cached."""
+    width, height = sample.bucket
+    image = fit(open_rgb(sample.mask).convert("L"), width, height)
+    grid = image.resize((width // SIDE_MULTIPLE, height // SIDE_MULTIPLE), Image.Resampling.BOX)
+    return torch.tensor(list(grid.getdata()), dtype=torch.float32).view(1, -1) / 255.0
 
 
 def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: CacheConfig, show_progress: bool = True,
@@ -115,6 +127,8 @@ def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: Cach
         del encoder
         gc.collect()
 
+    if any(s.mask for s in samples):
+        features.masks = [token_mask(s) for s in samples]
     load_once = functools.cache(_load)  # repeated samples and shared references share one tensor
     features.latents = [load_once(p) for p in latent_paths]
     features.references = [[load_once(p) for p in paths] for paths in ref_paths]

@@ -30,6 +30,7 @@ from trainer.flow import FlowConfig
 from trainer.lora import LoraSettings
 from trainer.optim import OptimConfig
 from trainer.outputs import OutputConfig
+from trainer.regularization import RegularizationConfig
 from trainer.samples import SampleConfig
 from trainer.step import TrainSettings
 
@@ -46,6 +47,7 @@ class Config:
     output: OutputConfig = option(factory=OutputConfig)
     cache: CacheConfig = option(factory=CacheConfig)
     sample: SampleConfig = option(factory=SampleConfig)
+    regularization: RegularizationConfig = option(factory=RegularizationConfig)
     resume: str | None = option(None, help="latest, or a checkpoints/step-N folder")
 
     def validate(self) -> list[str]:
@@ -62,6 +64,8 @@ class Config:
                             "rendered during training; lower it, or 0 for the before/after grid only")
         if self.sample.every and not self.sample.prompts:
             problems.append("sample.every is set but sample.prompts is empty; add prompts to render")
+        if self.regularization.preserve and not self.data.trigger:
+            problems.append("regularization.preserve replaces the trigger word in captions, but data.trigger is not set")
         if self.checkpoint.every > steps:
             problems.append(f"checkpoint.every ({self.checkpoint.every}) is beyond train.steps ({steps}): no "
                             "checkpoint would be written; lower it, or 0 for checkpoints on signals only")

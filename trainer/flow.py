@@ -15,7 +15,6 @@ import torch
 
 from common.configtree import option, positive, probability
 
-
 MIGRATED_RESOLUTION = ("'resolution' (FLUX.2's inference schedule) is now called 'empirical'; the new default, "
                        "'dynamic', is the shift FLUX.2 was trained with: remove the key, or set empirical to keep the "
                        "old behaviour")

@@ -15,8 +15,6 @@ from tqdm.auto import tqdm
 from common.atomic import write_text
 from common.configtree import to_dict
 from common.errors import Interrupted, UserError
-from data_tools.buckets import upscale_factor
-from data_tools.dataset import Sample, load_samples, upscaled
 from inference.loading import (
     DTYPES,
     BaseModel,
@@ -42,6 +40,7 @@ from trainer.outputs import (
 from trainer.samples import SampleRenderer
 from trainer.signals import StopRequest
 from trainer.step import micro_batch_loss, step_generator
+from trainer.training_data import TrainingData, training_data
 
 log = logging.getLogger("flux2_lora.train")
 
@@ -68,7 +67,7 @@ class Run:
 
     cfg: Config
     base: BaseModel
-    samples: list[Sample]
+    data: TrainingData
     out: Path
     accelerator: Any
     features: Features
@@ -109,8 +108,7 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     problem = optimizer_problem(cfg.optim) or rank_problem(base.empty_transformer(), cfg.lora)
     if problem:
         raise UserError(problem)
-    samples = load_samples(cfg.data, cfg.train.resolutions, cfg.train.batch_size)
-    _report_upscaling(samples)
+    data = training_data(cfg)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     check_tracker(cfg.output)
@@ -129,8 +127,8 @@ def setup(cfg: Config, show_progress: bool) -> Run:
 
     main = accelerator.is_main_process
     with accelerator.main_process_first():  # rank 0 fills the cache, the others then read it
-        features = build_features(samples, base, cfg.model.dtype, cfg.cache, show_progress and main,
-                                  accelerator.device, extra_prompts=tuple(cfg.sample.prompts))
+        features = build_features(data.samples, base, cfg.model.dtype, cfg.cache, show_progress and main,
+                                  accelerator.device, extra_prompts=tuple(sorted(data.prompts() | set(cfg.sample.prompts))))
 
     transformer = load_pipeline(base, cfg.model.dtype, text_encoder=False, vae=False).transformer
     add_lora(transformer, cfg.lora, cfg.train.seed)
@@ -148,7 +146,8 @@ def setup(cfg: Config, show_progress: bool) -> Run:
 
     sampler = SampleRenderer(base, cfg.model.dtype, cfg.sample, features.embeds, max(cfg.train.resolutions), out) \
         if cfg.sample.prompts and main else None
-    r = Run(cfg, base, samples, out, accelerator, features, transformer, trainable, optimizer, scheduler, sampler,
+    data.objective.plain_model = accelerator.unwrap_model(transformer)
+    r = Run(cfg, base, data, out, accelerator, features, transformer, trainable, optimizer, scheduler, sampler,
             start=0, show_progress=show_progress)
     checkpoints.register_lora_hooks(accelerator, base.family, r.lora_info)
     if resume_from is not None:
@@ -159,7 +158,7 @@ def setup(cfg: Config, show_progress: bool) -> Run:
         accelerator.init_trackers(cfg.output.project, config=_flat(cfg),
                                   init_kwargs={"wandb": {"dir": str(out), "name": cfg.output.name or out.name}})
     log.info("ready to train in %.1f s (%d images; text encoder ran %d times, VAE %d times)",
-             time.perf_counter() - started, len(samples) // cfg.data.repeats, features.text_encoder_calls,
+             time.perf_counter() - started, data.subject_count, features.text_encoder_calls,
              features.vae_calls)
     return r
 
@@ -168,7 +167,8 @@ def setup(cfg: Config, show_progress: bool) -> Run:
 def loop(r: Run) -> tuple[float, list[float]]:
     cfg, accelerator = r.cfg, r.accelerator
     # a batch shares one position-id layout: the same bucket and the same reference sizes
-    layouts = [(s.bucket, tuple(tuple(t.shape) for t in refs)) for s, refs in zip(r.samples, r.features.references)]
+    layouts = [(s.bucket, tuple(tuple(t.shape) for t in refs))
+               for s, refs in zip(r.data.samples, r.features.references)]
     plan = BatchPlan(layouts, cfg.train.batch_size, cfg.train.seed, accelerator.num_processes,
                      accelerator.process_index)
     sizes = plan.batch_sizes()
@@ -177,12 +177,11 @@ def loop(r: Run) -> tuple[float, list[float]]:
     stop = StopRequest()
     bar = tqdm(total=cfg.train.steps, initial=r.start, desc="training", dynamic_ncols=True,
                disable=not (r.show_progress and accelerator.is_main_process))
-    captions = [s.caption for s in r.samples]
     loop_start, step_seconds = time.perf_counter(), []
     try:
         for step in range(r.start, cfg.train.steps):
             step_start = time.perf_counter()
-            loss, skipped = optimizer_step(r, plan, captions, step)
+            loss, skipped = optimizer_step(r, plan, step)
             r.scheduler.step()
             r.step = step + 1
             step_seconds.append(time.perf_counter() - step_start)
@@ -205,7 +204,7 @@ def loop(r: Run) -> tuple[float, list[float]]:
     return time.perf_counter() - loop_start, step_seconds
 
 
-def optimizer_step(r: Run, plan: BatchPlan, captions: list[str], step: int) -> tuple[float, bool]:
+def optimizer_step(r: Run, plan: BatchPlan, step: int) -> tuple[float, bool]:
     """The micro-batches of one optimizer step: -> (mean loss, whether a non-finite loss skipped the step)."""
     cfg, accelerator = r.cfg, r.accelerator
     accum = cfg.train.gradient_accumulation
@@ -217,11 +216,12 @@ def optimizer_step(r: Run, plan: BatchPlan, captions: list[str], step: int) -> t
             torch.manual_seed(generator.initial_seed())
         with accelerator.accumulate(r.transformer):
             with accelerator.autocast():
-                loss = micro_batch_loss(r.transformer, r.base.family, r.features, captions, indices, cfg.train,
-                                        cfg.flow, generator, DTYPES[cfg.model.dtype], accelerator.device)
+                loss = micro_batch_loss(r.transformer, r.base.family, r.features, r.data.captions, indices,
+                                        cfg.train, cfg.flow, generator, DTYPES[cfg.model.dtype], accelerator.device,
+                                        r.data.objective)
             if _any_rank(accelerator, not torch.isfinite(loss).item()):
                 skipped = True
-                _report_nonfinite(cfg.train.nonfinite, step, [str(r.samples[i].path) for i in indices])
+                _report_nonfinite(cfg.train.nonfinite, step, [str(r.data.samples[i].path) for i in indices])
             if not skipped:
                 accelerator.backward(loss)  # accelerate divides by the accumulation steps
                 step_loss += loss.detach().item() / accum
@@ -250,18 +250,9 @@ def finish(r: Run) -> None:
         write_card(r.out, model_card(name=cfg.output.name or r.out.resolve().name, variant=variant,
                                      family=r.base.family, base_model=card_base_model(r.base, variant),
                                      trigger=cfg.data.trigger, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                                     steps=cfg.train.steps, dataset_size=len(r.samples) // cfg.data.repeats,
+                                     steps=cfg.train.steps, dataset_size=r.data.subject_count,
                                      resolution=", ".join(map(str, cfg.train.resolutions)), targets=cfg.lora.targets))
     accelerator.end_training()
-
-
-def _report_upscaling(samples: list[Sample]) -> None:
-    small = upscaled(samples)
-    if small:
-        worst = max(small, key=lambda s: upscale_factor(s.width, s.height, s.bucket))
-        log.warning("%d of %d training images are smaller than their bucket and are upscaled (most: %s, %dx%d to "
-                    "%dx%d); use larger originals or a lower train.resolution", len(small), len(samples),
-                    worst.path.name, worst.width, worst.height, *worst.bucket)
 
 
 def _refuse_distilled(base: BaseModel, allowed: bool) -> None:

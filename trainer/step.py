@@ -62,20 +62,34 @@ def step_generator(seed: int, micro_batch: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * MICRO_BATCH_STRIDE + micro_batch) * RANK_STRIDE + rank)
 
 
+@dataclasses.dataclass
+class Objective:
+    """What a micro-batch's loss holds besides plain flow matching (all optional)."""
+
+    sample_weights: list[float] | None = None  # per sample (regularization images weigh regularization.weight)
+    preserve: dict[str, str] | None = None  # caption -> caption with the trigger replaced by the class prompt
+    preserve_weight: float = 1.0
+    plain_model: torch.nn.Module | None = None  # the unwrapped transformer, to switch its adapter off
+
+
 def micro_batch_loss(
     transformer,
     family: Family,
     features: Features,
-    captions: list[str],
+    captions: list[tuple[str, ...]],
     indices: list[int],
     settings: TrainSettings,
     flow: FlowConfig,
     generator: torch.Generator,
     dtype: torch.dtype,
     device: torch.device,
+    objective: Objective = Objective(),
 ) -> torch.Tensor:
+    """`captions[i]`: sample i's caption variants (one unless tags are shuffled or dropped); one is drawn."""
     drop = torch.rand(len(indices), generator=generator) < settings.caption_dropout
-    texts = ["" if d else captions[i] for i, d in zip(indices, drop.tolist())]
+    chosen = [captions[i][0] if len(captions[i]) == 1 else
+              captions[i][int(torch.randint(len(captions[i]), (1,), generator=generator))] for i in indices]
+    texts = ["" if d else c for c, d in zip(chosen, drop.tolist())]
     x0 = torch.cat([features.latents[i] for i in indices]).to(device=device, dtype=dtype)
     embeds = torch.cat([features.embeds[t] for t in texts]).to(device=device, dtype=dtype)
     x0_tokens = family.pipeline_class._pack_latents(x0)  # (B, 128, h, w) -> (B, h*w, 128)
@@ -83,7 +97,26 @@ def micro_batch_loss(
     sigmas = training_sigmas(flow, len(indices), x0_tokens.shape[1], generator).to(device)
     references = [torch.cat([features.references[i][k] for i in indices]).to(device=device, dtype=dtype)
                   for k in range(len(features.references[indices[0]]))]
-    inputs = build_inputs(family, interpolate(x0_tokens, noise, sigmas), x0.shape, embeds, references)
+    noisy = interpolate(x0_tokens, noise, sigmas)
+    inputs = build_inputs(family, noisy, x0.shape, embeds, references)
     pred = predict_velocity(transformer, family, inputs, sigmas, settings.guidance)
-    return flow_loss(pred, velocity_target(x0_tokens, noise), loss_weights(flow.loss_weighting, sigmas),
-                     settings.batch_size)
+    weights = loss_weights(flow.loss_weighting, sigmas)
+    if objective.sample_weights is not None:
+        weights = weights * torch.tensor([objective.sample_weights[i] for i in indices], device=weights.device)
+    masks = [features.masks[i] for i in indices] if features.masks else None
+    token_weights = torch.cat(masks).to(device) if masks else None
+    loss = flow_loss(pred, velocity_target(x0_tokens, noise), weights, settings.batch_size, token_weights)
+    if objective.preserve:
+        # the same noisy image under the caption without the trigger: the LoRA should predict what the base does
+        kept = torch.cat([features.embeds[objective.preserve[c]] for c in chosen]).to(device=device, dtype=dtype)
+        kept_inputs = build_inputs(family, noisy, x0.shape, kept, references)
+        with torch.no_grad():
+            objective.plain_model.disable_adapters()
+            try:
+                target = predict_velocity(objective.plain_model, family, kept_inputs, sigmas, settings.guidance)
+            finally:
+                objective.plain_model.enable_adapters()
+        kept_pred = predict_velocity(transformer, family, kept_inputs, sigmas, settings.guidance)
+        loss = loss + objective.preserve_weight * flow_loss(kept_pred, target, torch.ones_like(weights),
+                                                            settings.batch_size)
+    return loss

@@ -1,0 +1,145 @@
+"""Recipe options on the tiny model: preservation, regularization images, masks, caption variants."""
+
+import pytest
+import torch
+from helpers import train_args
+from PIL import Image
+
+from common.errors import UserError
+from common.trigger import replace_trigger
+from data_tools.captions import caption_variants
+from data_tools.dataset import DataConfig, load_samples
+from inference.conditioning import build_inputs, predict_velocity
+from inference.families import FAMILIES
+from inference.generate import Generator
+from trainer.cache import token_mask
+from trainer.config import load_config
+from trainer.recipe import run
+
+KLEIN = FAMILIES["klein"]
+
+
+def _change(transformer, embeds: torch.Tensor) -> float:
+    """Mean |LoRA - base| of the velocity for a fixed noisy latent under `embeds`."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 128, 4, 4, generator=g)
+    inputs = build_inputs(KLEIN, KLEIN.pipeline_class._pack_latents(latents), latents.shape, embeds.expand(2, -1, -1))
+    sigmas = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        with_lora = predict_velocity(transformer, KLEIN, inputs, sigmas, 1.0)
+        transformer.disable_adapters()
+        base = predict_velocity(transformer, KLEIN, inputs, sigmas, 1.0)
+        transformer.enable_adapters()
+    return (with_lora - base).abs().mean().item()
+
+
+def test_preservation_keeps_untriggered_outputs_closer_to_the_base(tiny_models, sample_data, shared_cache, tmp_path):
+    common = dict(train__steps=30, optim__lr=3e-3, lora__rank=8, lora__alpha=8, train__caption_dropout=0.0)
+    plain = run(load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "plain", shared_cache,
+                                             **common)), show_progress=False)
+    kept = run(load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "kept", shared_cache,
+                                            regularization__preserve=True, **common)
+                           + ["regularization.class_prompt=a logo"]), show_progress=False)
+    gen = Generator(str(tiny_models["klein"]))
+    untriggered = gen.prompt_embeds("a logo, a ring mark with a bar, centred, on a white background")
+    triggered = gen.prompt_embeds("zxq logo, a ring mark with a bar, centred, on a white background")
+    assert _change(kept.transformer, untriggered) < 0.85 * _change(plain.transformer, untriggered)
+    assert _change(kept.transformer, triggered) > 0.3 * _change(plain.transformer, triggered)  # it still learns
+
+
+def test_regularization_images_train_alongside_with_their_weight(tiny_models, sample_data, shared_cache, tmp_path):
+    reg = tmp_path / "class"
+    reg.mkdir()
+    for i, colour in enumerate(["blue", "green", "purple"]):
+        Image.new("RGB", (64, 64), colour).save(reg / f"logo{i}.png")
+        (reg / f"logo{i}.txt").write_text(f"a {colour} logo")
+    args = train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache, train__steps=3,
+                      regularization__images=reg, regularization__weight=0.5)
+    result = run(load_config(None, args), show_progress=False)
+    assert result.lora_path.is_file()
+    empty = tmp_path / "none"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"regularization.images '.*none' holds no images"):
+        run(load_config(None, [*args, f"regularization.images={empty}", "output.overwrite=true"]), show_progress=False)
+
+
+def test_preservation_needs_a_class_prompt_and_a_trigger():
+    base = ["model.path=m", "data.path=d", "regularization.preserve=true"]
+    with pytest.raises(UserError, match="needs regularization.class_prompt"):
+        load_config(None, [*base, "data.trigger=zxq"])
+    with pytest.raises(UserError, match="data.trigger is not set"):
+        load_config(None, [*base, "regularization.class_prompt=a logo"])
+    assert replace_trigger("zxq logo, red, zxq", "zxq", "a logo") == "a logo logo, red, a logo"
+
+
+def test_masked_loss_ignores_what_the_mask_hides(tiny_models, tmp_path, shared_cache):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), "red").save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("zxq")
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (32, 0, 64, 64))  # the right half counts
+        mask.save(data / f"{i}.mask.png")
+    [sample] = [s for s in load_samples(DataConfig(path=str(data), masks=True), 64) if s.path.name == "0.png"]
+    tokens = token_mask(sample).view(4, 4)  # a 64 px image is 4 x 4 tokens of 16 px
+    assert torch.equal(tokens, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4))
+    for i in range(2):
+        Image.new("L", (64, 64), 0).save(data / f"{i}.mask.png")  # everything hidden: nothing to learn
+    cfg = load_config(None, train_args(tiny_models["klein"], data, tmp_path / "r", shared_cache, train__steps=3,
+                                       data__masks=True, train__caption_dropout=0.0))
+    trained = run(cfg, show_progress=False).transformer
+    assert all(torch.count_nonzero(p) == 0 for n, p in trained.named_parameters() if "lora_B" in n)
+
+
+def test_a_missing_or_mis_sized_mask_is_named(tiny_models, tmp_path, shared_cache):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), "red").save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("zxq")
+    Image.new("L", (32, 32), 255).save(data / "1.mask.png")
+    cfg = load_config(None, train_args(tiny_models["klein"], data, tmp_path / "r", shared_cache, data__masks=True))
+    with pytest.raises(UserError) as info:
+        run(cfg, show_progress=False)
+    assert "0.png' has no mask: add 0.mask.png" in str(info.value) and "is 32x32 but its image is 64x64" in str(info.value)
+
+
+def test_caption_variants_shuffle_and_drop_tags_but_keep_the_trigger():
+    caption = "zxq, red mug, studio, soft light, wooden table"
+    variants = caption_variants(caption, "zxq", shuffle=True, keep=1, dropout=0.3, count=8, seed=0)
+    assert variants[0] == caption and len(variants) > 3
+    assert all(v.startswith("zxq, ") for v in variants)
+    assert any(len(v.split(",")) < 5 for v in variants)  # some tags dropped
+    assert variants == caption_variants(caption, "zxq", shuffle=True, keep=1, dropout=0.3, count=8, seed=0)
+    assert caption_variants(caption, "zxq", shuffle=False, keep=1, dropout=0.0, count=8, seed=0) == (caption,)
+
+
+def test_shuffled_tags_train_from_the_cache(tiny_models, sample_data, shared_cache, tmp_path):
+    args = train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache, train__steps=3,
+                      data__shuffle_tags=True, data__tag_dropout=0.2, data__caption_variants=4)
+    first = run(load_config(None, args), show_progress=False)
+    assert first.text_encoder_calls > 0  # the variants were encoded once ...
+    again = run(load_config(None, [*args, "output.overwrite=true"]), show_progress=False)
+    assert again.text_encoder_calls == 0  # ... and come from the cache after that
+
+
+def test_prepare_checks_and_carries_masks(tiny_models, shared_cache, tmp_path):
+    from data_tools.prepare import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (96, 64), ["red", "blue", "green"][i]).save(src / f"{i}.png")
+        Image.new("L", (96 if i < 2 else 50, 64), 255).save(src / f"{i}.mask.png")
+        (src / f"{i}.txt").write_text("zxq mug")
+    report = prepare(src, tmp_path / "out", trigger="zxq", resolution=64, fix=True, show_progress=False)
+    assert [i["source"] for i in report["images"]] == ["0.png", "1.png", "2.png"]  # masks are not images
+    bad = report["images"][2]
+    assert not bad["kept"] and [p["code"] for p in bad["problems"]] == ["mask_size"]
+    out = tmp_path / "out" / "images"
+    assert sorted(p.name for p in out.iterdir()) == ["0000.mask.png", "0000.png", "0001.mask.png", "0001.png"]
+    assert Image.open(out / "0000.mask.png").size == Image.open(out / "0000.png").size
+    cfg = load_config(None, train_args(tiny_models["klein"], tmp_path / "out", tmp_path / "r", shared_cache,
+                                       train__steps=2, data__masks=True))
+    assert run(cfg, show_progress=False).lora_path.is_file()
