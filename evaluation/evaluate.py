@@ -110,10 +110,9 @@ class Column:
 
 def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | Path, *, show_progress: bool = True,
              **options: Any) -> dict[str, Any]:
-    """`options`: the fields of EvaluateOptions (scales=(0, 1), seeds=2, steps=8, ...), checked as the CLI's are."""
+    """`options`: the fields of EvaluateOptions (scales=(0, 1), seeds=2, steps=8, ...), checked as the CLI's are.
+    Reads: check everything → render every column → measure → write the report."""
     opts = from_kwargs(EvaluateOptions, "evaluate", **options)
-    scales, seeds, steps, width, height, guidance = (sorted(set(opts.scales)), opts.seeds, opts.steps, opts.width,
-                                                     opts.height, opts.guidance)
     if not adapters:
         raise UserError("nothing to evaluate: pass --lora FILE or --run OUTPUT_DIR")
     labels = [a.label for a in adapters]
@@ -132,59 +131,73 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
         info = gen.add_adapter(adapter.path, name="probe")
         triggers[adapter.label] = opts.trigger if opts.trigger is not None else info.trigger
         gen.remove_adapter("probe")
-    renders = len(suite.prompts) * seeds
-    distinct = list(dict.fromkeys(triggers.values()))
-    nonzero = [s for s in scales if s != 0]
-    bar = tqdm(total=renders * (len(distinct) + len(adapters) * len(nonzero)), desc="rendering", unit="image",
-               disable=not show_progress)
-    started, done = time.perf_counter(), [0]
-
-    def render(word: str) -> dict[tuple[str, int], Image.Image]:
-        """Every prompt of the suite, all seeds in one batch (seed s is the same picture as alone, bar rounding)."""
-        images = {}
-        for prompt in suite.prompts:
-            kwargs = dict(references=refs[: prompt.references]) if prompt.kind == "edit" else {}
-            made = gen.generate(render_prompt(prompt, word), seed=0, num_images=seeds, steps=steps, width=width,
-                                height=height, guidance=guidance, **kwargs)
-            images.update({(prompt.id, s): m.image for s, m in enumerate(made)})
-            bar.update(seeds)
-            done[0] += seeds
-        return images
-
-    base = {word: render(word) for word in distinct}
-    base_label = {word: "base" if len(distinct) == 1 else f"base [{word or 'no trigger'}]" for word in distinct}
-    columns = [(Column(None, 0.0, word, base_label[word]), base[word]) for word in distinct]
-    for adapter in adapters:
-        word = triggers[adapter.label]
-        gen.add_adapter(adapter.path, name="under_test")
-        for scale in scales:
-            if scale == 0:
-                columns.append((Column(adapter, 0.0, word), base[word]))  # the adapter at scale 0 is the base
-                continue
-            gen.set_scales({"under_test": float(scale)})
-            columns.append((Column(adapter, float(scale), word), render(word)))
-        gen.remove_adapter("under_test")
-    bar.close()
-    render_seconds = time.perf_counter() - started
-
-    rows, summary = _measure(suite, columns, base, seeds, image_encoder, ref_embeddings)
+    renderer = _Renderer(gen, suite, refs, opts, show_progress,
+                         total=len(set(triggers.values())) + len(adapters) * len([s for s in opts.scales if s]))
+    columns, base = renderer.columns(adapters, triggers)
+    rows, summary = _measure(suite, columns, base, opts.seeds, image_encoder, ref_embeddings)
     unavailable = {}
     if image_encoder is None or ref_embeddings is None:
         unavailable["reference_similarity"] = "needs --encoder (a local CLIP/SigLIP/DINOv2 folder) and --references"
     if not M.ocr_available():
         unavailable["text_error"] = "needs the ocr extra: pip install 'flux2-lora[ocr]'"
-    if seeds < 2:
+    if opts.seeds < 2:
         unavailable["diversity"] = "needs --seeds 2 or more"
-    result = {"suite": suite.name, "model": str(model), "trigger": ", ".join(w or "(none)" for w in distinct),
-              "triggers": triggers, "scales": list(map(float, scales)), "seeds": seeds, "steps": steps,
-              "width": width, "height": height, "columns": summary, "prompts": rows, "unavailable": unavailable,
-              "recommendation": recommend(summary), "directions": DIRECTION,
-              "speed": {"renders": done[0], "render_seconds": round(render_seconds, 3),
-                        "renders_per_second": round(done[0] / max(render_seconds, 1e-9), 3),
-                        "text_encoder_calls": gen.text_encoder_calls}}
+    result = {"suite": suite.name, "model": str(model), "trigger": ", ".join(w or "(none)" for w in base),
+              "triggers": triggers, "scales": sorted(set(map(float, opts.scales))), "seeds": opts.seeds,
+              "steps": opts.steps, "width": opts.width, "height": opts.height, "columns": summary, "prompts": rows,
+              "unavailable": unavailable, "recommendation": recommend(summary), "directions": DIRECTION,
+              "speed": renderer.speed()}
     with atomic_dir(out) as tmp:
-        write_outputs(tmp, result, suite, columns, seeds)
+        write_outputs(tmp, result, suite, columns, opts.seeds)
     return result
+
+
+class _Renderer:
+    """Renders the suite for the base and each adapter x scale, seeds batched, counting images and time."""
+
+    def __init__(self, gen: Generator, suite: Suite, refs: list[Image.Image], opts: EvaluateOptions,
+                 show_progress: bool, total: int):
+        self.gen, self.suite, self.refs, self.opts = gen, suite, refs, opts
+        self.bar = tqdm(total=total * len(suite.prompts) * opts.seeds, desc="rendering", unit="image",
+                        disable=not show_progress)
+        self.done, self.seconds = 0, 0.0
+
+    def render(self, trigger: str) -> dict[tuple[str, int], Image.Image]:
+        """Every prompt of the suite, all seeds in one batch (seed s is the same picture as alone, bar rounding)."""
+        started, images, o = time.perf_counter(), {}, self.opts
+        for prompt in self.suite.prompts:
+            kwargs = dict(references=self.refs[: prompt.references]) if prompt.kind == "edit" else {}
+            made = self.gen.generate(render_prompt(prompt, trigger), seed=0, num_images=o.seeds, steps=o.steps,
+                                     width=o.width, height=o.height, guidance=o.guidance, **kwargs)
+            images.update({(prompt.id, s): m.image for s, m in enumerate(made)})
+            self.bar.update(o.seeds)
+            self.done += o.seeds
+        self.seconds += time.perf_counter() - started
+        return images
+
+    def columns(self, adapters: Sequence[Adapter], triggers: dict[str, str]):
+        """-> ([(Column, images)], {trigger: base images}). Scale 0 is the base: rendered once per trigger."""
+        distinct = list(dict.fromkeys(triggers.values()))
+        base = {word: self.render(word) for word in distinct}
+        columns = [(Column(None, 0.0, w, "base" if len(distinct) == 1 else f"base [{w or 'no trigger'}]"), base[w])
+                   for w in distinct]
+        for adapter in adapters:
+            word = triggers[adapter.label]
+            self.gen.add_adapter(adapter.path, name="under_test")
+            for scale in sorted(set(self.opts.scales)):
+                if scale == 0:
+                    columns.append((Column(adapter, 0.0, word), base[word]))
+                    continue
+                self.gen.set_scales({"under_test": float(scale)})
+                columns.append((Column(adapter, float(scale), word), self.render(word)))
+            self.gen.remove_adapter("under_test")
+        self.bar.close()
+        return columns, base
+
+    def speed(self) -> dict[str, Any]:
+        return {"renders": self.done, "render_seconds": round(self.seconds, 3),
+                "renders_per_second": round(self.done / max(self.seconds, 1e-9), 3),
+                "text_encoder_calls": self.gen.text_encoder_calls}
 
 
 def _mean(values) -> float | None:

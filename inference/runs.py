@@ -1,6 +1,7 @@
 """The run folder a training run writes, and the one reader that generate, evaluate and the scripts use.
 
     RUN/pytorch_lora_weights.safetensors    the final LoRA (its header's flux2_lora.step says at which step)
+    RUN/pytorch_lora_weights_ema.safetensors  its exponential moving average (with ema.decay)
     RUN/config.yaml, RUN/README.md          the resolved config, the model card
     RUN/checkpoints/step-N/                 accelerate state, the LoRA at step N, trainer_state.json
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from common.errors import UserError
 from inference.lora_io import WEIGHT_NAME, our_info, read_header
 
+EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"  # with ema.decay: the moving average of the weights
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
 CONFIG_FILE = "config.yaml"

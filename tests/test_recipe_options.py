@@ -143,3 +143,38 @@ def test_prepare_checks_and_carries_masks(tiny_models, shared_cache, tmp_path):
     cfg = load_config(None, train_args(tiny_models["klein"], tmp_path / "out", tmp_path / "r", shared_cache,
                                        train__steps=2, data__masks=True))
     assert run(cfg, show_progress=False).lora_path.is_file()
+
+
+def test_ema_is_saved_beside_the_lora_and_resumes_exactly(tiny_models, sample_data, shared_cache, tmp_path):
+    from safetensors.torch import load_file
+
+    args = train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache, train__steps=6,
+                      ema__decay=0.9, checkpoint__every=3)
+    straight = run(load_config(None, args), show_progress=False)
+    last = load_file(straight.lora_path)
+    ema = load_file(straight.lora_path.with_name("pytorch_lora_weights_ema.safetensors"))
+    assert last.keys() == ema.keys() and any(not torch.equal(last[k], ema[k]) for k in last)
+    # the average lags the weights: smaller steps away from the zero-initialised lora_B
+    b = [k for k in last if "lora_B" in k]
+    assert sum(ema[k].abs().sum() for k in b) < sum(last[k].abs().sum() for k in b)
+    gen = Generator(str(tiny_models["klein"]))
+    gen.add_adapter(straight.lora_path.with_name("pytorch_lora_weights_ema.safetensors"))  # loads like any LoRA
+    resumed = run(load_config(None, [*args, "resume=latest"]), show_progress=False)
+    again = load_file(resumed.lora_path.with_name("pytorch_lora_weights_ema.safetensors"))
+    assert all(torch.equal(ema[k], again[k]) for k in ema)  # the average itself is in the checkpoint
+
+
+def test_validation_loss_is_fixed_and_written(tiny_models, sample_data, shared_cache, tmp_path):
+    import csv
+
+    args = train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache, train__steps=4,
+                      validation__split=0.34, validation__every=2)
+    run(load_config(None, args), show_progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "r" / "validation.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4] and (tmp_path / "r" / "validation.png").is_file()
+    again = tmp_path / "again"
+    run(load_config(None, train_args(tiny_models["klein"], sample_data, again, shared_cache, train__steps=4,
+                                     validation__split=0.34, validation__every=2)), show_progress=False)
+    assert list(csv.DictReader(open(again / "validation.csv"))) == rows  # same held-out set, sigmas and noise
+    with pytest.raises(UserError, match="validation.every is set but nothing is held out"):
+        load_config(None, ["model.path=m", "data.path=d", "validation.every=5"])

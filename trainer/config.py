@@ -26,6 +26,7 @@ from inference.families import FAMILIES
 from inference.loading import ModelConfig
 from trainer.cache import CacheConfig
 from trainer.checkpoints import CheckpointConfig
+from trainer.ema import EmaConfig
 from trainer.flow import FlowConfig
 from trainer.lora import LoraSettings
 from trainer.optim import OptimConfig
@@ -33,6 +34,7 @@ from trainer.outputs import OutputConfig
 from trainer.regularization import RegularizationConfig
 from trainer.samples import SampleConfig
 from trainer.step import TrainSettings
+from trainer.validation import ValidationConfig
 
 
 @dataclasses.dataclass
@@ -48,6 +50,8 @@ class Config:
     cache: CacheConfig = option(factory=CacheConfig)
     sample: SampleConfig = option(factory=SampleConfig)
     regularization: RegularizationConfig = option(factory=RegularizationConfig)
+    ema: EmaConfig = option(factory=EmaConfig)
+    validation: ValidationConfig = option(factory=ValidationConfig)
     resume: str | None = option(None, help="latest, or a checkpoints/step-N folder")
 
     def validate(self) -> list[str]:
@@ -66,6 +70,10 @@ class Config:
             problems.append("sample.every is set but sample.prompts is empty; add prompts to render")
         if self.regularization.preserve and not self.data.trigger:
             problems.append("regularization.preserve replaces the trigger word in captions, but data.trigger is not set")
+        if self.validation.every and not self.validation.enabled:
+            problems.append("validation.every is set but nothing is held out; set validation.images or validation.split")
+        if self.validation.every > steps:
+            problems.append(f"validation.every ({self.validation.every}) is beyond train.steps ({steps})")
         if self.checkpoint.every > steps:
             problems.append(f"checkpoint.every ({self.checkpoint.every}) is beyond train.steps ({steps}): no "
                             "checkpoint would be written; lower it, or 0 for checkpoints on signals only")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -23,11 +24,12 @@ from inference.loading import (
     resolve_base_model,
 )
 from inference.lora_io import WEIGHT_NAME, save_lora
-from inference.runs import CONFIG_FILE
+from inference.runs import CONFIG_FILE, EMA_WEIGHT_NAME
 from trainer import checkpoints
 from trainer.batches import BatchPlan
 from trainer.cache import Features, build_features
 from trainer.config import Config, dump_config
+from trainer.ema import LoraEMA
 from trainer.lora import add_lora, rank_problem, trainable_parameters
 from trainer.optim import build_optimizer, build_scheduler, optimizer_problem
 from trainer.outputs import (
@@ -41,6 +43,7 @@ from trainer.samples import SampleRenderer
 from trainer.signals import StopRequest
 from trainer.step import micro_batch_loss, step_generator
 from trainer.training_data import TrainingData, training_data
+from trainer.validation import validation_loss, write_curve
 
 log = logging.getLogger("flux2_lora.train")
 
@@ -78,7 +81,9 @@ class Run:
     sampler: SampleRenderer | None
     start: int  # the step to continue from (0, or a resumed checkpoint's)
     show_progress: bool
+    ema: LoraEMA | None = None
     step: int = 0  # steps done; read by the LoRA header of checkpoints
+    validation: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, held-out loss)
 
     def lora_info(self) -> dict:
         """The flux2_lora.* header entries of every LoRA file this run writes."""
@@ -99,28 +104,10 @@ def run(cfg: Config, show_progress: bool = True) -> TrainResult:
 # ---- setup: everything a user can get wrong fails here, before any weights load ------------------------------
 def setup(cfg: Config, show_progress: bool) -> Run:
     started = time.perf_counter()
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
-
-    base = resolve_base_model(cfg.model)
-    _refuse_distilled(base, cfg.model.allow_distilled)
-    problem = optimizer_problem(cfg.optim) or rank_problem(base.empty_transformer(), cfg.lora)
-    if problem:
-        raise UserError(problem)
-    data = training_data(cfg)
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    check_tracker(cfg.output)
+    base, data = check_inputs(cfg)
     out = Path(cfg.output.dir)
     resume_from = checkpoints.resolve_resume(cfg.resume, out) if cfg.resume else None  # before creating anything
-    AcceleratorState._reset_state()  # a second run in one process may use other precision settings
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation,
-        log_with=None if cfg.output.report_to == "none" else cfg.output.report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    accelerator = _accelerator(cfg, out)
     if accelerator.is_main_process:
         prepare_output_dir(cfg.output, resuming=resume_from is not None)
     accelerator.wait_for_everyone()
@@ -143,12 +130,15 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     placement = [cfg.model.group_offload == "none", True]
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=placement)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
+    ema = LoraEMA(trainable, cfg.ema.decay) if cfg.ema.decay else None
+    if ema:
+        accelerator.register_for_checkpointing(ema)
 
     sampler = SampleRenderer(base, cfg.model.dtype, cfg.sample, features.embeds, max(cfg.train.resolutions), out) \
         if cfg.sample.prompts and main else None
     data.objective.plain_model = accelerator.unwrap_model(transformer)
     r = Run(cfg, base, data, out, accelerator, features, transformer, trainable, optimizer, scheduler, sampler,
-            start=0, show_progress=show_progress)
+            start=0, show_progress=show_progress, ema=ema)
     checkpoints.register_lora_hooks(accelerator, base.family, r.lora_info)
     if resume_from is not None:
         r.start = r.step = checkpoints.load(accelerator, resume_from)
@@ -158,9 +148,36 @@ def setup(cfg: Config, show_progress: bool) -> Run:
         accelerator.init_trackers(cfg.output.project, config=_flat(cfg),
                                   init_kwargs={"wandb": {"dir": str(out), "name": cfg.output.name or out.name}})
     log.info("ready to train in %.1f s (%d images; text encoder ran %d times, VAE %d times)",
-             time.perf_counter() - started, data.subject_count, features.text_encoder_calls,
-             features.vae_calls)
+             time.perf_counter() - started, data.subject_count, features.text_encoder_calls, features.vae_calls)
     return r
+
+
+def check_inputs(cfg: Config) -> tuple[BaseModel, TrainingData]:
+    """Everything about the model, data, optimizer, precision and tracker a user can get wrong, with no weights read."""
+    base = resolve_base_model(cfg.model)
+    _refuse_distilled(base, cfg.model.allow_distilled)
+    problem = optimizer_problem(cfg.optim) or rank_problem(base.empty_transformer(), cfg.lora)
+    if problem:
+        raise UserError(problem)
+    data = training_data(cfg)
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    check_tracker(cfg.output)
+    return base, data
+
+
+def _accelerator(cfg: Config, out: Path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    AcceleratorState._reset_state()  # a second run in one process may use other precision settings
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation,
+        log_with=None if cfg.output.report_to == "none" else cfg.output.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
 
 
 # ---- loop --------------------------------------------------------------------------------------------------
@@ -168,7 +185,7 @@ def loop(r: Run) -> tuple[float, list[float]]:
     cfg, accelerator = r.cfg, r.accelerator
     # a batch shares one position-id layout: the same bucket and the same reference sizes
     layouts = [(s.bucket, tuple(tuple(t.shape) for t in refs))
-               for s, refs in zip(r.data.samples, r.features.references)]
+               for s, refs in zip(r.data.samples, r.features.references)][: r.data.train_count]
     plan = BatchPlan(layouts, cfg.train.batch_size, cfg.train.seed, accelerator.num_processes,
                      accelerator.process_index)
     sizes = plan.batch_sizes()
@@ -191,7 +208,11 @@ def loop(r: Run) -> tuple[float, list[float]]:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"loss": loss, "lr": lr, "skipped": float(skipped)}, step=r.step)
             if r.sampler and cfg.sample.every and r.step % cfg.sample.every == 0:
-                _log_image(accelerator, r.sampler.at_step(accelerator.unwrap_model(r.transformer), r.step), r.step)
+                with r.ema.applied() if r.ema else contextlib.nullcontext():
+                    grid = r.sampler.at_step(accelerator.unwrap_model(r.transformer), r.step)
+                _log_image(accelerator, grid, r.step)
+            if cfg.validation.every and r.step % cfg.validation.every == 0:
+                validate(r)
             stopping = _any_rank(accelerator, stop.signum != 0)
             due = cfg.checkpoint.every and r.step % cfg.checkpoint.every == 0 and r.step < cfg.train.steps
             if due or stopping:
@@ -232,6 +253,8 @@ def optimizer_step(r: Run, plan: BatchPlan, step: int) -> tuple[float, bool]:
                     accelerator.unscale_gradients()  # fp16 GradScaler only; a no-op otherwise
                     torch.nn.utils.clip_grad_norm_(r.trainable, cfg.train.max_grad_norm)
                 r.optimizer.step()
+                if r.ema:
+                    r.ema.update()
             if accelerator.sync_gradients:
                 r.optimizer.zero_grad(set_to_none=True)
     return step_loss, skipped
@@ -242,10 +265,15 @@ def finish(r: Run) -> None:
     cfg, accelerator = r.cfg, r.accelerator
     final = accelerator.unwrap_model(r.transformer)
     _check_ranks_agree(accelerator, final)
+    if cfg.validation.enabled and (not r.validation or r.validation[-1][0] != r.step):
+        validate(r)
     if accelerator.is_main_process:
         save_lora(r.out / WEIGHT_NAME, final, r.base.family, r.lora_info())
-        if r.sampler and cfg.sample.before_after:
-            r.sampler.before_after(final, r.step)
+        with r.ema.applied() if r.ema else contextlib.nullcontext():
+            if r.ema:
+                save_lora(r.out / EMA_WEIGHT_NAME, final, r.base.family, r.lora_info() | {"ema_decay": r.ema.decay})
+            if r.sampler and cfg.sample.before_after:
+                r.sampler.before_after(final, r.step)
         variant = r.base.family.variant(final.config)
         write_card(r.out, model_card(name=cfg.output.name or r.out.resolve().name, variant=variant,
                                      family=r.base.family, base_model=card_base_model(r.base, variant),
@@ -253,6 +281,17 @@ def finish(r: Run) -> None:
                                      steps=cfg.train.steps, dataset_size=r.data.subject_count,
                                      resolution=", ".join(map(str, cfg.train.resolutions)), targets=cfg.lora.targets))
     accelerator.end_training()
+
+
+def validate(r: Run) -> None:
+    """The held-out loss now: logged, and written as validation.csv / validation.png."""
+    loss = validation_loss(r.accelerator.unwrap_model(r.transformer), r.base.family, r.features,
+                           r.data.validation_indices, [c[0] for c in r.data.captions], r.cfg.validation.sigmas,
+                           r.cfg.train.guidance, DTYPES[r.cfg.model.dtype], r.accelerator.device)
+    r.validation.append((r.step, loss))
+    r.accelerator.log({"validation_loss": loss}, step=r.step)
+    if r.accelerator.is_main_process:
+        write_curve(r.out, r.validation)
 
 
 def _refuse_distilled(base: BaseModel, allowed: bool) -> None:
