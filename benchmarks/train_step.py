@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--options", action="store_true", help="also time each recipe option against the plain loop")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -89,11 +90,11 @@ def main() -> None:
                 png.with_suffix(".txt").unlink()
         captions = len({p.read_text() for p in data.glob("*.txt")})
 
-        def train(name: str, steps: int):
+        def train(name: str, steps: int, extra: tuple[str, ...] = ()):
             overrides = [f"model.path={model}", f"data.path={data}", "data.trigger=zxq", f"output.dir={tmp / name}",
                          f"cache.dir={tmp / 'cache'}", f"train.steps={steps}", "train.batch_size=1",
                          f"train.resolution={args.resolution}", "train.caption_dropout=0.0", "train.log_every=1000",
-                         f"lora.rank={args.rank}", f"lora.alpha={args.rank}"]
+                         f"lora.rank={args.rank}", f"lora.alpha={args.rank}", *extra]
             return run(load_config(None, overrides), show_progress=False)
 
         cold = train("cold", 1)
@@ -105,6 +106,7 @@ def main() -> None:
             loops.append(statistics.median(warm.step_seconds[10:]))  # after the same 10 warm-up steps
             floors.append(floor_seconds_per_step(model, data, tmp / "cache", args.steps, args.resolution, args.rank))
         loop, floor = min(loops), min(floors)
+        costs = option_costs(train, args) if args.options else []
 
     print(f"family={args.family} resolution={args.resolution} rank={args.rank} steps={args.steps} "
           f"threads={torch.get_num_threads()}")
@@ -115,6 +117,36 @@ def main() -> None:
     print(f"text-encoder calls: cold cache {cold.text_encoder_calls} for {captions} unique captions + 1 empty "
           f"(goal {captions + 1}); rerun {warm.text_encoder_calls} (goal 0)")
     print(f"vae calls: cold cache {cold.vae_calls} for {cold.vae_calls} images; rerun {warm.vae_calls}")
+    if costs:
+        print("\noption cost per step (median, best of the repeats; the plain loop timed interleaved with them):")
+        print(f"{'option':<44} {'ms/step':>8} {'x plain':>8}")
+        for name, ms, ratio in costs:
+            print(f"{name:<44} {ms:8.2f} {ratio:8.2f}")
+
+
+OPTIONS = [
+    ("plain (lora, adamw)", ()),
+    ("lora.type=dora", ("lora.type=dora",)),
+    ("lora.type=lokr", ("lora.type=lokr",)),
+    ("lora.type=loha", ("lora.type=loha",)),
+    ("optim.name=prodigy", ("optim.name=prodigy", "optim.lr=1.0")),
+    ("regularization.preserve", ("regularization.preserve=true", "regularization.class_prompt=a logo")),
+    ("ema.decay=0.999", ("ema.decay=0.999",)),
+    ("data.shuffle_tags + tag_dropout", ("data.shuffle_tags=true", "data.tag_dropout=0.2")),
+    ("flow.shift=empirical (vs dynamic)", ("flow.shift=empirical",)),
+]
+
+
+def option_costs(train, args) -> list[tuple[str, float, float]]:
+    """Each option's median step time; every option run is paired with a plain run so load drifts cancel."""
+    times: dict[str, list[float]] = {name: [] for name, _ in OPTIONS}
+    steps = max(30, args.steps // 4)
+    for repeat in range(args.repeats):
+        for name, extra in OPTIONS:
+            result = train(f"opt{repeat}-{len(times[name])}-{name.split()[0]}", steps, extra)
+            times[name].append(statistics.median(result.step_seconds[5:]))
+    plain = min(times[OPTIONS[0][0]])
+    return [(name, min(times[name]) * 1e3, min(times[name]) / plain) for name, _ in OPTIONS]
 
 
 if __name__ == "__main__":
