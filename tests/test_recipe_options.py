@@ -178,3 +178,27 @@ def test_validation_loss_is_fixed_and_written(tiny_models, sample_data, shared_c
     assert list(csv.DictReader(open(again / "validation.csv"))) == rows  # same held-out set, sigmas and noise
     with pytest.raises(UserError, match="validation.every is set but nothing is held out"):
         load_config(None, ["model.path=m", "data.path=d", "validation.every=5"])
+
+
+def test_upscaled_images_are_reported_once_with_their_count(tiny_models, shared_cache, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, size in enumerate([(32, 32), (48, 32), (128, 128)]):
+        Image.new("RGB", size, ["red", "blue", "green"][i]).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("zxq")
+    cfg = load_config(None, train_args(tiny_models["klein"], data, tmp_path / "r", shared_cache, train__steps=1))
+    with caplog.at_level("WARNING", logger="flux2_lora.train"):
+        run(cfg, show_progress=False)
+    said = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("2 of 3 training samples are smaller than their bucket")
+
+
+def test_a_missing_optional_optimizer_is_named(monkeypatch):
+    import importlib.util
+
+    from trainer.optim import OptimConfig, optimizer_problem
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prodigyopt" else real(name, *a))
+    assert optimizer_problem(OptimConfig(name="prodigy", lr=1.0)) == (
+        "optim.name: prodigy needs prodigyopt: pip install 'flux2-lora[prodigy]', or use optim.name: adamw")
