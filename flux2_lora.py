@@ -19,6 +19,7 @@ TABLE = {
     "prepare": ("data_tools.commands", "check, fix, caption and bucket an image set (writes report.html)"),
     "tiny-model": ("inference.commands", "write a tiny random FLUX.2 (diffusers folder) for tests and the quickstart"),
     "generate": ("inference.commands", "generate or edit images with a base model and LoRAs"),
+    "export": ("inference.commands", "write a LoRA in the layout ComfyUI, kohya/musubi-tuner or ai-toolkit reads"),
     "evaluate": ("evaluation.commands", "compare checkpoints, scales and adapters with numbers and pictures"),
 }
 

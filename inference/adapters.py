@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
-from inference.lora_io import our_info, read_header
+from inference.lora_formats import from_foreign, is_foreign
+from inference.lora_io import load_state, our_info, read_header
 
 _MODULE = re.compile(r"^transformer\.(.+?)\.(lora_A|lora_B|lokr_\w+|hada_\w+)(\.[\w.]+)?(\.weight)?$")
 # adapter types stock diffusers does not load, with the peft config class that rebuilds them
@@ -57,28 +58,57 @@ def _check_fits(state: dict, transformer, path: Path) -> None:
                             "FLUX.2 family or size")
 
 
-def load_adapter(pipe, family_name: str, path: str | Path, name: str) -> AdapterInfo:
-    """Validate `path` against the loaded base, then inject it as adapter `name` with diffusers' loader."""
+def load_adapter(pipe, family_name: str, path: str | Path, name: str, allow_partial: bool = False) -> AdapterInfo:
+    """Validate `path` against the loaded base, then inject it as adapter `name`. Files in the BFL/ComfyUI/ai-toolkit
+    or kohya/musubi layouts are converted exactly first (inference/lora_formats.py); a file some of whose modules
+    would not be applied is refused unless `allow_partial`."""
     path = Path(path)
     header = read_header(path)  # refuses missing files, pickles and corrupt headers
     info = our_info(header)
     if info.get("family") and info["family"] != family_name:
         raise UserError(f"LoRA '{path}' was trained on FLUX.2 {info['family']}, but the base model is {family_name}; "
                         f"use a {info['family']} base or a LoRA trained on {family_name}")
-    try:
-        state = pipe.lora_state_dict(str(path.parent), weight_name=path.name, use_safetensors=True)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise UserError(f"LoRA '{path}' is not a FLUX.2 LoRA diffusers can read ({str(exc).splitlines()[0][:150]})") from None
+    raw = load_state(path)
+    source: str | dict = str(path.parent)
+    if is_foreign(raw):
+        state, unplaced = from_foreign(raw)
+        if unplaced and not allow_partial:
+            raise UserError(f"LoRA '{path}': {len(unplaced)} of its modules have no place in FLUX.2 and would be "
+                            f"dropped (e.g. {', '.join(unplaced[:3])}); pass --allow-partial to load the rest")
+        source = state
+    else:
+        try:
+            state = pipe.lora_state_dict(str(path.parent), weight_name=path.name, use_safetensors=True)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise UserError(f"LoRA '{path}' is not a FLUX.2 LoRA diffusers can read "
+                            f"({str(exc).splitlines()[0][:150]})") from None
     if not any(k.startswith("transformer.") for k in state):
-        raise UserError(f"LoRA '{path}' has no FLUX.2 transformer weights (keys like {next(iter(state), 'none')!r}); "
+        raise UserError(f"LoRA '{path}' has no FLUX.2 transformer weights (keys like {next(iter(raw), 'none')!r}); "
                         "it was made for another model")
     _check_fits(state, pipe.transformer, path)
     if info.get("type") in PEFT_ONLY:
         _inject_with_peft(pipe.transformer, state, header, PEFT_ONLY[info["type"]], name, path)
+    elif isinstance(source, dict):
+        pipe.load_lora_weights(source, adapter_name=name)
     else:
         # loading from the file (not the dict above) keeps the adapter metadata, so alpha != rank loads at its scale
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, use_safetensors=True)
+        pipe.load_lora_weights(source, weight_name=path.name, adapter_name=name, use_safetensors=True)
+    _refuse_dropped(pipe, state, name, path, allow_partial)
     return AdapterInfo(name=name, path=path, sha256=sha256_file(path), info=info)
+
+
+def _refuse_dropped(pipe, state: dict, name: str, path: Path, allow_partial: bool) -> None:
+    """Loaders log a warning and move on when keys match no module: count what was injected against the file."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wanted = {m.group(1) for k in state if (m := _MODULE.match(k))}
+    injected = {n for n, m in pipe.transformer.named_modules() if isinstance(m, BaseTunerLayer)
+                and any(name in getattr(m, attr, {}) for attr in m.adapter_layer_names)}
+    missing = sorted(wanted - injected)
+    if missing and not allow_partial:
+        pipe.delete_adapters(name)
+        raise UserError(f"LoRA '{path}': {len(missing)} of its {len(wanted)} modules were not applied "
+                        f"(e.g. {', '.join(missing[:3])}); pass --allow-partial to use it anyway")
 
 
 def _inject_with_peft(transformer, state: dict, header: dict, config_class: str, name: str, path: Path) -> None:

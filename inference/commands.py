@@ -42,6 +42,8 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--add-trigger", action="store_true", help="put each LoRA's trigger word in the prompt")
     p.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the base weights (faster steps)")
+    p.add_argument("--allow-partial", action="store_true", help="load a LoRA even if some of its modules match "
+                                                                 "nothing in the model (otherwise an error)")
     add_flags(p, GeneratorOptions)
     p.add_argument("--out", required=True, help="folder for the PNGs, results.jsonl and grid.png")
 
@@ -110,7 +112,7 @@ def generate(args: argparse.Namespace) -> int:
     gen = Generator(args.model, **dataclasses.asdict(opts))
     for spec in args.lora:
         path, scale = parse_lora(spec)
-        gen.add_adapter(path, scale=scale)
+        gen.add_adapter(path, scale=scale, allow_partial=args.allow_partial)
     if args.fuse:
         gen.fuse(permanent=True)  # the CLI never changes adapters afterwards
     out = Path(args.out)
@@ -161,7 +163,26 @@ def tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lora", help="a LoRA file written by flux2-lora (or a run folder: its final LoRA)")
+    p.add_argument("--format", required=True, help="comfyui, kohya (musubi-tuner), bfl (ai-toolkit) or diffusers")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+
+
+def export(args: argparse.Namespace) -> int:
+    from inference.export import export_lora
+    from inference.lora_formats import FORMATS
+
+    if args.format not in FORMATS:
+        raise UserError(f"--format '{args.format}' is unknown; use one of {', '.join(FORMATS)}")
+    counts = export_lora(args.lora, args.format, args.out)
+    print(f"{counts['modules']} LoRA modules of a FLUX.2 {counts['family']} LoRA written as {args.format} to "
+          f"{args.out} ({counts['written_modules']} modules, {counts['tensors']} tensors)")
+    return 0
+
+
 COMMANDS = {
     "tiny-model": Command(_add_tiny_model_arguments, tiny_model),
     "generate": Command(_add_generate_arguments, generate),
+    "export": Command(_add_export_arguments, export),
 }

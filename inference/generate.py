@@ -114,13 +114,14 @@ class Generator:
         self.text_encoder_calls = 0
 
     # ---- adapters -------------------------------------------------------------------------------------------
-    def add_adapter(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> AdapterInfo:
+    def add_adapter(self, path: str | Path, scale: float = 1.0, name: str | None = None,
+                    allow_partial: bool = False) -> AdapterInfo:
         self._require_unfused()
         path = lora_file(path)  # a run folder means its final LoRA
         name = _adapter_name(name or lora_label(path))
         if name in self.adapters:
             raise UserError(f"an adapter named '{name}' is already loaded; pass another name")
-        info = load_adapter(self.pipe, self.family.name, path, name)
+        info = load_adapter(self.pipe, self.family.name, path, name, allow_partial)
         self.adapters[name], self.scales[name] = info, float(scale)
         self._apply_scales()
         return info

@@ -24,17 +24,27 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 META_PREFIX = "flux2_lora."
 
 
-def save_lora(target: str | Path, transformer, family: Family, info: dict[str, Any]) -> Path:
-    """Save the transformer's active peft LoRA to `target` (a .safetensors path), atomically."""
+def save_lora(target: str | Path, transformer, family: Family, info: dict[str, Any], bake_alpha: bool = True) -> Path:
+    """Save the transformer's active peft LoRA to `target` (a .safetensors path), atomically.
+
+    `bake_alpha`: a LoRA's scale alpha/r goes into lora_B and the metadata says alpha = r. ComfyUI reads alpha only
+    from `.alpha` tensors (none here: scale 1) and ignores peft's metadata, so an unbaked file with alpha != r would
+    apply there at r/alpha times the intended change; baked, every loader gives the same weights. Checkpoints are
+    saved unbaked, so resuming multiplies nothing back and forth."""
     from diffusers.training_utils import _collate_lora_metadata
     from peft.utils import get_peft_model_state_dict
 
     target = Path(target)
     layers = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    metadata = _collate_lora_metadata({"transformer": transformer})
+    config = metadata.get("transformer_lora_adapter_metadata") or {}
+    scale = config.get("lora_alpha", 0) / config["r"] if config.get("r") and "lora_alpha" in config else 1.0
+    if bake_alpha and scale != 1.0 and not config.get("alpha_pattern") and not config.get("rank_pattern"):
+        layers = {k: v * scale if ".lora_B." in k else v for k, v in layers.items()}
+        metadata["transformer_lora_adapter_metadata"] = {**config, "lora_alpha": config["r"]}
+        info = {**info, "alpha_baked": scale}
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        family.pipeline_class.save_lora_weights(
-            tmp, transformer_lora_layers=layers, **_collate_lora_metadata({"transformer": transformer})
-        )
+        family.pipeline_class.save_lora_weights(tmp, transformer_lora_layers=layers, **metadata)
         written = Path(tmp) / WEIGHT_NAME
         with safe_open(written, "pt") as fh:
             header = dict(fh.metadata() or {})

@@ -45,7 +45,9 @@ def register_lora_hooks(accelerator, family, lora_info: Callable[[], dict]) -> N
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            save_lora(Path(output_dir) / WEIGHT_NAME, accelerator.unwrap_model(models[0]), family, lora_info())
+            # unbaked: resume must read back exactly the weights it trains (evaluate reads alpha from the metadata)
+            save_lora(Path(output_dir) / WEIGHT_NAME, accelerator.unwrap_model(models[0]), family, lora_info(),
+                      bake_alpha=False)
         weights.clear()
 
     def load_hook(models, input_dir):

@@ -23,6 +23,9 @@ class OutputConfig:
     report_to: Literal["none", "wandb", "tensorboard"] = option("none", help="tracker for loss and lr (WANDB_MODE=offline works)")
     project: str = option("flux2-lora", help="wandb/tensorboard project name")
     name: str | None = option(None, help="LoRA name in the model card; defaults to the folder name")
+    export: list[Literal["comfyui", "kohya", "bfl"]] = option(
+        factory=list, help="also write the final LoRA in these layouts, as pytorch_lora_weights_<layout>.safetensors "
+                           "(comfyui: ComfyUI; kohya: musubi-tuner / kohya; bfl: ai-toolkit)")
 
     def validate(self) -> list[str]:
         return [] if self.dir else ["output.dir is empty; set it to a folder for this run"]
@@ -64,6 +67,17 @@ def prepare_output_dir(cfg: OutputConfig, resuming: bool) -> Path:
     except OSError as exc:
         raise UserError(f"output.dir '{out}' is not writable ({exc.strerror}); choose a folder you can write to") from None
     return out
+
+
+def export_copies(out: Path, formats: list[str]) -> list[Path]:
+    from inference.export import export_lora
+
+    written = []
+    for fmt in formats:
+        target = out / f"pytorch_lora_weights_{fmt}.safetensors"
+        export_lora(out / WEIGHT_NAME, fmt, target)
+        written.append(target)
+    return written
 
 
 def card_base_model(base, variant) -> str:

@@ -35,6 +35,7 @@ from trainer.optim import build_optimizer, build_scheduler, optimizer_problem
 from trainer.outputs import (
     card_base_model,
     check_tracker,
+    export_copies,
     model_card,
     prepare_output_dir,
     write_card,
@@ -269,6 +270,7 @@ def finish(r: Run) -> None:
         validate(r)
     if accelerator.is_main_process:
         save_lora(r.out / WEIGHT_NAME, final, r.base.family, r.lora_info())
+        export_copies(r.out, cfg.output.export)
         with r.ema.applied() if r.ema else contextlib.nullcontext():
             if r.ema:
                 save_lora(r.out / EMA_WEIGHT_NAME, final, r.base.family, r.lora_info() | {"ema_decay": r.ema.decay})

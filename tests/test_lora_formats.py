@@ -1,0 +1,177 @@
+"""LoRA files other tools load in full: alpha baked, exports to the BFL/ComfyUI/kohya layouts and back, exactly."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.errors import UserError
+from flux2_lora import main
+from inference.adapters import load_adapter
+from inference.export import export_lora
+from inference.families import FAMILIES
+from inference.lora_formats import diffusers_names, from_foreign, to_bfl
+from inference.lora_io import save_lora
+from inference.tiny import build_tiny_pipeline
+from trainer.lora import LoraSettings, add_lora
+
+PRESETS = ("attention", "attention_mlp", "all_linear")
+
+
+def _random_lora(family: str, preset: str, out, rank=4, alpha=6.0):
+    """A LoRA with every weight non-zero (a fresh one has lora_B = 0, which would hide mapping mistakes)."""
+    transformer = build_tiny_pipeline(FAMILIES[family]).transformer
+    add_lora(transformer, LoraSettings(rank=rank, alpha=alpha, targets=preset), seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in transformer.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    save_lora(out, transformer, FAMILIES[family], {"family": family, "type": "lora", "rank": rank, "alpha": alpha})
+    return transformer
+
+
+def _deltas(transformer, adapter="default") -> dict[str, torch.Tensor]:
+    """Every LoRA module's merged change to its weight, as peft applies it (scale included)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m.get_delta_weight(adapter).detach() for n, m in transformer.named_modules()
+            if isinstance(m, LoraLayer) and adapter in m.lora_A}
+
+
+def test_alpha_is_baked_so_every_loader_applies_the_intended_change(tmp_path):
+    trained = _random_lora("klein", "attention_mlp", tmp_path / "a.safetensors", rank=4, alpha=6.0)
+    intended = _deltas(trained)  # 1.5 * B @ A
+    file = load_file(tmp_path / "a.safetensors")
+    for module, delta in intended.items():
+        a, b = file[f"transformer.{module}.lora_A.weight"], file[f"transformer.{module}.lora_B.weight"]
+        torch.testing.assert_close(b @ a, delta)  # what ComfyUI applies with no .alpha tensor: scale 1
+    pipe = build_tiny_pipeline(FAMILIES["klein"])  # the stock diffusers loader gives the same change
+    pipe.load_lora_weights(str(tmp_path), weight_name="a.safetensors", adapter_name="x")
+    for module, delta in _deltas(pipe.transformer, "x").items():
+        torch.testing.assert_close(delta, intended[module])
+
+
+@pytest.mark.parametrize("family", ["klein", "dev"])
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("fmt", ["bfl", "comfyui", "kohya"])
+def test_exports_round_trip_exactly(family, preset, fmt, tmp_path):
+    trained = _random_lora(family, preset, tmp_path / "ours.safetensors")
+    intended = _deltas(trained)
+    counts = export_lora(tmp_path / "ours.safetensors", fmt, tmp_path / f"{fmt}.safetensors")
+    assert counts["modules"] == len(intended)  # every module of every preset maps: nothing dropped
+    exported = load_file(tmp_path / f"{fmt}.safetensors")
+    assert all(k.startswith("lora_unet_" if fmt == "kohya" else "diffusion_model.") for k in exported)
+    if fmt != "bfl":
+        assert sum(k.endswith(".alpha") for k in exported) == counts["written_modules"]
+    converted, unplaced = from_foreign(exported)
+    assert not unplaced
+    for module, delta in intended.items():  # the independent inverse: ΔW from the file's own tensors
+        b, a = converted[f"transformer.{module}.lora_B.weight"], converted[f"transformer.{module}.lora_A.weight"]
+        torch.testing.assert_close(b @ a, delta, atol=1e-6, rtol=1e-5)
+    pipe = build_tiny_pipeline(FAMILIES[family])  # and as generate loads it: every module, the same change
+    load_adapter(pipe, family, tmp_path / f"{fmt}.safetensors", "x")
+    loaded = _deltas(pipe.transformer, "x")
+    assert loaded.keys() == intended.keys()
+    for module, delta in intended.items():
+        torch.testing.assert_close(loaded[module], delta, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["bfl", "kohya"])
+def test_diffusers_own_converters_agree_on_the_blocks(fmt, tmp_path):
+    """The BFL (ai-toolkit) and kohya exports of the attention+MLP preset, read by diffusers' own converters."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_kohya_flux2_lora_to_diffusers,
+        _convert_non_diffusers_flux2_lora_to_diffusers,
+    )
+
+    trained = _random_lora("klein", "attention_mlp", tmp_path / "ours.safetensors")
+    export_lora(tmp_path / "ours.safetensors", fmt, tmp_path / "out.safetensors")
+    exported = load_file(tmp_path / "out.safetensors")
+    convert = _convert_kohya_flux2_lora_to_diffusers if fmt == "kohya" else _convert_non_diffusers_flux2_lora_to_diffusers
+    theirs = convert(dict(exported))
+    pairs = {k[: -len(".lora_A.weight")]: k for k in theirs if k.endswith(".lora_A.weight")}
+    assert len(pairs) == len(_deltas(trained))
+    for prefix in pairs:
+        module = prefix.removeprefix("transformer.")
+        delta = theirs[f"{prefix}.lora_B.weight"] @ theirs[f"{prefix}.lora_A.weight"]
+        torch.testing.assert_close(delta, _deltas(trained)[module], atol=1e-6, rtol=1e-5)
+
+
+def test_foreign_fixtures_with_alpha_load_exactly(tmp_path):
+    """A musubi/kohya file with alpha != rank and an ai-toolkit file without alpha, built in their real layouts."""
+    trained = _random_lora("dev", "all_linear", tmp_path / "ours.safetensors")
+    intended = _deltas(trained)
+    export_lora(tmp_path / "ours.safetensors", "kohya", tmp_path / "k.safetensors")
+    kohya = load_file(tmp_path / "k.safetensors")
+    for key in [k for k in kohya if k.endswith(".alpha")]:  # alpha = rank/2: the up weights twice as large
+        kohya[key] = kohya[key] / 2
+        kohya[key.replace(".alpha", ".lora_up.weight")] *= 2
+    save_file(kohya, str(tmp_path / "musubi.safetensors"))
+    pipe = build_tiny_pipeline(FAMILIES["dev"])
+    load_adapter(pipe, "dev", tmp_path / "musubi.safetensors", "m")
+    for module, delta in _deltas(pipe.transformer, "m").items():
+        torch.testing.assert_close(delta, intended[module], atol=1e-6, rtol=1e-5)
+
+
+def test_a_file_with_modules_nobody_can_place_is_refused_unless_partial(tmp_path):
+    _random_lora("klein", "attention", tmp_path / "ours.safetensors")
+    export_lora(tmp_path / "ours.safetensors", "bfl", tmp_path / "b.safetensors")
+    state = load_file(tmp_path / "b.safetensors")
+    state["diffusion_model.vision_tower.proj.lora_A.weight"] = torch.zeros(4, 8)
+    state["diffusion_model.vision_tower.proj.lora_B.weight"] = torch.zeros(8, 4)
+    save_file(state, str(tmp_path / "odd.safetensors"))
+    pipe = build_tiny_pipeline(FAMILIES["klein"])
+    with pytest.raises(UserError, match="1 of its modules have no place in FLUX.2 .* pass --allow-partial"):
+        load_adapter(pipe, "klein", tmp_path / "odd.safetensors", "x")
+    load_adapter(pipe, "klein", tmp_path / "odd.safetensors", "x", allow_partial=True)
+
+
+def test_names_map_both_ways():
+    assert diffusers_names("double_blocks.3.img_attn.qkv") == [f"transformer_blocks.3.attn.to_{c}" for c in "qkv"]
+    assert diffusers_names("final_layer.adaLN_modulation.1") == ["norm_out.linear"]
+    a, b = torch.randn(2, 8), torch.randn(6, 2)
+    fused = to_bfl({"norm_out.linear": (a, b)})["final_layer.adaLN_modulation.1"][1]
+    assert torch.equal(fused[:3], b[3:]) and torch.equal(fused[3:], b[:3])  # (scale, shift) -> (shift, scale)
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["--format", "onnx"], "--format 'onnx' is unknown; use one of diffusers, bfl, comfyui, kohya"),
+    (["--format", "kohya", "--out", "SAME"], "would overwrite or sit inside the input"),
+    (["--format", "kohya", "--out", "x.bin"], "must end in .safetensors"),
+])
+def test_export_bad_input_is_one_line(argv_tail, message, tmp_path, capsys):
+    _random_lora("klein", "attention", tmp_path / "ours.safetensors")
+    argv = ["export", str(tmp_path / "ours.safetensors"), *argv_tail]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "o.safetensors")]
+    argv = [str(tmp_path / "ours.safetensors") if a == "SAME" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_export_refuses_files_it_cannot_represent(tmp_path):
+    save_file({"unet.x.weight": torch.zeros(2)}, str(tmp_path / "sd.safetensors"))
+    with pytest.raises(UserError, match="holds no FLUX.2 transformer LoRA weights"):
+        export_lora(tmp_path / "sd.safetensors", "kohya", tmp_path / "o.safetensors")
+    transformer = build_tiny_pipeline(FAMILIES["klein"]).transformer
+    add_lora(transformer, LoraSettings(type="lokr", rank=4, alpha=4), seed=0)
+    save_lora(tmp_path / "lokr.safetensors", transformer, FAMILIES["klein"], {"type": "lokr"})
+    with pytest.raises(UserError, match="is a lokr adapter; export to other layouts handles plain LoRA only"):
+        export_lora(tmp_path / "lokr.safetensors", "comfyui", tmp_path / "o.safetensors")
+
+
+def test_training_can_write_the_other_layouts_too(tiny_models, sample_data, shared_cache, tmp_path):
+    from helpers import train_args
+
+    from trainer.config import load_config
+    from trainer.recipe import run
+
+    cfg = load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache,
+                                       train__steps=2) + ["output.export=[comfyui, kohya]"])
+    run(cfg, show_progress=False)
+    assert (tmp_path / "r" / "pytorch_lora_weights_comfyui.safetensors").is_file()
+    assert (tmp_path / "r" / "pytorch_lora_weights_kohya.safetensors").is_file()
+    with pytest.raises(UserError, match="output.export writes plain LoRA layouts only"):
+        load_config(None, ["model.path=m", "data.path=d", "lora.type=dora", "output.export=[kohya]"])
