@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from PIL import Image
@@ -94,6 +94,16 @@ class EvaluateOptions:
     guidance: float | None = option(None, help="guidance scale (default: the family's)")
     width: int = option(512, check=side_problem, help="render width")
     height: int = option(512, check=side_problem, help="render height")
+    device: str = option("auto", help="where to render: auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", help="auto: bfloat16 on a GPU, float32 "
+                                                                                    "on the CPU")
+
+    def placement(self) -> tuple[str, str]:
+        import torch
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        dtype = ("float32" if device == "cpu" else "bfloat16") if self.dtype == "auto" else self.dtype
+        return device, dtype
 
 
 @dataclasses.dataclass
@@ -125,7 +135,8 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
                         f"pass --references with at least that many")
     image_encoder = M.ImageEncoder(opts.encoder) if opts.encoder else None
     ref_embeddings = image_encoder.embed(refs) if image_encoder and refs else None
-    gen = Generator(model)
+    device, dtype = opts.placement()
+    gen = Generator(model, device=device, dtype=dtype)
     triggers = {}
     for adapter in adapters:  # fail early on a missing or foreign adapter, before any rendering
         info = gen.add_adapter(adapter.path, name="probe")

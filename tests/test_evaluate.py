@@ -234,3 +234,13 @@ def test_python_api_and_cli_check_options_alike(short_run, tiny_models, tmp_path
     assert main(["evaluate", "--model", str(tiny_models["klein"]), "--run", str(short_run), "--seeds", "0",
                  "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == "error: option '--seeds' must be > 0, got 0"
+
+
+def test_evaluate_places_the_model_where_asked(short_run, tiny_models, tmp_path, capsys):
+    argv = ["evaluate", "--model", str(tiny_models["klein"]), "--run", str(short_run), "--scales", "0,1", "--seeds",
+            "1", "--steps", "1", "--width", "64", "--height", "64", "--suite", "style", "--no-progress"]
+    assert main([*argv, "--device", "cpu", "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    assert json.loads((tmp_path / "bf16" / "metrics.json").read_text())["speed"]["renders"] > 0
+    assert main([*argv, "--device", "cuda:7", "--out", str(tmp_path / "x")]) == 2
+    assert "device 'cuda:7' is not available on this machine" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -135,8 +135,8 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     if ema:
         accelerator.register_for_checkpointing(ema)
 
-    sampler = SampleRenderer(base, cfg.model.dtype, cfg.sample, features.embeds, max(cfg.train.resolutions), out) \
-        if cfg.sample.prompts and main else None
+    sampler = SampleRenderer(base, cfg.model.dtype, cfg.sample, features.embeds, max(cfg.train.resolutions), out,
+                             accelerator.device) if cfg.sample.prompts and main else None
     data.objective.plain_model = accelerator.unwrap_model(transformer)
     r = Run(cfg, base, data, out, accelerator, features, transformer, trainable, optimizer, scheduler, sampler,
             start=0, show_progress=show_progress, ema=ema)

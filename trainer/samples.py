@@ -33,9 +33,12 @@ class SampleConfig:
 
 class SampleRenderer:
     def __init__(self, base: BaseModel, dtype: str, cfg: SampleConfig, embeds: dict[str, torch.Tensor],
-                 resolution: int, out_dir: Path):
+                 resolution: int, out_dir: Path, device: torch.device | str = "cpu"):
         self.base, self.cfg, self.out_dir = base, cfg, out_dir
-        self.pipe = load_pipeline(base, dtype, text_encoder=False, transformer=False)  # VAE + scheduler only
+        # VAE + scheduler only, on the training device: latents are made where the transformer runs, and a VAE
+        # left on the CPU would be handed GPU latents at the first sample (the crash ai-toolkit fixed in #742)
+        self.device = torch.device(device)
+        self.pipe = load_pipeline(base, dtype, text_encoder=False, transformer=False).to(self.device)
         self.embeds = [embeds[p] for p in cfg.prompts]
         self.negative = embeds[""]
         defaults = base.family.sampling_defaults(base.distilled)
@@ -49,7 +52,7 @@ class SampleRenderer:
         transformer.eval()
         pipe = self.base.family.pipeline_class.from_pipe(self.pipe, transformer=transformer)
         pipe.set_progress_bar_config(disable=True)
-        device = next(p.device for p in transformer.parameters())
+        device = self.device  # declared, not read off the weights: group offload keeps those on the CPU
         extra = {}
         images = []
         for i, embeds in enumerate(self.embeds):
