@@ -1,0 +1,42 @@
+"""GPU placement proven on the CPU: the training device is stood in for by PyTorch's `meta` device (shapes only,
+no data). A component left on the CPU while the transformer runs on the device fails at once, as it would on a GPU;
+when everything is placed on one device, the run gets through every model call and only stops where pixels would be
+copied out (meta tensors have no data)."""
+
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.loading import ModelConfig, load_pipeline, resolve_base_model
+from trainer.samples import SampleConfig, SampleRenderer
+
+
+def _render_on_meta(tiny_models, family: str, renderer_device: str) -> BaseException:
+    base = resolve_base_model(ModelConfig(path=str(tiny_models[family])))
+    transformer = load_pipeline(base, text_encoder=False, vae=False).transformer.to("meta")  # "the GPU"
+    width = 3 * 16  # the tiny models' joint_attention_dim
+    embeds = {"a zxq logo": torch.zeros(1, 512, width), "": torch.zeros(1, 512, width)}
+    renderer = SampleRenderer(base, "float32", SampleConfig(prompts=["a zxq logo"], steps=2), embeds, 64,
+                              Path("unused"), device=renderer_device)
+    with pytest.raises(Exception) as info:
+        renderer.render(transformer)
+    return info.value
+
+
+@pytest.mark.parametrize("family", ["klein", "dev"])
+def test_training_samples_run_every_model_call_on_the_training_device(family, tiny_models):
+    error = _render_on_meta(tiny_models, family, "meta")
+    frames = "".join(traceback.format_tb(error.__traceback__))
+    # Where a shapes-only run has to stop, after every transformer call: klein gets through VAE decoding to the
+    # copy into a PIL image; dev's pipeline first reads position ids as numbers to unpack the latents (`.item()`)
+    stops = {"klein": ("Cannot copy out of meta tensor", "postprocess"),
+             "dev": ("Tensor.item() cannot be called on meta tensors", "_unpack_latents_with_ids")}[family]
+    assert stops[0] in str(error) and stops[1] in frames, frames[-2000:]
+
+
+def test_a_component_left_on_the_cpu_is_caught(tiny_models):
+    """What the old renderer did (VAE + scheduler pipeline on the CPU, transformer on the GPU): it fails here too."""
+    error = _render_on_meta(tiny_models, "klein", "cpu")
+    assert isinstance(error, RuntimeError) and "is not on the expected device meta" in str(error)
