@@ -98,13 +98,6 @@ class EvaluateOptions:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", help="auto: bfloat16 on a GPU, float32 "
                                                                                     "on the CPU")
 
-    def placement(self) -> tuple[str, str]:
-        import torch
-
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        dtype = ("float32" if device == "cpu" else "bfloat16") if self.dtype == "auto" else self.dtype
-        return device, dtype
-
 
 @dataclasses.dataclass
 class Column:
@@ -135,8 +128,7 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
                         f"pass --references with at least that many")
     image_encoder = M.ImageEncoder(opts.encoder) if opts.encoder else None
     ref_embeddings = image_encoder.embed(refs) if image_encoder and refs else None
-    device, dtype = opts.placement()
-    gen = Generator(model, device=device, dtype=dtype)
+    gen = Generator(model, device=opts.device, dtype=opts.dtype)  # "auto": the GPU and bfloat16 when there is one
     triggers = {}
     for adapter in adapters:  # fail early on a missing or foreign adapter, before any rendering
         info = gen.add_adapter(adapter.path, name="probe")

@@ -68,8 +68,9 @@ def round_side(value: int, what: str) -> int:
 class GeneratorOptions:
     """How the base model is loaded and placed: `generate`'s flags and `Generator(...)`'s keyword arguments."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="dtype of the model weights")
-    device: str = option("cpu", help="where the models run: cpu, cuda, cuda:1, mps, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="dtype of the model weights; auto: bfloat16 on a GPU, float32 on the CPU")
+    device: str = option("auto", help="where the models run: auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
     fp8_storage: bool = option(False, help="store transformer weights in float8 (about half the memory)")
     group_offload: Literal["none", "block", "leaf"] = option(
         "none", help="keep weights in CPU RAM and stream a block (or a layer) at a time to the device")
@@ -82,17 +83,26 @@ class GeneratorOptions:
         return []
 
 
+def resolve_placement(device: str, dtype: str) -> tuple[str, str]:
+    """'auto' device -> the GPU when there is one, else the CPU; 'auto' dtype -> bfloat16 there, float32 on the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16"
+    return device, dtype
+
+
 class Generator:
     def __init__(self, model: str, **options: Any):
         """`options`: the fields of GeneratorOptions (dtype="bfloat16", device="cuda", group_offload="block", ...)."""
         opts = self.options = from_kwargs(GeneratorOptions, "Generator", **options)
-        device = opts.device
+        device, dtype = resolve_placement(opts.device, opts.dtype)
         if device != "cpu" and not _device_available(device):
             raise UserError(f"device '{device}' is not available on this machine; use --device cpu")
-        self.config = ModelConfig(path=str(model), dtype=opts.dtype, fp8_storage=opts.fp8_storage,
+        self.config = ModelConfig(path=str(model), dtype=dtype, fp8_storage=opts.fp8_storage,
                                   group_offload=opts.group_offload)
         self.base = resolve_base_model(self.config)
-        self.pipe = load_pipeline(self.base, opts.dtype)
+        self.pipe = load_pipeline(self.base, dtype)
         self.family = self.base.family
         self.defaults = self.family.sampling_defaults(self.base.distilled)
         if opts.cpu_offload:

@@ -168,7 +168,7 @@ def test_every_option_of_every_command_has_help():
         if name == "prepare":
             assert "(default: 1024)" in text and "(default: #FFFFFF)" in text
         if name == "generate":
-            assert "(default: float32)" in text and "(default: 0)" in text
+            assert "(default: auto)" in text and "(default: 0)" in text
 
 
 def test_hub_retries_are_printed_once():

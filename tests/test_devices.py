@@ -40,3 +40,13 @@ def test_a_component_left_on_the_cpu_is_caught(tiny_models):
     """What the old renderer did (VAE + scheduler pipeline on the CPU, transformer on the GPU): it fails here too."""
     error = _render_on_meta(tiny_models, "klein", "cpu")
     assert isinstance(error, RuntimeError) and "is not on the expected device meta" in str(error)
+
+
+def test_auto_placement_picks_the_gpu_and_bf16_when_there_is_one(monkeypatch):
+    from inference.generate import resolve_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_placement("auto", "auto") == ("cpu", "float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_placement("auto", "auto") == ("cuda", "bfloat16")
+    assert resolve_placement("cuda:1", "float16") == ("cuda:1", "float16")
