@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -84,7 +85,7 @@ def token_mask(sample: Sample) -> torch.Tensor:
     width, height = sample.bucket
     image = fit(open_rgb(sample.mask).convert("L"), width, height)
     grid = image.resize((width // SIDE_MULTIPLE, height // SIDE_MULTIPLE), Image.Resampling.BOX)
-    return torch.tensor(list(grid.getdata()), dtype=torch.float32).view(1, -1) / 255.0
+    return torch.from_numpy(np.asarray(grid, dtype=np.float32).copy()).view(1, -1) / 255.0
 
 
 def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: CacheConfig, show_progress: bool = True,
