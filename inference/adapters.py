@@ -12,7 +12,7 @@ from typing import Any
 
 from common.errors import UserError
 from inference.lora_formats import from_foreign, is_foreign
-from inference.lora_io import load_state, our_info, read_header
+from inference.lora_io import load_state, our_info, read_header, read_keys
 
 _MODULE = re.compile(r"^transformer\.(.+?)\.(lora_A|lora_B|lokr_\w+|hada_\w+)(\.[\w.]+)?(\.weight)?$")
 # adapter types stock diffusers does not load, with the peft config class that rebuilds them
@@ -68,10 +68,10 @@ def load_adapter(pipe, family_name: str, path: str | Path, name: str, allow_part
     if info.get("family") and info["family"] != family_name:
         raise UserError(f"LoRA '{path}' was trained on FLUX.2 {info['family']}, but the base model is {family_name}; "
                         f"use a {info['family']} base or a LoRA trained on {family_name}")
-    raw = load_state(path)
+    keys = read_keys(path)
     source: str | dict = str(path.parent)
-    if is_foreign(raw):
-        state, unplaced = from_foreign(raw)
+    if is_foreign(keys):  # only then are the tensors read here; our own files go straight to diffusers' loader
+        state, unplaced = from_foreign(load_state(path))
         if unplaced and not allow_partial:
             raise UserError(f"LoRA '{path}': {len(unplaced)} of its modules have no place in FLUX.2 and would be "
                             f"dropped (e.g. {', '.join(unplaced[:3])}); pass --allow-partial to load the rest")
@@ -83,7 +83,7 @@ def load_adapter(pipe, family_name: str, path: str | Path, name: str, allow_part
             raise UserError(f"LoRA '{path}' is not a FLUX.2 LoRA diffusers can read "
                             f"({str(exc).splitlines()[0][:150]})") from None
     if not any(k.startswith("transformer.") for k in state):
-        raise UserError(f"LoRA '{path}' has no FLUX.2 transformer weights (keys like {next(iter(raw), 'none')!r}); "
+        raise UserError(f"LoRA '{path}' has no FLUX.2 transformer weights (keys like {next(iter(keys), 'none')!r}); "
                         "it was made for another model")
     _check_fits(state, pipe.transformer, path)
     if info.get("type") in PEFT_ONLY:

@@ -11,14 +11,22 @@ from safetensors.torch import save_file
 from common.atomic import atomic_path
 from common.errors import UserError
 from inference.lora_formats import Format, to_bfl, write_layout
-from inference.lora_io import META_PREFIX, load_state, our_info, read_header
+from inference.lora_io import (
+    META_PREFIX,
+    alpha_scale,
+    baked_config,
+    load_state,
+    our_info,
+    read_header,
+)
 from inference.runs import lora_file
 
 _PAIR = ".lora_A.weight"
 
 
-def our_pairs(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict, dict[str, str]]:
-    """{module: (A, B with alpha/r applied)}, our header info, the raw header, from one of our LoRA files."""
+def our_pairs(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict, dict[str, str], dict]:
+    """{module: (A, B with alpha/r applied)}, our header info, the raw header and the peft config (unprefixed),
+    from one of our LoRA files."""
     header = read_header(path)
     info = our_info(header)
     state = load_state(path)
@@ -32,13 +40,13 @@ def our_pairs(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
     config = {k.removeprefix("transformer."): v for k, v in json.loads(header.get("lora_adapter_metadata", "{}")).items()}
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise UserError(f"LoRA '{path}' has per-module ranks or alphas; export handles uniform ones only")
-    scale = config["lora_alpha"] / config["r"] if config.get("r") and config.get("lora_alpha") else 1.0
+    scale = alpha_scale(config)
     pairs = {}
     for key, a in state.items():
         if key.endswith(_PAIR):
             module = key[len("transformer."): -len(_PAIR)]
             pairs[module] = (a, state[f"transformer.{module}.lora_B.weight"] * scale)
-    return pairs, info, header
+    return pairs, info, header, config
 
 
 def export_lora(source: str | Path, fmt: Format, out: str | Path) -> dict[str, int]:
@@ -48,7 +56,7 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path) -> dict[str, i
         raise UserError(f"--out '{out}' would overwrite or sit inside the input '{source}'; choose another path")
     if out.suffix != ".safetensors":
         raise UserError(f"--out '{out}' must end in .safetensors")
-    pairs, info, header = our_pairs(path)
+    pairs, info, header, config = our_pairs(path)
     meta = {"format": "pt", **{k: v for k, v in header.items() if k.startswith(META_PREFIX)},
             META_PREFIX + "layout": fmt}
     if fmt == "diffusers":  # alpha baked into lora_B, metadata alpha = rank: every loader gives the same weights
@@ -56,9 +64,8 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path) -> dict[str, i
         for module, (a, b) in pairs.items():
             tensors[f"transformer.{module}.lora_A.weight"] = a.contiguous()
             tensors[f"transformer.{module}.lora_B.weight"] = b.contiguous()
-        config = json.loads(header.get("lora_adapter_metadata", "{}"))
-        config = {k: (config.get("transformer.r") if k == "transformer.lora_alpha" else v) for k, v in config.items()}
-        meta["lora_adapter_metadata"] = json.dumps(config)
+        baked = baked_config(config) if config.get("r") else config
+        meta["lora_adapter_metadata"] = json.dumps({f"transformer.{k}": v for k, v in baked.items()})
         bfl_modules = len(pairs)
     else:
         bfl = to_bfl(pairs)

@@ -38,10 +38,10 @@ def save_lora(target: str | Path, transformer, family: Family, info: dict[str, A
     layers = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
     metadata = _collate_lora_metadata({"transformer": transformer})
     config = metadata.get("transformer_lora_adapter_metadata") or {}
-    scale = config.get("lora_alpha", 0) / config["r"] if config.get("r") and "lora_alpha" in config else 1.0
+    scale = alpha_scale(config)
     if bake_alpha and scale != 1.0 and not config.get("alpha_pattern") and not config.get("rank_pattern"):
         layers = {k: v * scale if ".lora_B." in k else v for k, v in layers.items()}
-        metadata["transformer_lora_adapter_metadata"] = {**config, "lora_alpha": config["r"]}
+        metadata["transformer_lora_adapter_metadata"] = baked_config(config)
         info = {**info, "alpha_baked": scale}
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         family.pipeline_class.save_lora_weights(tmp, transformer_lora_layers=layers, **metadata)
@@ -53,6 +53,23 @@ def save_lora(target: str | Path, transformer, family: Family, info: dict[str, A
     with atomic_path(target) as tmp_file:
         save_file(tensors, str(tmp_file), metadata=header)
     return target
+
+
+def alpha_scale(config: dict[str, Any]) -> float:
+    """A peft LoRA config's scale alpha/r (1 when either is absent: other adapter types, foreign files)."""
+    return config["lora_alpha"] / config["r"] if config.get("r") and config.get("lora_alpha") else 1.0
+
+
+def baked_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The same config once alpha/r is folded into lora_B: alpha = r, so every loader applies scale 1."""
+    return {**config, "lora_alpha": config["r"]}
+
+
+def read_keys(path: str | Path) -> list[str]:
+    """The tensor names of a LoRA file, without reading the tensors."""
+    read_header(path)  # the same refusals: missing, not safetensors, corrupt
+    with safe_open(Path(path), "pt") as fh:
+        return list(fh.keys())
 
 
 def read_header(path: str | Path) -> dict[str, str]:

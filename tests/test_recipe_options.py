@@ -19,6 +19,15 @@ from trainer.recipe import run
 KLEIN = FAMILIES["klein"]
 
 
+def _captioned(folder, images: dict, caption="zxq"):
+    """A training folder: each name -> image, with `caption` beside it (a str, or a name -> str callable)."""
+    folder.mkdir()
+    for name, image in images.items():
+        image.save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption(name) if callable(caption) else caption)
+    return folder
+
+
 def _change(transformer, embeds: torch.Tensor) -> float:
     """Mean |LoRA - base| of the velocity for a fixed noisy latent under `embeds`."""
     g = torch.Generator().manual_seed(0)
@@ -48,11 +57,9 @@ def test_preservation_keeps_untriggered_outputs_closer_to_the_base(tiny_models, 
 
 
 def test_regularization_images_train_alongside_with_their_weight(tiny_models, sample_data, shared_cache, tmp_path):
-    reg = tmp_path / "class"
-    reg.mkdir()
-    for i, colour in enumerate(["blue", "green", "purple"]):
-        Image.new("RGB", (64, 64), colour).save(reg / f"logo{i}.png")
-        (reg / f"logo{i}.txt").write_text(f"a {colour} logo")
+    colours = {f"logo{i}": colour for i, colour in enumerate(["blue", "green", "purple"])}
+    reg = _captioned(tmp_path / "class", {n: Image.new("RGB", (64, 64), c) for n, c in colours.items()},
+                     lambda name: f"a {colours[name]} logo")
     args = train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache, train__steps=3,
                       regularization__images=reg, regularization__weight=0.5)
     result = run(load_config(None, args), show_progress=False)
@@ -73,11 +80,8 @@ def test_preservation_needs_a_class_prompt_and_a_trigger():
 
 
 def test_masked_loss_ignores_what_the_mask_hides(tiny_models, tmp_path, shared_cache):
-    data = tmp_path / "data"
-    data.mkdir()
+    data = _captioned(tmp_path / "data", {str(i): Image.new("RGB", (64, 64), "red") for i in range(2)})
     for i in range(2):
-        Image.new("RGB", (64, 64), "red").save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("zxq")
         mask = Image.new("L", (64, 64), 0)
         mask.paste(255, (32, 0, 64, 64))  # the right half counts
         mask.save(data / f"{i}.mask.png")
@@ -93,11 +97,7 @@ def test_masked_loss_ignores_what_the_mask_hides(tiny_models, tmp_path, shared_c
 
 
 def test_a_missing_or_mis_sized_mask_is_named(tiny_models, tmp_path, shared_cache):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(2):
-        Image.new("RGB", (64, 64), "red").save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("zxq")
+    data = _captioned(tmp_path / "data", {str(i): Image.new("RGB", (64, 64), "red") for i in range(2)})
     Image.new("L", (32, 32), 255).save(data / "1.mask.png")
     cfg = load_config(None, train_args(tiny_models["klein"], data, tmp_path / "r", shared_cache, data__masks=True))
     with pytest.raises(UserError) as info:
@@ -181,11 +181,9 @@ def test_validation_loss_is_fixed_and_written(tiny_models, sample_data, shared_c
 
 
 def test_upscaled_images_are_reported_once_with_their_count(tiny_models, shared_cache, tmp_path, caplog):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i, size in enumerate([(32, 32), (48, 32), (128, 128)]):
-        Image.new("RGB", size, ["red", "blue", "green"][i]).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("zxq")
+    sizes = [(32, 32), (48, 32), (128, 128)]
+    data = _captioned(tmp_path / "data", {str(i): Image.new("RGB", size, ["red", "blue", "green"][i])
+                                          for i, size in enumerate(sizes)})
     cfg = load_config(None, train_args(tiny_models["klein"], data, tmp_path / "r", shared_cache, train__steps=1))
     with caplog.at_level("WARNING", logger="flux2_lora.train"):
         run(cfg, show_progress=False)

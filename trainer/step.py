@@ -83,9 +83,10 @@ def micro_batch_loss(
     generator: torch.Generator,
     dtype: torch.dtype,
     device: torch.device,
-    objective: Objective = Objective(),
+    objective: Objective | None = None,
 ) -> torch.Tensor:
     """`captions[i]`: sample i's caption variants (one unless tags are shuffled or dropped); one is drawn."""
+    objective = objective or Objective()
     drop = torch.rand(len(indices), generator=generator) < settings.caption_dropout
     chosen = [captions[i][0] if len(captions[i]) == 1 else
               captions[i][int(torch.randint(len(captions[i]), (1,), generator=generator))] for i in indices]
