@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,7 +33,7 @@ from evaluation import metrics as M
 from evaluation.metrics import DIRECTION, METRICS
 from evaluation.report import write_outputs
 from evaluation.suites import Suite, render_prompt
-from inference.generate import Generator
+from inference.generate import Generator, GeneratorOptions
 from inference.runs import lora_file, lora_label, run_loras
 
 LEAKAGE_LIMIT = 0.25
@@ -81,8 +81,9 @@ def _scales_problem(scales: list[float]) -> str | None:
 
 
 @dataclasses.dataclass
-class EvaluateOptions:
-    """What `evaluate` renders and measures: the CLI's flags and `evaluate(...)`'s keyword arguments."""
+class EvaluateOptions(GeneratorOptions):
+    """What `evaluate` renders and measures: the CLI's flags and `evaluate(...)`'s keyword arguments. Placement and
+    memory options (device, dtype, group offload, fp8 storage, ...) are `generate`'s, inherited."""
 
     scales: list[float] = option(factory=lambda: [0.0, 0.5, 1.0], check=_scales_problem,
                                  help="LoRA scales (0 = the base model)")
@@ -94,9 +95,6 @@ class EvaluateOptions:
     guidance: float | None = option(None, help="guidance scale (default: the family's)")
     width: int = option(512, check=side_problem, help="render width")
     height: int = option(512, check=side_problem, help="render height")
-    device: str = option("auto", help="where to render: auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", help="auto: bfloat16 on a GPU, float32 "
-                                                                                    "on the CPU")
 
 
 @dataclasses.dataclass
@@ -128,7 +126,8 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
                         f"pass --references with at least that many")
     image_encoder = M.ImageEncoder(opts.encoder) if opts.encoder else None
     ref_embeddings = image_encoder.embed(refs) if image_encoder and refs else None
-    gen = Generator(model, device=opts.device, dtype=opts.dtype)  # "auto": the GPU and bfloat16 when there is one
+    placement = {f.name: getattr(opts, f.name) for f in dataclasses.fields(GeneratorOptions)}
+    gen = Generator(model, **placement)  # device "auto": the GPU and bfloat16 when there is one
     triggers = {}
     for adapter in adapters:  # fail early on a missing or foreign adapter, before any rendering
         info = gen.add_adapter(adapter.path, name="probe")

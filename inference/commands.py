@@ -149,17 +149,24 @@ def _add_tiny_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", choices=list(FAMILIES), required=True, help="which FLUX.2 architecture")
     p.add_argument("--seed", type=int, default=0, help="weights seed: the same seed writes the same bytes")
     p.add_argument("--distilled", action="store_true", help="mark the model step-distilled (families that have one)")
+    p.add_argument("--random", action="store_true",
+                   help="the smallest random model (for tests) instead of the one pretrained on the shapes world")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it already holds files")
 
 
 def tiny_model(args: argparse.Namespace) -> int:
-    quiet_libraries()
-    from inference.tiny import write_tiny_model
-
     family = FAMILIES[args.family]
     if args.distilled and not family.has_distilled:
         raise UserError(f"--distilled: FLUX.2 {family.name} has no step-distilled variant")
-    path = write_tiny_model(args.dir, family, seed=args.seed, distilled=args.distilled)
-    print(f"tiny {args.family} model written to {path}")
+    out = Path(args.dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise UserError(f"{out} already exists and is not empty; pick a new folder or add --overwrite to replace it")
+    quiet_libraries()
+    from inference.tiny import write_tiny_model
+
+    path = write_tiny_model(out, family, seed=args.seed, distilled=args.distilled, pretrained=not args.random)
+    kind = "random" if args.random else "pretrained (synthetic shapes world)"
+    print(f"tiny {kind} {args.family} model written to {path}")
     return 0
 
 

@@ -92,7 +92,10 @@ DEV = Family(
     has_true_cfg=False,
     variants=(
         Variant("FLUX.2 [dev] 32B", "black-forest-labs/FLUX.2-dev", "flux-dev-non-commercial-license", 8, 15360),
-        Variant("tiny random FLUX.2 [dev] (test model)", "flux2-lora tiny-model --family dev", "apache-2.0", 1, 48),
+        Variant("tiny random FLUX.2 [dev] (test model)", "flux2-lora tiny-model --random --family dev", "apache-2.0",
+                1, 48),
+        Variant("tiny FLUX.2 [dev] pretrained on synthetic shapes", "flux2-lora tiny-model --family dev", "apache-2.0",
+                2, 48),
     ),
     _defaults=lambda distilled: SamplingDefaults(steps=50, guidance=4.0),
     has_distilled=False,
@@ -110,7 +113,10 @@ KLEIN = Family(
                 "black-forest-labs/FLUX.2-klein-4B"),
         Variant("FLUX.2 [klein] 9B", "black-forest-labs/FLUX.2-klein-base-9B", "flux-non-commercial-license", 8, 12288,
                 "black-forest-labs/FLUX.2-klein-9B"),
-        Variant("tiny random FLUX.2 [klein] (test model)", "flux2-lora tiny-model --family klein", "apache-2.0", 1, 48),
+        Variant("tiny random FLUX.2 [klein] (test model)", "flux2-lora tiny-model --random --family klein",
+                "apache-2.0", 1, 48),
+        Variant("tiny FLUX.2 [klein] pretrained on synthetic shapes", "flux2-lora tiny-model --family klein",
+                "apache-2.0", 2, 48),
     ),
     # Distilled klein is step-distilled: 4 steps, no CFG. Base klein runs real CFG.
     _defaults=lambda distilled: SamplingDefaults(steps=4, guidance=1.0) if distilled else SamplingDefaults(50, 4.0),

@@ -216,3 +216,49 @@ def _is_diffusers_module(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+# ---- out: LoKr / LoHa (LyCORIS factors) -> the LyCORIS layout ComfyUI reads ----------------------------------
+# LyCORIS keys per module: lokr_w1 | lokr_w1_a + lokr_w1_b, lokr_w2 | lokr_w2_a + lokr_w2_b (dW = kron(w1, w2));
+# hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b (dW = (w1_a w1_b) * (w2_a w2_b)); `.alpha` with scale alpha / dim,
+# dim = the inner rank (1 when nothing is decomposed). A Kronecker or Hadamard factorisation of q, k and v does not
+# fuse into one for BFL's qkv, so those modules keep their diffusers names, which ComfyUI (v0.11+) maps onto their
+# rows of the fused weight; every other module takes its BFL name.
+LYCORIS = {"lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+           "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+
+
+def lycoris_layout(modules: dict[str, dict[str, torch.Tensor]], kind: str, scale: float) -> dict[str, torch.Tensor]:
+    """{diffusers module: {factor: tensor}} of a peft LoKr/LoHa at scale `scale` -> LyCORIS-layout tensors at the
+    same change. The scale goes into the first factor and `.alpha` equals the inner rank, so alpha / dim = 1."""
+    tensors, unmapped = {}, []
+    for module, factors in sorted(modules.items()):
+        try:
+            name, part = bfl_name(module)
+        except KeyError:
+            unmapped.append(module)
+            continue
+        factors = dict(factors)
+        first = "lokr_w1" if "lokr_w1" in factors else ("lokr_w1_a" if kind == "lokr" else "hada_w1_a")
+        factors[first] = factors[first] * scale
+        if name == SWAPPED:
+            factors = _swap_lycoris_rows(module, factors, kind)
+        prefix = f"transformer.{module}" if part is not None else f"diffusion_model.{name}"
+        tensors.update({f"{prefix}.{k}": v.contiguous() for k, v in factors.items()})
+        inner = factors.get("lokr_w2_b", factors.get("lokr_w1_b", factors.get("hada_w1_b")))
+        if inner is not None:
+            tensors[f"{prefix}.alpha"] = torch.tensor(float(inner.shape[0]))
+    if unmapped:
+        raise UserError(f"{len(unmapped)} {kind} module(s) have no BFL name, so the export would drop them "
+                        f"(e.g. {', '.join(unmapped[:3])}); export as diffusers instead")
+    return tensors
+
+
+def _swap_lycoris_rows(module: str, factors: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """Swap the output halves of dW (BFL's adaLN order). LoHa: the rows of both left factors. LoKr: the rows of w1,
+    which permutes whole blocks of kron(w1, w2), so w1 needs an even number of rows."""
+    left = ("hada_w1_a", "hada_w2_a") if kind == "loha" else ("lokr_w1" if "lokr_w1" in factors else "lokr_w1_a",)
+    if kind == "lokr" and factors[left[0]].shape[0] % 2:
+        raise UserError(f"the lokr module {module} cannot be written in BFL's row order (its Kronecker factor has "
+                        f"an odd row count); train without it (lora.targets) or export as diffusers")
+    return {**factors, **{k: _swap_halves(factors[k]) for k in left}}

@@ -24,18 +24,22 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 META_PREFIX = "flux2_lora."
 
 
-def save_lora(target: str | Path, transformer, family: Family, info: dict[str, Any], bake_alpha: bool = True) -> Path:
+def save_lora(target: str | Path, transformer, family: Family, info: dict[str, Any], bake_alpha: bool = True,
+              layers: dict[str, torch.Tensor] | None = None) -> Path:
     """Save the transformer's active peft LoRA to `target` (a .safetensors path), atomically.
 
     `bake_alpha`: a LoRA's scale alpha/r goes into lora_B and the metadata says alpha = r. ComfyUI reads alpha only
     from `.alpha` tensors (none here: scale 1) and ignores peft's metadata, so an unbaked file with alpha != r would
     apply there at r/alpha times the intended change; baked, every loader gives the same weights. Checkpoints are
-    saved unbaked, so resuming multiplies nothing back and forth."""
+    saved unbaked, so resuming multiplies nothing back and forth. `layers`: the LoRA's state dict when the caller
+    already gathered it (a sharded model holds only its shard)."""
     from diffusers.training_utils import _collate_lora_metadata
     from peft.utils import get_peft_model_state_dict
 
     target = Path(target)
-    layers = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    if layers is None:
+        layers = get_peft_model_state_dict(transformer)
+    layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
     metadata = _collate_lora_metadata({"transformer": transformer})
     config = metadata.get("transformer_lora_adapter_metadata") or {}
     scale = alpha_scale(config)

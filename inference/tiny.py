@@ -1,18 +1,29 @@
-"""Tiny, randomly initialised FLUX.2 pipelines built offline with the real diffusers/transformers classes.
+"""Tiny FLUX.2 pipelines built offline with the real diffusers/transformers classes.
 
 They exist so that tests and the quickstart exercise exactly the code real users run, with no download:
 the same pipeline classes, chat templates, hidden-state layers, latent normalisation and LoRA module names,
-at a size that trains in seconds on a CPU. Same seed -> same weights -> same files.
+at a size that trains in seconds on a CPU. Two kinds:
+- pretrained (the default): a slightly larger transformer and a VAE pretrained on the synthetic shapes world
+  (common/synthetic.py) by scripts/pretrain_tiny.py; the weights ship in inference/tiny_weights with checksums.
+  It draws "a red ring on a navy blue background", so a LoRA's effect can be seen and measured.
+- random: the smallest model that runs, for tests that only need shapes and names. Same seed -> same files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from common.atomic import atomic_dir
+from common.atomic import atomic_dir, atomic_path, write_text
+from common.errors import UserError
+from common.synthetic import vocabulary
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "tiny_weights"
+CHECKSUMS = "SHA256SUMS"
+REBUILD = "python scripts/pretrain_tiny.py"
 
 # A small corpus for the byte-level BPE tokenizer; words the quickstart captions and tests use are in it
 # so prompts tokenize into a handful of pieces rather than raw bytes.
@@ -23,7 +34,7 @@ on a table in a city at night in the forest on the beach close up wide shot mini
 the and with of in on at for to by from is are was sky sun water tree house street car dog cat person
 You are an AI that reasons about image descriptions. You give structured responses focusing on object
 relationships, object attribution and actions without speculation. sks ohwx zxq mark circle square
-"""
+""" + vocabulary()
 
 _DEV_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -60,16 +71,26 @@ def _train_bpe(special_tokens: list[str], vocab_size: int = 400):
     return tok
 
 
-def _tiny_transformer(guidance_embeds: bool):
+# transformer sizes: the random test model is the smallest that runs; the pretrained one has room to learn
+# colours, shapes and placement (4 heads, 2 + 2 blocks: ~0.4 M parameters)
+ARCHITECTURES = {
+    "random": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2},
+    "pretrained": {"num_layers": 2, "num_single_layers": 2, "num_attention_heads": 4},
+}
+VAE_ARCHITECTURES = {
+    "random": {"block_out_channels": (8, 8, 16, 16), "norm_num_groups": 4},
+    "pretrained": {"block_out_channels": (16, 32, 32, 32), "norm_num_groups": 8},
+}
+
+
+def _tiny_transformer(guidance_embeds: bool, size: str):
     from diffusers import Flux2Transformer2DModel
 
     return Flux2Transformer2DModel(
         patch_size=1,
         in_channels=128,
-        num_layers=1,
-        num_single_layers=1,
+        **ARCHITECTURES[size],
         attention_head_dim=16,
-        num_attention_heads=2,
         joint_attention_dim=3 * TEXT_HIDDEN,
         timestep_guidance_channels=32,
         axes_dims_rope=(4, 4, 4, 4),
@@ -77,13 +98,12 @@ def _tiny_transformer(guidance_embeds: bool):
     )
 
 
-def _tiny_vae():
+def _tiny_vae(size: str):
     from diffusers import AutoencoderKLFlux2
 
     vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 8, 16, 16),
+        **VAE_ARCHITECTURES[size],
         layers_per_block=1,
-        norm_num_groups=4,
         latent_channels=32,
         sample_size=64,
     )
@@ -150,7 +170,7 @@ def mistral3_text_stack():
         spatial_merge_size=2,
         tie_word_embeddings=False,
     )
-    return Mistral3ForConditionalGeneration(config).eval(), processor
+    return _loud_embeddings(Mistral3ForConditionalGeneration(config).eval()), processor
 
 
 def qwen3_text_stack():
@@ -169,22 +189,94 @@ def qwen3_text_stack():
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
-    return Qwen3ForCausalLM(config).eval(), tokenizer
+    return _loud_embeddings(Qwen3ForCausalLM(config).eval()), tokenizer
 
 
-def build_tiny_pipeline(family, seed: int = 0, distilled: bool = False):
-    """A stock pipeline of `family` (an inference.families.Family) with tiny random weights."""
+def _loud_embeddings(model):
+    """Token embeddings of unit scale instead of the 0.02 of a fresh init. The pipelines read unnormalised hidden
+    states of middle layers, where a fresh tiny encoder's tokens are ~0.1 long: a transformer learns to read prompts
+    from them only slowly. Real encoders are trained; this one stays random, so its scale is chosen here."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(50.0)
+    return model
+
+
+def build_tiny_pipeline(family, seed: int = 0, distilled: bool = False, pretrained: bool = False,
+                        size: str | None = None):
+    """A stock pipeline of `family` (an inference.families.Family): random weights, or with `pretrained` the
+    shipped weights (checked against their checksums). `size` overrides the architecture (the pretraining
+    script builds the pretrained architecture with random weights)."""
     torch.manual_seed(seed)
     text_encoder, tokenizer = family.tiny_text_stack()
-    transformer = _tiny_transformer(guidance_embeds=family.has_guidance_embedding)
-    return family.pipeline_class(scheduler=_scheduler(), vae=_tiny_vae(), text_encoder=text_encoder,
+    size = size or ("pretrained" if pretrained else "random")
+    transformer = _tiny_transformer(family.has_guidance_embedding, size)
+    pipe = family.pipeline_class(scheduler=_scheduler(), vae=_tiny_vae(size), text_encoder=text_encoder,
                                  tokenizer=tokenizer, transformer=transformer, **family.pipeline_options(distilled))
+    if pretrained:
+        _load_pretrained(pipe, family)
+    return pipe
 
 
-def write_tiny_model(out_dir: str | Path, family, seed: int = 0, distilled: bool = False) -> Path:
-    """Write a tiny pipeline folder (diffusers format, ~1 MB) atomically."""
+def write_tiny_model(out_dir: str | Path, family, seed: int = 0, distilled: bool = False,
+                     pretrained: bool = True) -> Path:
+    """Write a tiny pipeline folder (diffusers format, a few MB) atomically."""
     out_dir = Path(out_dir)
-    pipe = build_tiny_pipeline(family, seed=seed, distilled=distilled)
+    pipe = build_tiny_pipeline(family, seed=seed, distilled=distilled, pretrained=pretrained)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp)
     return out_dir
+
+
+def _load_pretrained(pipe, family) -> None:
+    weights = load_weights(WEIGHTS_DIR / f"{family.name}.safetensors")
+    components = {"vae": load_weights(WEIGHTS_DIR / "vae.safetensors")}
+    for key, value in weights.items():
+        component, name = key.split(".", 1)
+        components.setdefault(component, {})[name] = value
+    for component, state in components.items():
+        module = getattr(pipe, component)
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        # tied input/output embeddings are stored once
+        missing = [k for k in missing if k not in getattr(module, "_tied_weights_keys", None) or ()]
+        if missing or unexpected:
+            raise UserError(f"{WEIGHTS_DIR / (family.name + '.safetensors')} does not fit the tiny {family.name} "
+                            f"model ({len(missing)} missing, {len(unexpected)} unexpected tensors); rebuild it with "
+                            f"`{REBUILD} --family {family.name}`")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A shipped weights file, refused unless its checksum is the recorded one."""
+    from safetensors.torch import load_file
+
+    sums = _read_checksums(path.parent)
+    if not path.is_file() or path.name not in sums:
+        raise UserError(f"{path} is missing; rebuild the tiny model's weights with `{REBUILD}`")
+    if _sha256(path) != sums[path.name]:
+        raise UserError(f"{path} is damaged (checksum mismatch with {path.parent / CHECKSUMS}); rebuild it with "
+                        f"`{REBUILD}` or restore it with `git checkout -- {path.name}`")
+    return load_file(path)
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    # clone: tied embeddings share storage, which safetensors refuses
+    data = save({k: v.detach().clone().contiguous() for k, v in sorted(state.items())})
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_checksums(folder: Path) -> None:
+    lines = [f"{_sha256(p)}  {p.name}\n" for p in sorted(folder.glob("*.safetensors"))]
+    write_text(folder / CHECKSUMS, "".join(lines))
+
+
+def _read_checksums(folder: Path) -> dict[str, str]:
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return {}
+    return {name: digest for digest, name in (line.split() for line in path.read_text().splitlines() if line.strip())}

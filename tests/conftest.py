@@ -19,6 +19,13 @@ from inference.tiny import write_tiny_model  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
+    return {name: write_tiny_model(root / f"tiny-{name}", family, pretrained=False) for name, family in FAMILIES.items()}
+
+
+@pytest.fixture(scope="session")
+def pretrained_models(tmp_path_factory) -> dict[str, Path]:
+    """The shipped tiny models pretrained on the shapes world: the ones a LoRA visibly teaches something."""
+    root = tmp_path_factory.mktemp("pretrained")
     return {name: write_tiny_model(root / f"tiny-{name}", family) for name, family in FAMILIES.items()}
 
 

@@ -9,7 +9,13 @@ from flux2_lora import main
 from inference.adapters import load_adapter
 from inference.export import export_lora
 from inference.families import FAMILIES
-from inference.lora_formats import diffusers_names, from_foreign, to_bfl
+from inference.lora_formats import (
+    SWAPPED,
+    bfl_name,
+    diffusers_names,
+    from_foreign,
+    to_bfl,
+)
 from inference.lora_io import save_lora
 from inference.tiny import build_tiny_pipeline
 from trainer.lora import LoraSettings, add_lora
@@ -155,11 +161,72 @@ def test_export_refuses_files_it_cannot_represent(tmp_path):
     save_file({"unet.x.weight": torch.zeros(2)}, str(tmp_path / "sd.safetensors"))
     with pytest.raises(UserError, match="holds no FLUX.2 transformer LoRA weights"):
         export_lora(tmp_path / "sd.safetensors", "kohya", tmp_path / "o.safetensors")
-    transformer = build_tiny_pipeline(FAMILIES["klein"]).transformer
-    add_lora(transformer, LoraSettings(type="lokr", rank=4, alpha=4), seed=0)
-    save_lora(tmp_path / "lokr.safetensors", transformer, FAMILIES["klein"], {"type": "lokr"})
-    with pytest.raises(UserError, match="is a lokr adapter; export to other layouts handles plain LoRA only"):
-        export_lora(tmp_path / "lokr.safetensors", "comfyui", tmp_path / "o.safetensors")
+    for kind, fmt, message in [("lokr", "kohya", "a lokr adapter cannot be exported as kohya: musubi-tuner"),
+                               ("loha", "bfl", "a loha adapter cannot be exported as bfl: ai-toolkit reads plain LoRA only"),
+                               ("dora", "comfyui", "a dora adapter cannot be exported as comfyui: ComfyUI normalises")]:
+        _random_adapter("klein", "attention", kind, tmp_path / f"{kind}.safetensors")
+        with pytest.raises(UserError, match=message):
+            export_lora(tmp_path / f"{kind}.safetensors", fmt, tmp_path / "o.safetensors")
+        assert not (tmp_path / "o.safetensors").exists()
+
+
+def _random_adapter(family: str, preset: str, kind: str, out, rank=4, alpha=6.0):
+    """A LoKr/LoHa/DoRA with every trainable tensor random (fresh ones hide mapping mistakes behind zeros)."""
+    transformer = build_tiny_pipeline(FAMILIES[family]).transformer
+    add_lora(transformer, LoraSettings(type=kind, rank=rank, alpha=alpha, targets=preset), seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_lora(out, transformer, FAMILIES[family], {"family": family, "type": kind})
+    return transformer
+
+
+def _lycoris_delta(t: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """ΔW of one LyCORIS module as ComfyUI's LoKr / LoHa adapters compute it (alpha / dim, dim = inner rank)."""
+    def get(name):
+        return t.get(f"{prefix}.{name}")
+
+    alpha = get("alpha")
+    if get("hada_w1_a") is not None:
+        delta = (get("hada_w1_a") @ get("hada_w1_b")) * (get("hada_w2_a") @ get("hada_w2_b"))
+        return delta * (alpha / get("hada_w1_b").shape[0] if alpha is not None else 1.0)
+    dim = None
+    w1 = get("lokr_w1")
+    if w1 is None:
+        dim, w1 = get("lokr_w1_b").shape[0], get("lokr_w1_a") @ get("lokr_w1_b")
+    w2 = get("lokr_w2")
+    if w2 is None:
+        dim, w2 = get("lokr_w2_b").shape[0], get("lokr_w2_a") @ get("lokr_w2_b")
+    return torch.kron(w1, w2) * (alpha / dim if alpha is not None and dim is not None else 1.0)
+
+
+@pytest.mark.parametrize("family", ["klein", "dev"])
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lycoris_exports_apply_exactly_the_trained_change(family, preset, kind, tmp_path):
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    trained = _random_adapter(family, preset, kind, tmp_path / "ours.safetensors")
+    intended = {n: m.get_delta_weight("default").detach() for n, m in trained.named_modules()
+                if isinstance(m, LycorisLayer) and "default" in m.active_adapters}
+    counts = export_lora(tmp_path / "ours.safetensors", "comfyui", tmp_path / "c.safetensors")
+    exported = load_file(tmp_path / "c.safetensors")
+    prefixes = {k.rsplit(".", 1)[0] for k in exported}
+    assert counts["modules"] == len(intended) == len(prefixes)  # nothing dropped
+    applied = {}
+    for prefix in prefixes:  # the independent inverse: names back to diffusers, ΔW from the file's own tensors
+        delta = _lycoris_delta(exported, prefix)
+        if prefix.startswith("transformer."):  # q / k / v: ComfyUI maps them onto their rows of BFL's qkv
+            applied[prefix.removeprefix("transformer.")] = delta
+        else:
+            bfl = prefix.removeprefix("diffusion_model.")
+            assert bfl_name(diffusers_names(bfl)[0])[1] is None
+            applied[diffusers_names(bfl)[0]] = torch.cat(delta.chunk(2)[::-1]) if bfl == SWAPPED else delta
+    assert applied.keys() == intended.keys()
+    for module, delta in intended.items():
+        torch.testing.assert_close(applied[module], delta, atol=1e-5, rtol=1e-4)
 
 
 def test_training_can_write_the_other_layouts_too(tiny_models, sample_data, shared_cache, tmp_path):
@@ -173,5 +240,11 @@ def test_training_can_write_the_other_layouts_too(tiny_models, sample_data, shar
     run(cfg, show_progress=False)
     assert (tmp_path / "r" / "pytorch_lora_weights_comfyui.safetensors").is_file()
     assert (tmp_path / "r" / "pytorch_lora_weights_kohya.safetensors").is_file()
-    with pytest.raises(UserError, match="output.export writes plain LoRA layouts only"):
+    with pytest.raises(UserError, match="output.export: a dora adapter cannot be exported as kohya"):
         load_config(None, ["model.path=m", "data.path=d", "lora.type=dora", "output.export=[kohya]"])
+    with pytest.raises(UserError, match="output.export: a lokr adapter cannot be exported as bfl"):
+        load_config(None, ["model.path=m", "data.path=d", "lora.type=lokr", "output.export=[comfyui, bfl]"])
+    cfg = load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "l", shared_cache, train__steps=2,
+                                       lora__type="loha") + ["output.export=[comfyui]"])
+    run(cfg, show_progress=False)
+    assert any(k.endswith(".hada_w1_a") for k in load_file(tmp_path / "l" / "pytorch_lora_weights_comfyui.safetensors"))

@@ -115,8 +115,10 @@ def test_caption_variants_shuffle_and_drop_tags_but_keep_the_trigger():
     assert caption_variants(caption, "zxq", shuffle=False, keep=1, dropout=0.0, count=8, seed=0) == (caption,)
 
 
-def test_shuffled_tags_train_from_the_cache(tiny_models, sample_data, shared_cache, tmp_path):
-    args = train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache, train__steps=3,
+def test_shuffled_tags_train_from_the_cache(tiny_models, tmp_path):
+    data = _captioned(tmp_path / "data", {str(i): Image.new("RGB", (64, 64), "red") for i in range(2)},
+                      "zxq, red mug, studio, soft light, wooden table")
+    args = train_args(tiny_models["klein"], data, tmp_path / "r", tmp_path / "cache", train__steps=3,
                       data__shuffle_tags=True, data__tag_dropout=0.2, data__caption_variants=4)
     first = run(load_config(None, args), show_progress=False)
     assert first.text_encoder_calls > 0  # the variants were encoded once ...

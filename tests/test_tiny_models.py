@@ -19,7 +19,7 @@ def _digest(folder):
 
 @pytest.mark.parametrize("family", ["klein", "dev"])
 def test_tiny_model_cli_is_deterministic_and_loads_in_the_stock_pipeline(family, tiny_models, tmp_path, capsys):
-    assert main(["tiny-model", str(tmp_path / "m"), "--family", family]) == 0
+    assert main(["tiny-model", str(tmp_path / "m"), "--family", family, "--random"]) == 0
     assert _digest(tmp_path / "m") == _digest(tiny_models[family])  # same seed, same bytes
     pipe = FAMILIES[family].pipeline_class.from_pretrained(str(tmp_path / "m"))
     pipe.set_progress_bar_config(disable=True)
@@ -34,7 +34,7 @@ def test_tiny_model_cli_is_deterministic_and_loads_in_the_stock_pipeline(family,
 def test_distilled_klein_gets_distilled_defaults(tmp_path):
     from inference.loading import ModelConfig, resolve_base_model
 
-    assert main(["tiny-model", str(tmp_path / "k"), "--family", "klein", "--distilled"]) == 0
+    assert main(["tiny-model", str(tmp_path / "k"), "--family", "klein", "--distilled", "--random"]) == 0
     base = resolve_base_model(ModelConfig(path=str(tmp_path / "k")))
     assert base.distilled
     assert base.family.sampling_defaults(base.distilled).steps == 4
@@ -51,3 +51,51 @@ def test_real_sizes_map_to_their_licence_and_hub_id():
     assert four.hub_id(distilled=True) == "black-forest-labs/FLUX.2-klein-4B"
     assert big.hub_id(distilled=True) == "black-forest-labs/FLUX.2-dev"
     assert "custom size" in klein.variant({"num_layers": 3, "joint_attention_dim": 1}).name
+
+
+@pytest.mark.parametrize("family", ["klein", "dev"])
+def test_the_pretrained_model_draws_the_colours_it_is_asked_for(family, pretrained_models):
+    """The stock pipeline, the shipped weights: named background and shape colours come out as asked."""
+    import numpy as np
+
+    from common.synthetic import COLOURS, hex_rgb
+
+    pipe = FAMILIES[family].pipeline_class.from_pretrained(str(pretrained_models[family]))
+    pipe.set_progress_bar_config(disable=True)
+    names = list(COLOURS)
+    table = np.array([hex_rgb(COLOURS[n]) for n in names], dtype=np.float32)
+    asked = [("red", "circle", "navy blue"), ("yellow", "square", "black"), ("blue", "triangle", "white"),
+             ("green", "bar", "sand beige")]
+    right = 0
+    for colour, shape, background in asked:
+        image = pipe(prompt=f"a {colour} {shape} on a {background} background", height=64, width=64,
+                     num_inference_steps=12, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+        nearest = np.argmin((((image.reshape(-1, 3) * 255)[:, None] - table[None]) ** 2).sum(-1), axis=1)
+        counts = np.bincount(nearest, minlength=len(names))
+        bg = counts.argmax()
+        counts[bg] = 0
+        right += names[bg] == background and names[counts.argmax()] == colour
+    assert right >= 3, right
+
+
+def test_tiny_model_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
+    from inference import tiny
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert main(["tiny-model", str(tmp_path / "full"), "--family", "klein"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already exists and is not empty" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+    damaged = tmp_path / "weights"
+    damaged.mkdir()
+    for f in tiny.WEIGHTS_DIR.iterdir():
+        damaged.joinpath(f.name).write_bytes(f.read_bytes())
+    data = bytearray((damaged / "klein.safetensors").read_bytes())
+    (damaged / "klein.safetensors").write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    monkeypatch.setattr(tiny, "WEIGHTS_DIR", damaged)
+    assert main(["tiny-model", str(tmp_path / "new"), "--family", "klein"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is damaged (checksum mismatch" in err and "python scripts/pretrain_tiny.py" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "new").exists()

@@ -39,22 +39,36 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
     return path
 
 
-def register_lora_hooks(accelerator, family, lora_info: Callable[[], dict]) -> None:
-    """accelerate's save_state/load_state then write and read the LoRA alone (safetensors), never the frozen base."""
+def register_lora_hooks(accelerator, family, lora_info: Callable[[], dict], transformer, sharded_optimizer=None) -> None:
+    """accelerate's save_state/load_state then write and read the LoRA alone (safetensors), never the frozen base.
+    A sharded run's model and optimizer are not accelerate's (it would wrap them in DDP): the hooks gather their
+    state whole on every rank and rank 0 writes it; resuming hands each rank its shard again."""
     from peft import set_peft_model_state_dict
 
+    from trainer import sharding
+
     def save_hook(models, weights, output_dir):
+        model = accelerator.unwrap_model(transformer)
+        layers = sharding.full_lora_state(model) if sharded_optimizer is not None else None
         if accelerator.is_main_process:
             # unbaked: resume must read back exactly the weights it trains (evaluate reads alpha from the metadata)
-            save_lora(Path(output_dir) / WEIGHT_NAME, accelerator.unwrap_model(models[0]), family, lora_info(),
-                      bake_alpha=False)
+            save_lora(Path(output_dir) / WEIGHT_NAME, model, family, lora_info(), bake_alpha=False, layers=layers)
+        if sharded_optimizer is not None:
+            sharding.save_optimizer(model, sharded_optimizer, Path(output_dir), accelerator.is_main_process)
         weights.clear()
 
     def load_hook(models, input_dir):
+        model = accelerator.unwrap_model(transformer)
         state = {k.removeprefix("transformer."): v for k, v in load_state(Path(input_dir) / WEIGHT_NAME).items()}
-        result = set_peft_model_state_dict(accelerator.unwrap_model(models.pop()), state)
-        if result.unexpected_keys:
-            raise UserError(f"checkpoint '{input_dir}' holds a LoRA of another shape; resume it with its own lora settings")
+        if sharded_optimizer is not None:
+            sharding.load_full_lora_state(model, state)
+            sharding.load_optimizer(model, sharded_optimizer, Path(input_dir))
+        else:
+            result = set_peft_model_state_dict(model, state)
+            if result.unexpected_keys:
+                raise UserError(f"checkpoint '{input_dir}' holds a LoRA of another shape; resume it with its own "
+                                "lora settings")
+        models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

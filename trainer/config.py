@@ -22,6 +22,7 @@ from common.configtree import (
     type_name,
 )
 from data_tools.dataset import DataConfig
+from inference.export import export_problem
 from inference.families import FAMILIES
 from inference.loading import ModelConfig
 from trainer.cache import CacheConfig
@@ -74,9 +75,9 @@ class Config:
             problems.append("validation.every is set but nothing is held out; set validation.images or validation.split")
         if self.validation.every > steps:
             problems.append(f"validation.every ({self.validation.every}) is beyond train.steps ({steps})")
-        if self.output.export and self.lora.type != "lora":
-            problems.append(f"output.export writes plain LoRA layouts only, but lora.type is {self.lora.type}; "
-                            "remove output.export or train lora.type: lora")
+        for fmt in self.output.export:
+            if problem := export_problem(self.lora.type, fmt):
+                problems.append(f"output.export: {problem}")
         if self.checkpoint.every > steps:
             problems.append(f"checkpoint.every ({self.checkpoint.every}) is beyond train.steps ({steps}): no "
                             "checkpoint would be written; lower it, or 0 for checkpoints on signals only")

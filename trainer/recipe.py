@@ -25,7 +25,7 @@ from inference.loading import (
 )
 from inference.lora_io import WEIGHT_NAME, save_lora
 from inference.runs import CONFIG_FILE, EMA_WEIGHT_NAME
-from trainer import checkpoints
+from trainer import checkpoints, sharding
 from trainer.batches import BatchPlan
 from trainer.cache import Features, build_features
 from trainer.config import Config, dump_config
@@ -83,6 +83,7 @@ class Run:
     start: int  # the step to continue from (0, or a resumed checkpoint's)
     show_progress: bool
     ema: LoraEMA | None = None
+    sharded: bool = False  # FSDP: every rank runs forwards (samples, validation) and takes part in gathers
     step: int = 0  # steps done; read by the LoRA header of checkpoints
     validation: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, held-out loss)
 
@@ -109,6 +110,9 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     out = Path(cfg.output.dir)
     resume_from = checkpoints.resolve_resume(cfg.resume, out) if cfg.resume else None  # before creating anything
     accelerator = _accelerator(cfg, out)
+    sharded = sharding.requested(cfg.train.sharding, accelerator)
+    if sharded and (problem := sharding.sharding_problem(accelerator, cfg)):
+        raise UserError(problem)
     if accelerator.is_main_process:
         prepare_output_dir(cfg.output, resuming=resume_from is not None)
     accelerator.wait_for_everyone()
@@ -124,23 +128,31 @@ def setup(cfg: Config, show_progress: bool) -> Run:
         transformer.enable_gradient_checkpointing()
     apply_memory_options(transformer, cfg.model, accelerator.device)
     transformer.train()
+    if sharded:  # before listing parameters: sharding replaces them with sharded ones
+        sharding.shard(transformer, accelerator.device)
+        shares = accelerator.gather(torch.tensor([sharding.local_share(transformer)], device=accelerator.device))
+        log.info("sharded over %d ranks; the ranks hold %s of the frozen weights", accelerator.num_processes,
+                 ", ".join(f"{100 * s:.1f}%" for s in shares.tolist()))
     trainable = trainable_parameters(transformer)  # listed once: walking every module each step costs ~1 ms
     optimizer = build_optimizer(trainable, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    # group offloading moves weights itself; accelerate must not move the whole model to the device
-    placement = [cfg.model.group_offload == "none", True]
-    transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=placement)
+    if not sharded:  # sharded, the model reduces its own gradients; accelerate's prepare would wrap it in DDP
+        # group offloading moves weights itself; accelerate must not move the whole model to the device
+        placement = [cfg.model.group_offload == "none", True]
+        transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=placement)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
     ema = LoraEMA(trainable, cfg.ema.decay) if cfg.ema.decay else None
     if ema:
         accelerator.register_for_checkpointing(ema)
 
+    # sharded, every rank takes part in each forward, so every rank renders (rank 0 writes)
     sampler = SampleRenderer(base, cfg.model.dtype, cfg.sample, features.embeds, max(cfg.train.resolutions), out,
-                             accelerator.device) if cfg.sample.prompts and main else None
+                             accelerator.device, write=main) if cfg.sample.prompts and (main or sharded) else None
     data.objective.plain_model = accelerator.unwrap_model(transformer)
     r = Run(cfg, base, data, out, accelerator, features, transformer, trainable, optimizer, scheduler, sampler,
-            start=0, show_progress=show_progress, ema=ema)
-    checkpoints.register_lora_hooks(accelerator, base.family, r.lora_info)
+            start=0, show_progress=show_progress, ema=ema, sharded=sharded)
+    checkpoints.register_lora_hooks(accelerator, base.family, r.lora_info, transformer,
+                                    optimizer if sharded else None)
     if resume_from is not None:
         r.start = r.step = checkpoints.load(accelerator, resume_from)
     if main:
@@ -233,7 +245,7 @@ def optimizer_step(r: Run, plan: BatchPlan, step: int) -> tuple[float, bool]:
     step_loss, skipped = 0.0, False
     for micro in range(step * accum, (step + 1) * accum):
         indices = plan.micro_batch(micro)
-        generator = step_generator(cfg.train.seed, micro, accelerator.process_index)
+        generator = step_generator(cfg.train.seed, micro * accelerator.num_processes + accelerator.process_index)
         if cfg.lora.dropout > 0:  # LoRA dropout draws from the global RNG; reseeding costs ~0.8 ms
             torch.manual_seed(generator.initial_seed())
         with accelerator.accumulate(r.transformer):
@@ -265,17 +277,19 @@ def optimizer_step(r: Run, plan: BatchPlan, step: int) -> tuple[float, bool]:
 def finish(r: Run) -> None:
     cfg, accelerator = r.cfg, r.accelerator
     final = accelerator.unwrap_model(r.transformer)
-    _check_ranks_agree(accelerator, final)
+    layers = sharding.full_lora_state(final) if r.sharded else None  # gathered whole on every rank
+    _check_ranks_agree(accelerator, final, layers)
     if cfg.validation.enabled and (not r.validation or r.validation[-1][0] != r.step):
         validate(r)
     if accelerator.is_main_process:
-        save_lora(r.out / WEIGHT_NAME, final, r.base.family, r.lora_info())
+        save_lora(r.out / WEIGHT_NAME, final, r.base.family, r.lora_info(), layers=layers)
         export_copies(r.out, cfg.output.export)
-        with r.ema.applied() if r.ema else contextlib.nullcontext():
-            if r.ema:
-                save_lora(r.out / EMA_WEIGHT_NAME, final, r.base.family, r.lora_info() | {"ema_decay": r.ema.decay})
-            if r.sampler and cfg.sample.before_after:
-                r.sampler.before_after(final, r.step)
+    with r.ema.applied() if r.ema else contextlib.nullcontext():
+        if r.ema and accelerator.is_main_process:
+            save_lora(r.out / EMA_WEIGHT_NAME, final, r.base.family, r.lora_info() | {"ema_decay": r.ema.decay})
+        if r.sampler and cfg.sample.before_after:
+            r.sampler.before_after(final, r.step)
+    if accelerator.is_main_process:
         variant = r.base.family.variant(final.config)
         write_card(r.out, model_card(name=cfg.output.name or r.out.resolve().name, variant=variant,
                                      family=r.base.family, base_model=card_base_model(r.base, variant),
@@ -305,11 +319,13 @@ def _refuse_distilled(base: BaseModel, allowed: bool) -> None:
                         "and use the LoRA on either, or set model.allow_distilled: true")
 
 
-def _check_ranks_agree(accelerator, model: torch.nn.Module) -> None:
-    """Data-parallel ranks must hold the same LoRA; a silent divergence would ship rank 0's guess."""
+def _check_ranks_agree(accelerator, model: torch.nn.Module, layers: dict[str, torch.Tensor] | None) -> None:
+    """Data-parallel ranks must hold the same LoRA; a silent divergence would ship rank 0's guess. Sharded, each
+    rank checks the whole LoRA it gathered (what rank 0 writes)."""
     if accelerator.num_processes == 1:
         return
-    checksum = torch.stack([p.detach().double().sum() for p in trainable_parameters(model)]).sum().view(1)
+    tensors = layers.values() if layers is not None else trainable_parameters(model)
+    checksum = torch.stack([t.detach().double().sum() for t in tensors]).sum().view(1)
     gathered = accelerator.gather(checksum.to(accelerator.device))
     if not torch.all(gathered == gathered[0]):
         raise RuntimeError(f"LoRA weights differ between ranks: {gathered.tolist()}")

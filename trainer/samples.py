@@ -33,8 +33,8 @@ class SampleConfig:
 
 class SampleRenderer:
     def __init__(self, base: BaseModel, dtype: str, cfg: SampleConfig, embeds: dict[str, torch.Tensor],
-                 resolution: int, out_dir: Path, device: torch.device | str = "cpu"):
-        self.base, self.cfg, self.out_dir = base, cfg, out_dir
+                 resolution: int, out_dir: Path, device: torch.device | str = "cpu", write: bool = True):
+        self.base, self.cfg, self.out_dir, self.write = base, cfg, out_dir, write
         # VAE + scheduler only, on the training device: latents are made where the transformer runs, and a VAE
         # left on the CPU would be handed GPU latents at the first sample (the crash ai-toolkit fixed in #742)
         self.device = torch.device(device)
@@ -66,8 +66,9 @@ class SampleRenderer:
 
     def save_grid(self, name: str, images: list[Image.Image], **layout) -> Image.Image:
         grid = make_grid(images, columns=len(self.cfg.prompts), **layout)
-        with atomic_path(self.out_dir / "samples" / name) as tmp:
-            grid.save(tmp, format="PNG")
+        if self.write:  # a sharded run renders on every rank; rank 0 writes
+            with atomic_path(self.out_dir / "samples" / name) as tmp:
+                grid.save(tmp, format="PNG")
         return grid
 
     def _labels(self) -> list[str]:

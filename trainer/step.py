@@ -39,6 +39,9 @@ class TrainSettings:
     seed: int = option(42, help="seeds LoRA init, batch order, noise, timesteps and caption dropout")
     gradient_accumulation: int = option(1, check=positive, help="micro-batches per optimizer step")
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", help="autocast for the forward pass (fp16 needs a GPU)")
+    sharding: Literal["none", "fsdp"] = option(
+        "none", help="fsdp: shard the frozen transformer and the LoRA over the processes (FSDP2), each holding 1/N; "
+                     "needs 2+ processes (configs/accelerate/fsdp.yaml)")
     gradient_checkpointing: bool = option(False, help="recompute activations in backward: less memory, ~30% slower")
     guidance: float = option(1.0, check=non_negative, help="embedded guidance during training (dev only)")
     caption_dropout: float = option(0.05, check=probability, help="share of samples trained on the empty prompt")
@@ -51,15 +54,15 @@ class TrainSettings:
         return [self.resolution] if isinstance(self.resolution, int) else sorted(set(self.resolution))
 
 
-# Strides of the per-micro-batch seed: distinct (seed, micro-batch, rank) give distinct seeds for runs of up to
-# a million micro-batches on up to 4,099 ranks (both primes, so neighbouring seeds do not line up either).
-MICRO_BATCH_STRIDE = 1_000_003
-RANK_STRIDE = 4_099
+# seeds of distinct runs stay apart for up to a billion micro-batches (a prime stride)
+GLOBAL_STRIDE = 1_000_000_007
 
 
-def step_generator(seed: int, micro_batch: int, rank: int) -> torch.Generator:
-    """Noise, sigmas and caption dropout of a micro-batch depend on (seed, micro-batch, rank) only: resume is exact."""
-    return torch.Generator().manual_seed((seed * MICRO_BATCH_STRIDE + micro_batch) * RANK_STRIDE + rank)
+def step_generator(seed: int, global_micro_batch: int) -> torch.Generator:
+    """Noise, sigmas and caption dropout of a micro-batch depend on (seed, its global number) only, the number
+    counted over all ranks (micro-batch m of rank r is global m * world + r, as the batch plan numbers them): resume
+    is exact, and N ranks compute what one process does with N-step gradient accumulation."""
+    return torch.Generator().manual_seed(seed * GLOBAL_STRIDE + global_micro_batch)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,115 @@
+"""How fast does each recipe variant learn the brand mark? Decide recipe choices by measurement.
+
+    python benchmarks/learning.py [--family klein] [--steps 160] [--every 40]
+
+Trains the quickstart brand set on the pretrained tiny model with the default recipe and its variants (time
+shift dynamic / none / empirical, rank 4 / 16, with preservation), measures every checkpoint with
+evaluation/learning.py (CIEDE2000 to the mark's hex, fitted-shape IoU, leakage on untriggered prompts) and prints
+a table of ΔE against step and wall time; `learning.png` plots it. All variants run in one process, one after
+the other, so their times are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from common.commands import quiet_libraries  # noqa: E402
+from data_tools.sample_data import write_sample_data  # noqa: E402
+from evaluation.learning import measure  # noqa: E402
+from inference.families import FAMILIES  # noqa: E402
+from inference.generate import Generator  # noqa: E402
+from inference.runs import run_loras  # noqa: E402
+from inference.tiny import write_tiny_model  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.recipe import run  # noqa: E402
+
+VARIANTS = {
+    "default (shift dynamic, rank 8)": [],
+    "shift none": ["flow.shift=none"],
+    "shift empirical": ["flow.shift=empirical"],
+    "rank 4": ["lora.rank=4", "lora.alpha=4"],
+    "rank 16": ["lora.rank=16", "lora.alpha=16"],
+    "preservation": ["regularization.preserve=true", "regularization.class_prompt=a logo"],
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=list(FAMILIES), default="klein")
+    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--every", type=int, default=40, help="checkpoint (and measure) every N steps")
+    ap.add_argument("--out", default="benchmarks/results", help="folder for learning.png and learning.csv")
+    args = ap.parse_args()
+    quiet_libraries()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = write_tiny_model(root / "model", FAMILIES[args.family])
+        data = write_sample_data(root / "data")
+        gen = Generator(str(model))
+        for name, overrides in VARIANTS.items():
+            out = root / name.split(" (")[0].replace(" ", "-")
+            base = [f"model.path={model}", f"data.path={data}", "data.trigger=zxq", f"output.dir={out}",
+                    f"cache.dir={root / 'cache'}", f"train.steps={args.steps}", "train.batch_size=2",
+                    "train.resolution=64", "train.seed=42", "train.caption_dropout=0", "lora.rank=8", "lora.alpha=8",
+                    "optim.lr=2e-3", f"checkpoint.every={args.every}", "checkpoint.keep_last=100"]
+            started = time.perf_counter()
+            run(load_config(None, base + overrides), show_progress=False)
+            per_step = (time.perf_counter() - started) / args.steps
+            for lora in run_loras(out):
+                gen.add_adapter(lora.path, name="probe")
+                learned = measure(gen, "probe", "zxq")
+                gen.remove_adapter("probe")
+                rows.append({"variant": name, "step": lora.step, "seconds": round(lora.step * per_step, 1),
+                             "delta_e": round(learned.lora.delta_e, 1), "iou": round(learned.lora.iou, 2),
+                             "leakage": round(learned.leakage, 3), "base_delta_e": round(learned.base.delta_e, 1)})
+                print(f"{name:34s} step {lora.step:4d} ({rows[-1]['seconds']:5.1f} s): ΔE {rows[-1]['delta_e']:5.1f} "
+                      f"(base {rows[-1]['base_delta_e']:5.1f})  IoU {rows[-1]['iou']:.2f}  leakage {rows[-1]['leakage']:.3f}",
+                      flush=True)
+    _write(Path(args.out), rows, args.family)
+    return 0
+
+
+def _write(out: Path, rows: list[dict], family: str) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.atomic import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "learning.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == name]
+        axes[0].plot([r["step"] for r in mine], [r["delta_e"] for r in mine], marker="o", label=name)
+        axes[1].plot([r["seconds"] for r in mine], [r["delta_e"] for r in mine], marker="o", label=name)
+    for ax, xlabel in zip(axes, ("training step", "training seconds (this machine)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("ΔE to the mark's #E4572E (lower is better)")
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Learning the brand mark, tiny pretrained {family}")
+    fig.tight_layout()
+    with atomic_path(out / "learning.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    print(f"table: {out / 'learning.csv'}; plot: {out / 'learning.png'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
