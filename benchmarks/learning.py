@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from PIL import Image  # noqa: E402
+
 from common.commands import quiet_libraries  # noqa: E402
 from data_tools.sample_data import write_sample_data  # noqa: E402
 from evaluation.learning import measure  # noqa: E402
@@ -33,11 +35,11 @@ from trainer.config import load_config  # noqa: E402
 from trainer.recipe import run  # noqa: E402
 
 VARIANTS = {
-    "default (shift dynamic, rank 8)": [],
+    "default (shift dynamic, rank 16)": [],
     "shift none": ["flow.shift=none"],
     "shift empirical": ["flow.shift=empirical"],
-    "rank 4": ["lora.rank=4", "lora.alpha=4"],
-    "rank 16": ["lora.rank=16", "lora.alpha=16"],
+    "rank 4": ["lora.rank=4", "lora.alpha=8"],
+    "rank 32": ["lora.rank=32", "lora.alpha=64"],
     "preservation": ["regularization.preserve=true", "regularization.class_prompt=a logo"],
 }
 
@@ -56,24 +58,26 @@ def main() -> int:
         model = write_tiny_model(root / "model", FAMILIES[args.family])
         data = write_sample_data(root / "data")
         gen = Generator(str(model))
+        training = [Image.open(p) for p in sorted(data.glob("*.png"))]
         for name, overrides in VARIANTS.items():
             out = root / name.split(" (")[0].replace(" ", "-")
             base = [f"model.path={model}", f"data.path={data}", "data.trigger=zxq", f"output.dir={out}",
                     f"cache.dir={root / 'cache'}", f"train.steps={args.steps}", "train.batch_size=2",
-                    "train.resolution=64", "train.seed=42", "train.caption_dropout=0", "lora.rank=8", "lora.alpha=8",
-                    "optim.lr=2e-3", f"checkpoint.every={args.every}", "checkpoint.keep_last=100"]
+                    "train.resolution=64", "train.seed=42", "train.caption_dropout=0", "lora.rank=16", "lora.alpha=32",
+                    "optim.lr=3e-3", f"checkpoint.every={args.every}", "checkpoint.keep_last=100"]
             started = time.perf_counter()
             run(load_config(None, base + overrides), show_progress=False)
             per_step = (time.perf_counter() - started) / args.steps
             for lora in run_loras(out):
                 gen.add_adapter(lora.path, name="probe")
-                learned = measure(gen, "probe", "zxq")
+                learned = measure(gen, "probe", "zxq", training)
                 gen.remove_adapter("probe")
                 rows.append({"variant": name, "step": lora.step, "seconds": round(lora.step * per_step, 1),
-                             "delta_e": round(learned.lora.delta_e, 1), "iou": round(learned.lora.iou, 2),
+                             "delta_e": round(learned.lora.delta_e, 1), "to_training": round(learned.lora.to_training, 3),
+                             "iou": round(learned.lora.iou, 2),
                              "leakage": round(learned.leakage, 3), "base_delta_e": round(learned.base.delta_e, 1)})
                 print(f"{name:34s} step {lora.step:4d} ({rows[-1]['seconds']:5.1f} s): ΔE {rows[-1]['delta_e']:5.1f} "
-                      f"(base {rows[-1]['base_delta_e']:5.1f})  IoU {rows[-1]['iou']:.2f}  leakage {rows[-1]['leakage']:.3f}",
+                      f"(base {rows[-1]['base_delta_e']:5.1f})  to training {rows[-1]['to_training']:.3f}  IoU {rows[-1]['iou']:.2f}  leakage {rows[-1]['leakage']:.3f}",
                       flush=True)
     _write(Path(args.out), rows, args.family)
     return 0

@@ -42,11 +42,13 @@ def _torchrun(args: list[str], cwd) -> str:
 def test_two_sharded_ranks_train_what_one_process_does(tiny_models, sample_data, shared_cache, tmp_path):
     model = tiny_models["klein"]
     said = _torchrun([*train_args(model, sample_data, tmp_path / "fsdp", shared_cache, **STEPS),
-                      "train.sharding=fsdp"], tmp_path)
+                      "train.sharding=fsdp", "sample.prompts=[zxq logo]", "sample.every=3", "sample.steps=2"], tmp_path)
     shares = [float(x) for x in re.search(r"the ranks hold ([\d.]+)%, ([\d.]+)% of the frozen weights", said).groups()]
     assert all(45 <= s <= 55 for s in shares), said[-2000:]  # each holds half, not a replica
     assert "all 2 ranks hold identical LoRA weights" in said
     sharded = load_file(tmp_path / "fsdp" / "pytorch_lora_weights.safetensors")
+    # samples render on every rank (each forward gathers blocks from all) and rank 0 writes them
+    assert {p.name for p in (tmp_path / "fsdp" / "samples").iterdir()} == {"step-000003.png", "step-000006.png", "before_after.png"}
 
     # resume from the step-3 checkpoint (LoRA and optimizer state gathered whole, then sharded again): exact
     resumed_dir = tmp_path / "resumed"
