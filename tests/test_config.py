@@ -81,8 +81,8 @@ def test_config_reference_doc_is_current():
 def test_show_config_prints_the_resolved_tree(capsys):
     from flux2_lora import main
 
-    assert main(["show-config", "--config", str(REPO / "configs" / "quickstart.yaml"), "train.steps=150"]) == 0
-    assert "steps: 150" in capsys.readouterr().out
+    assert main(["show-config", "--config", str(REPO / "configs" / "quickstart.yaml"), "train.steps=250"]) == 0
+    assert "steps: 250" in capsys.readouterr().out
 
 
 def test_cross_section_problems_are_reported_together():
