@@ -18,7 +18,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--lora", action="append", help="a LoRA file or run folder (repeatable); named by its run folder")
     src.add_argument("--run", help="a training output.dir: evaluates every checkpoint and the final LoRA")
-    p.add_argument("--suite", default="product", help="suite YAML file, or character | style | product | edit")
+    p.add_argument("--suite", default="product", help="suite YAML file, or character | style | product | edit | quickstart")
     p.add_argument("--scales", default="0,0.5,1.0", help="comma-separated LoRA scales (0 = the base model)")
     add_flags(p, EvaluateOptions, skip=("scales",))
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
