@@ -328,7 +328,9 @@ def _check_ranks_agree(accelerator, model: torch.nn.Module, layers: dict[str, to
     checksum = torch.stack([t.detach().double().sum() for t in tensors]).sum().view(1)
     gathered = accelerator.gather(checksum.to(accelerator.device))
     if not torch.all(gathered == gathered[0]):
-        raise RuntimeError(f"LoRA weights differ between ranks: {gathered.tolist()}")
+        odd = [str(i) for i, c in enumerate(gathered.tolist()) if c != gathered[0].item()]
+        raise RuntimeError(f"rank(s) {', '.join(odd)} ended with LoRA weights that differ from rank 0's (checksums "
+                           f"{gathered.tolist()}); rank 0's would have been saved, so nothing was")
     log.info("all %d ranks hold identical LoRA weights (checksum %.10g)", accelerator.num_processes, gathered[0].item())
 
 
