@@ -24,25 +24,28 @@ from inference.runs import lora_file
 _PAIR = ".lora_A.weight"
 
 
-def our_pairs(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict, dict[str, str], dict]:
-    """{module: (A, B with alpha/r applied)}, our header info, the raw header and the peft config (unprefixed),
-    from one of our plain-LoRA files."""
-    header = read_header(path)
-    info = our_info(header)
+def our_pairs(path: Path, header: dict[str, str]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """{module: (A, B with alpha/r applied)} and the peft config (unprefixed), from one of our plain-LoRA files."""
     state = load_state(path)
     if not any(k.startswith("transformer.") for k in state):
         raise UserError(f"LoRA '{path}' holds no FLUX.2 transformer LoRA weights (keys like "
                         f"{next(iter(state), 'none')!r}); export reads files written by flux2-lora or diffusers")
-    config = _peft_config(header)
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise UserError(f"LoRA '{path}' has per-module ranks or alphas; export handles uniform ones only")
+    config = _uniform_config(path, header)
     scale = alpha_scale(config)
     pairs = {}
     for key, a in state.items():
         if key.endswith(_PAIR):
             module = key[len("transformer."): -len(_PAIR)]
             pairs[module] = (a, state[f"transformer.{module}.lora_B.weight"] * scale)
-    return pairs, info, header, config
+    return pairs, config
+
+
+def _uniform_config(path: Path, header: dict[str, str]) -> dict:
+    """The file's peft config (unprefixed); export writes one scale for every module, so per-module ones are refused."""
+    config = _peft_config(header)
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise UserError(f"LoRA '{path}' has per-module ranks or alphas; export handles uniform ones only")
+    return config
 
 
 def _peft_config(header: dict[str, str]) -> dict:
@@ -70,9 +73,7 @@ def _lycoris_tensors(path: Path, header: dict[str, str], kind: str) -> tuple[dic
         module, _, factor = key.removeprefix("transformer.").rpartition(".")
         if factor in LYCORIS[kind]:
             modules.setdefault(module, {})[factor] = tensor
-    config = _peft_config(header)
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise UserError(f"LoRA '{path}' has per-module ranks or alphas; export handles uniform ones only")
+    config = _uniform_config(path, header)
     scale = config["alpha"] / config["r"] if config.get("r") and config.get("alpha") else 1.0
     return lycoris_layout(modules, kind, scale), len(modules)
 
@@ -99,7 +100,7 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path) -> dict[str, i
         tensors, modules = _lycoris_tensors(path, header, kind)
         written = modules
     else:
-        pairs, _, _, config = our_pairs(path)
+        pairs, config = our_pairs(path, header)
         modules = len(pairs)
         if fmt == "diffusers":  # alpha baked into lora_B, metadata alpha = rank: every loader gives the same weights
             tensors = {}

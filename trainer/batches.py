@@ -48,8 +48,12 @@ class BatchPlan:
                 sizes[rest] = sizes.get(rest, 0) + 1
         return {k: v for k, v in sizes.items() if v}
 
+    def global_number(self, number: int) -> int:
+        """This rank's micro-batch `number` counted over all ranks: the index of its data and the seed of its noise
+        (trainer/step.py), so N ranks see what one process does with N-step gradient accumulation."""
+        return number * self.world_size + self.rank
+
     def micro_batch(self, number: int) -> list[int]:
         """Sample indices of this rank's micro-batch `number` (0-based, counted over the whole run)."""
-        global_index = number * self.world_size + self.rank
-        epoch, offset = divmod(global_index, self.batches_per_epoch)
+        epoch, offset = divmod(self.global_number(number), self.batches_per_epoch)
         return self.epoch(epoch)[offset]

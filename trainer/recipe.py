@@ -245,7 +245,7 @@ def optimizer_step(r: Run, plan: BatchPlan, step: int) -> tuple[float, bool]:
     step_loss, skipped = 0.0, False
     for micro in range(step * accum, (step + 1) * accum):
         indices = plan.micro_batch(micro)
-        generator = step_generator(cfg.train.seed, micro * accelerator.num_processes + accelerator.process_index)
+        generator = step_generator(cfg.train.seed, plan.global_number(micro))
         if cfg.lora.dropout > 0:  # LoRA dropout draws from the global RNG; reseeding costs ~0.8 ms
             torch.manual_seed(generator.initial_seed())
         with accelerator.accumulate(r.transformer):
