@@ -14,6 +14,7 @@ from common.errors import run_guarded
 TABLE = {
     "train": ("trainer.commands", "train a LoRA (same as `accelerate launch train.py`)"),
     "show-config": ("trainer.commands", "print the resolved, validated training config"),
+    "plan": ("trainer.commands", "plan GPU memory and RAM of a training config, phase by phase, before any download"),
     "config-reference": ("trainer.commands", "print every config key with type, default and meaning (Markdown)"),
     "sample-data": ("data_tools.commands", "write a small synthetic captioned dataset (a brand mark)"),
     "prepare": ("data_tools.commands", "check, fix, caption and bucket an image set (writes report.html)"),

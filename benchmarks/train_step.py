@@ -40,7 +40,7 @@ def floor_seconds_per_step(model_dir: Path, data: Path, cache: Path, steps: int,
     """Forward + backward + AdamW on one fixed cached batch: the cost no loop can avoid."""
     base = resolve_base_model(ModelConfig(path=str(model_dir)))
     samples = load_samples(DataConfig(path=str(data), trigger="zxq"), resolution)
-    features = build_features(samples, base, "float32", CacheConfig(dir=str(cache)), show_progress=False)
+    features = build_features(samples, base, ModelConfig(path=base.path), CacheConfig(dir=str(cache)), show_progress=False)
     transformer = load_pipeline(base, text_encoder=False, vae=False).transformer
     add_lora(transformer, LoraSettings(rank=rank, alpha=rank), seed=0)
     transformer.train()

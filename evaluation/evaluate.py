@@ -83,7 +83,7 @@ def _scales_problem(scales: list[float]) -> str | None:
 @dataclasses.dataclass
 class EvaluateOptions(GeneratorOptions):
     """What `evaluate` renders and measures: the CLI's flags and `evaluate(...)`'s keyword arguments. Placement and
-    memory options (device, dtype, group offload, fp8 storage, ...) are `generate`'s, inherited."""
+    memory options (device, dtype, quantize, group offload, ...) are `generate`'s, inherited."""
 
     scales: list[float] = option(factory=lambda: [0.0, 0.5, 1.0], check=_scales_problem,
                                  help="LoRA scales (0 = the base model)")

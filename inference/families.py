@@ -7,6 +7,7 @@ licence, tiny twin) and never compare family names themselves. The family names 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -30,6 +31,9 @@ class Variant:
     num_layers: int | None  # double-stream blocks; None matches any size (tiny models)
     joint_attention_dim: int | None
     distilled_model: str | None = None  # the step-distilled checkpoint of the same size, if there is one
+    # folder under inference/architectures with its configs (model_index.json, transformer/ and text_encoder/
+    # config.json), so the memory planner knows the model before (and without) a download
+    architecture: str | None = None
 
     def hub_id(self, distilled: bool) -> str:
         return self.distilled_model if distilled and self.distilled_model else self.base_model
@@ -91,7 +95,8 @@ DEV = Family(
     has_guidance_embedding=True,
     has_true_cfg=False,
     variants=(
-        Variant("FLUX.2 [dev] 32B", "black-forest-labs/FLUX.2-dev", "flux-dev-non-commercial-license", 8, 15360),
+        Variant("FLUX.2 [dev] 32B", "black-forest-labs/FLUX.2-dev", "flux-dev-non-commercial-license", 8, 15360,
+                architecture="flux2-dev"),
         Variant("tiny random FLUX.2 [dev] (test model)", "flux2-lora tiny-model --random --family dev", "apache-2.0",
                 1, 48),
         Variant("tiny FLUX.2 [dev] pretrained on synthetic shapes", "flux2-lora tiny-model --family dev", "apache-2.0",
@@ -110,9 +115,9 @@ KLEIN = Family(
     has_true_cfg=True,
     variants=(
         Variant("FLUX.2 [klein] 4B", "black-forest-labs/FLUX.2-klein-base-4B", "apache-2.0", 5, 7680,
-                "black-forest-labs/FLUX.2-klein-4B"),
+                "black-forest-labs/FLUX.2-klein-4B", architecture="flux2-klein-base-4b"),
         Variant("FLUX.2 [klein] 9B", "black-forest-labs/FLUX.2-klein-base-9B", "flux-non-commercial-license", 8, 12288,
-                "black-forest-labs/FLUX.2-klein-9B"),
+                "black-forest-labs/FLUX.2-klein-9B", architecture="flux2-klein-base-9b"),
         Variant("tiny random FLUX.2 [klein] (test model)", "flux2-lora tiny-model --random --family klein",
                 "apache-2.0", 1, 48),
         Variant("tiny FLUX.2 [klein] pretrained on synthetic shapes", "flux2-lora tiny-model --family klein",
@@ -127,6 +132,22 @@ KLEIN = Family(
 FAMILIES: dict[str, Family] = {f.name: f for f in (DEV, KLEIN)}
 # the config key `model.family` and `--family` flags accept these
 FamilyChoice = Literal[("auto", *FAMILIES)]  # type: ignore[valid-type]
+
+
+ARCHITECTURES_DIR = Path(__file__).resolve().parent / "architectures"
+
+
+def shipped_config(hub_id: str, filename: str) -> Path | None:
+    """A config file of a known FLUX.2 checkpoint shipped with the package (its distilled twin has the same
+    architecture), or None. model_index.json of a distilled id says so, as the real one does."""
+    for fam in FAMILIES.values():
+        for v in fam.variants:
+            if v.architecture and hub_id in (v.base_model, v.distilled_model):
+                if filename == "model_index.json" and hub_id == v.distilled_model:
+                    return ARCHITECTURES_DIR / v.architecture / "model_index.distilled.json"
+                path = ARCHITECTURES_DIR / v.architecture / filename
+                return path if path.is_file() else None
+    return None
 
 
 def family_for_pipeline_class(class_name: str) -> Family | None:

@@ -30,6 +30,7 @@ from inference.loading import (
     load_pipeline,
     resolve_base_model,
 )
+from inference.quantize import QUANTIZE_HELP, Quantize, quantize_problem
 from inference.runs import lora_file, lora_label
 
 log = logging.getLogger("flux2_lora.generate")
@@ -71,7 +72,7 @@ class GeneratorOptions:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", help="dtype of the model weights; auto: bfloat16 on a GPU, float32 on the CPU")
     device: str = option("auto", help="where the models run: auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
-    fp8_storage: bool = option(False, help="store transformer weights in float8 (about half the memory)")
+    quantize: Quantize = option("none", help=f"the transformer's weights: {QUANTIZE_HELP}")
     group_offload: Literal["none", "block", "leaf"] = option(
         "none", help="keep weights in CPU RAM and stream a block (or a layer) at a time to the device")
     cpu_offload: bool = option(False, help="model CPU offload: whole models moved to the GPU on demand (needs a GPU)")
@@ -99,10 +100,11 @@ class Generator:
         device, dtype = resolve_placement(opts.device, opts.dtype)
         if device != "cpu" and not _device_available(device):
             raise UserError(f"device '{device}' is not available on this machine; use --device cpu")
-        self.config = ModelConfig(path=str(model), dtype=dtype, fp8_storage=opts.fp8_storage,
-                                  group_offload=opts.group_offload)
+        if problem := quantize_problem(opts.quantize, "quantize", torch.device(device).type):
+            raise UserError(problem)
+        self.config = ModelConfig(path=str(model), dtype=dtype, quantize=opts.quantize, group_offload=opts.group_offload)
         self.base = resolve_base_model(self.config)
-        self.pipe = load_pipeline(self.base, dtype)
+        self.pipe = load_pipeline(self.base, dtype, quantize=opts.quantize)
         self.family = self.base.family
         self.defaults = self.family.sampling_defaults(self.base.distilled)
         if opts.cpu_offload:

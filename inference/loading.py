@@ -13,7 +13,19 @@ import torch
 
 from common.configtree import option
 from common.errors import UserError
-from inference.families import FAMILIES, Family, FamilyChoice, family_for_pipeline_class
+from inference.families import (
+    FAMILIES,
+    Family,
+    FamilyChoice,
+    family_for_pipeline_class,
+    shipped_config,
+)
+from inference.quantize import (
+    QUANTIZE_HELP,
+    Quantize,
+    diffusers_config,
+    transformers_config,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,7 +36,13 @@ class ModelConfig:
     family: FamilyChoice = option("auto", help="checked against the folder's model_index.json")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="dtype of the frozen weights")
     revision: str | None = option(None, help="hub revision (ignored for local folders)")
-    fp8_storage: bool = option(False, help="keep frozen transformer weights in float8, compute in model.dtype")
+    quantize: Quantize = option("none", help=f"the frozen transformer: {QUANTIZE_HELP}")
+    text_encoder_quantize: Quantize = option(
+        "none", help="the text encoder while it fills the cache (nf4 fits Mistral-3 24B in ~14 GB); cached "
+                     "embeddings are kept apart per setting")
+    fp8_storage: bool = option(False, help="retired (float8 without scales); use model.quantize: fp8", migrations={
+        True: "retired: it stored weights in float8 without scales (6-11 % error); use model.quantize: fp8 "
+              "(torchao float8 with per-row scales) instead"})
     group_offload: Literal["none", "block", "leaf"] = option(
         "none", help="keep transformer weights in CPU RAM and move one block (or layer) at a time to the device"
     )
@@ -58,14 +76,26 @@ class BaseModel:
     def transformer_config(self) -> dict[str, Any]:
         return json.loads(_fetch(self.path, "transformer/config.json", self.revision).read_text(encoding="utf-8"))
 
+    def component_config(self, component: str) -> dict[str, Any]:
+        return json.loads(_fetch(self.path, f"{component}/config.json", self.revision).read_text(encoding="utf-8"))
+
     def empty_transformer(self):
         """The transformer's architecture on the meta device: shapes and names, no weights read or allocated."""
-        import diffusers
+        return empty_transformer(self.transformer_config())
+
+    def empty_text_encoder(self):
+        """The text encoder's architecture on the meta device (the planner counts it; nothing is read)."""
+        import transformers
         from accelerate import init_empty_weights
 
-        config = self.transformer_config()
+        config = self.component_config("text_encoder")
+        class_name = config.get("architectures", ["AutoModel"])[0]
+        model_type = config["model_type"]
+        cfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
         with init_empty_weights():
-            return getattr(diffusers, config.get("_class_name", "Flux2Transformer2DModel")).from_config(config)
+            model = getattr(transformers, class_name)(cfg)
+        model.tie_weights()  # tied input/output embeddings (Qwen3-4B) are one tensor, as from_pretrained leaves them
+        return model
 
     def identity(self, component: str) -> str:
         """A short content hash of one component, used to key caches: a different model never hits them."""
@@ -82,8 +112,19 @@ class BaseModel:
         return h.hexdigest()[:16]
 
 
+def empty_transformer(config: dict[str, Any]):
+    """A transformer config (FLUX.2 or FLUX.1) built on the meta device."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return getattr(diffusers, config.get("_class_name", "Flux2Transformer2DModel")).from_config(config)
+
+
 def _fetch(path: str, filename: str, revision: str | None = None) -> Path:
     local = Path(path)
+    if not local.is_dir() and filename.endswith(".json") and (shipped := shipped_config(path, filename)):
+        return shipped  # a known checkpoint's configs ship with the package: plan and check before any download
     if local.is_dir():
         target = local / filename
         if not target.is_file():
@@ -133,11 +174,26 @@ def resolve_base_model(cfg: ModelConfig) -> BaseModel:
 
 
 def load_pipeline(base: BaseModel, dtype: str = "float32", *, text_encoder: bool = True, vae: bool = True,
-                  transformer: bool = True):
-    """Load the family's stock pipeline; components switched off are not read from disk at all."""
+                  transformer: bool = True, quantize: Quantize = "none", text_encoder_quantize: Quantize = "none",
+                  device_map: str | None = None):
+    """Load the family's stock pipeline; components switched off are not read from disk at all. Quantised
+    components are converted layer by layer as their weights are read (diffusers' and transformers' loaders).
+    `device_map` ("cuda", "cpu"): weights go to that device as they are read, so RAM holds one checkpoint shard
+    at a time instead of the whole model."""
     skip = {name: None for name, keep in
             (("text_encoder", text_encoder), ("tokenizer", text_encoder), ("vae", vae), ("transformer", transformer))
             if not keep}
+    mapping = {}
+    if transformer and quantize != "none":
+        mapping["transformer"] = diffusers_config(quantize, DTYPES[dtype])
+    if text_encoder and text_encoder_quantize != "none":
+        mapping["text_encoder"] = transformers_config(text_encoder_quantize, DTYPES[dtype])
+    if mapping:
+        from diffusers import PipelineQuantizationConfig
+
+        skip["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
+    if device_map:
+        skip["device_map"] = device_map
     try:
         pipe = base.family.pipeline_class.from_pretrained(
             base.path, dtype=DTYPES[dtype], revision=base.revision, **skip
@@ -152,10 +208,7 @@ def load_pipeline(base: BaseModel, dtype: str = "float32", *, text_encoder: bool
 
 
 def apply_memory_options(transformer, cfg: ModelConfig, device: torch.device) -> None:
-    """Memory savers for the frozen transformer. Call after adding LoRA layers: layerwise casting enabled
-    before them would cast the LoRA weights to float8 too."""
-    if cfg.fp8_storage:
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DTYPES[cfg.dtype])
+    """Memory savers for the frozen transformer, applied after the LoRA layers are added."""
     if cfg.group_offload != "none":
         transformer.enable_group_offload(
             onload_device=device,

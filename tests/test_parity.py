@@ -52,7 +52,7 @@ def test_trainer_inputs_equal_pipeline_inputs(family, tiny_models, tmp_path):
     base = resolve_base_model(ModelConfig(path=str(tiny_models[family])))
     samples = load_samples(DataConfig(path=str(data)), resolution=96)
     assert samples[0].bucket == (112, 80)
-    features = build_features(samples, base, "float32", CacheConfig(dir=str(tmp_path / "cache")), show_progress=False)
+    features = build_features(samples, base, ModelConfig(path=base.path), CacheConfig(dir=str(tmp_path / "cache")), show_progress=False)
 
     pipe = load_pipeline(base)
     guidance = 2.5  # dev embeds it; klein runs CFG when > 1, whose first (conditional) call we capture

@@ -92,7 +92,7 @@ def test_training_reduces_the_loss_on_a_fixed_batch(tiny_models, sample_data, sh
 
     base = resolve_base_model(ModelConfig(path=str(tiny_models["klein"])))
     samples = load_samples(DataConfig(path=str(sample_data), trigger="zxq"), 64)
-    features = build_features(samples, base, "float32", CacheConfig(dir=str(shared_cache)), show_progress=False)
+    features = build_features(samples, base, ModelConfig(path=base.path), CacheConfig(dir=str(shared_cache)), show_progress=False)
     settings = TrainSettings(caption_dropout=0.0)
     captions = [(s.caption,) for s in samples]
 

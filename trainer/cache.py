@@ -28,7 +28,7 @@ from common.images import fit, open_rgb
 from common.limits import SIDE_MULTIPLE
 from data_tools.dataset import Sample
 from inference.conditioning import Encoder
-from inference.loading import BaseModel, load_pipeline
+from inference.loading import BaseModel, ModelConfig, load_pipeline
 
 
 def _default_cache_dir() -> str:
@@ -88,13 +88,18 @@ def token_mask(sample: Sample) -> torch.Tensor:
     return torch.from_numpy(np.asarray(grid, dtype=np.float32).copy()).view(1, -1) / 255.0
 
 
-def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: CacheConfig, show_progress: bool = True,
-                   device: torch.device | str = "cpu", extra_prompts: tuple[str, ...] = ()) -> Features:
-    """Encode what is not cached yet (captions, "", and `extra_prompts` such as sample prompts), then load all."""
-    device = "cpu" if cfg.device == "cpu" else device
+def build_features(samples: list[Sample], base: BaseModel, model: ModelConfig, cfg: CacheConfig,
+                   show_progress: bool = True, device: torch.device | str = "cpu",
+                   extra_prompts: tuple[str, ...] = ()) -> Features:
+    """Encode what is not cached yet (captions, "", and `extra_prompts` such as sample prompts), then load all.
+    The encoders load only when something is missing, and are freed before this returns."""
+    device = torch.device("cpu" if cfg.device == "cpu" else device)
+    dtype = model.dtype
     root = Path(cfg.dir).expanduser()
     latent_dir = root / CACHE_FORMAT / "latents" / base.identity("vae")
-    text_dir = root / CACHE_FORMAT / "text" / base.identity("text_encoder")
+    # a quantised text encoder gives other embeddings: they must never hit the full-precision ones
+    quantized = "" if model.text_encoder_quantize == "none" else f"-{model.text_encoder_quantize}"
+    text_dir = root / CACHE_FORMAT / "text" / f"{base.identity('text_encoder')}{quantized}"
     file_sha = functools.cache(lambda path: _sha(path.read_bytes()))  # repeats and shared references: hash once
     latent_paths = [latent_dir / f"{file_sha(s.path)}_{s.bucket[0]}x{s.bucket[1]}.safetensors" for s in samples]
     # references keep their own size (as at inference), so their key is the file alone
@@ -105,7 +110,8 @@ def build_features(samples: list[Sample], base: BaseModel, dtype: str, cfg: Cach
 
     missing_text = [c for c in captions if not text_paths[c].is_file()]
     if missing_text:
-        pipe = load_pipeline(base, dtype, vae=False, transformer=False).to(device)
+        pipe = load_pipeline(base, dtype, vae=False, transformer=False, device_map=device.type,
+                             text_encoder_quantize=model.text_encoder_quantize)
         encoder = Encoder(pipe)
         for caption in tqdm(missing_text, desc="encoding captions", disable=not show_progress):
             _save(text_paths[caption], encoder.encode_prompts([caption]))

@@ -11,6 +11,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-5 train.steps=200")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="train even when the memory plan says it will not fit (same as memory.check=false)")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -18,7 +20,8 @@ def train(args: argparse.Namespace) -> int:
     from trainer.signals import follow_launcher
 
     follow_launcher()  # before the slow part: a launcher killed while we load must not leave us behind
-    cfg = load_config(args.config, args.overrides)  # validated before anything heavy is imported or loaded
+    overrides = [*args.overrides, *(["memory.check=false"] if args.skip_memory_check else [])]
+    cfg = load_config(args.config, overrides)  # validated before anything heavy is imported or loaded
     quiet_libraries()
     from trainer.recipe import run
 
@@ -47,8 +50,58 @@ def config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.resolution=768 model.quantize=nf4")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB",
+                   help="GiB per GPU to plan for (default: memory.gpu_memory, else the detected GPU)")
+    p.add_argument("--ram", type=float, metavar="GIB", help="GiB of host RAM (default: memory.ram, else this machine's)")
+    p.add_argument("--gpus", type=int, help="GPUs (processes) the run uses; with train.sharding: fsdp each holds 1/N "
+                                            "(default: WORLD_SIZE, else 1)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (peak_gpu_gib, peak_ram_gib, phases)")
+
+
+def plan(args: argparse.Namespace) -> int:
+    """Exit status 0 when the config fits, 1 when it does not."""
+    import json
+    import os
+
+    from common.errors import UserError
+
+    for flag, value in (("--gpu-memory", args.gpu_memory), ("--ram", args.ram), ("--gpus", args.gpus)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} must be a positive number, got {value:g}")
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    quiet_libraries()
+    from inference.loading import resolve_base_model
+    from trainer.memory import (
+        cheapest_fix,
+        detected_gpu_memory,
+        detected_ram,
+        plan_training,
+        render,
+        verdict,
+    )
+
+    base = resolve_base_model(cfg.model)
+    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    gpu = args.gpu_memory or cfg.memory.gpu_memory or detected_gpu_memory()
+    ram = args.ram or cfg.memory.ram or detected_ram()
+    result = plan_training(cfg, base, gpus, gpu, ram)
+    fix = None if result.fits() else cheapest_fix(cfg, base, gpus, gpu, ram)
+    if args.json:
+        print(json.dumps({**result.to_json(), "verdict": verdict(result, fix)}, indent=2))
+    else:
+        print(render(result))
+        print(verdict(result, fix))
+    return 0 if result.fits() else 1
+
+
 COMMANDS = {
     "train": Command(add_train_arguments, train),
     "show-config": Command(_add_show_config_arguments, show_config),
     "config-reference": Command(lambda p: None, config_reference),
+    "plan": Command(_add_plan_arguments, plan),
 }

@@ -30,6 +30,7 @@ from trainer.checkpoints import CheckpointConfig
 from trainer.ema import EmaConfig
 from trainer.flow import FlowConfig
 from trainer.lora import LoraSettings
+from trainer.memory import MemoryConfig
 from trainer.optim import OptimConfig
 from trainer.outputs import OutputConfig
 from trainer.regularization import RegularizationConfig
@@ -53,6 +54,7 @@ class Config:
     regularization: RegularizationConfig = option(factory=RegularizationConfig)
     ema: EmaConfig = option(factory=EmaConfig)
     validation: ValidationConfig = option(factory=ValidationConfig)
+    memory: MemoryConfig = option(factory=MemoryConfig)
     resume: str | None = option(None, help="latest, or a checkpoints/step-N folder")
 
     def validate(self) -> list[str]:
@@ -75,6 +77,10 @@ class Config:
             problems.append("validation.every is set but nothing is held out; set validation.images or validation.split")
         if self.validation.every > steps:
             problems.append(f"validation.every ({self.validation.every}) is beyond train.steps ({steps})")
+        if self.model.quantize != "none" and self.lora.type in ("lokr", "loha"):
+            problems.append(f"lora.type: {self.lora.type} wraps plain Linear layers only (peft's LyCORIS layers) and "
+                            f"model.quantize: {self.model.quantize} replaces them; use lora.type: lora or dora, or "
+                            "model.quantize: none")
         for fmt in self.output.export:
             if problem := export_problem(self.lora.type, fmt):
                 problems.append(f"output.export: {problem}")

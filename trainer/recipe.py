@@ -24,6 +24,7 @@ from inference.loading import (
     resolve_base_model,
 )
 from inference.lora_io import WEIGHT_NAME, save_lora
+from inference.quantize import quantize_problem
 from inference.runs import CONFIG_FILE, EMA_WEIGHT_NAME
 from trainer import checkpoints, sharding
 from trainer.batches import BatchPlan
@@ -31,6 +32,7 @@ from trainer.cache import Features, build_features
 from trainer.config import Config, dump_config
 from trainer.ema import LoraEMA
 from trainer.lora import add_lora, rank_problem, trainable_parameters
+from trainer.memory import memory_problem
 from trainer.optim import build_optimizer, build_scheduler, optimizer_problem
 from trainer.outputs import (
     card_base_model,
@@ -113,16 +115,21 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     sharded = sharding.requested(cfg.train.sharding, accelerator)
     if sharded and (problem := sharding.sharding_problem(accelerator, cfg)):
         raise UserError(problem)
+    if problem := memory_problem(cfg, base, accelerator.num_processes, accelerator.device.type):
+        raise UserError(problem)
     if accelerator.is_main_process:
         prepare_output_dir(cfg.output, resuming=resume_from is not None)
     accelerator.wait_for_everyone()
 
     main = accelerator.is_main_process
     with accelerator.main_process_first():  # rank 0 fills the cache, the others then read it
-        features = build_features(data.samples, base, cfg.model.dtype, cfg.cache, show_progress and main,
+        features = build_features(data.samples, base, cfg.model, cfg.cache, show_progress and main,
                                   accelerator.device, extra_prompts=tuple(sorted(data.prompts() | set(cfg.sample.prompts))))
 
-    transformer = load_pipeline(base, cfg.model.dtype, text_encoder=False, vae=False).transformer
+    # straight to the device, layer by layer (quantised as read), unless the weights are meant to stay in RAM
+    direct = None if sharded or cfg.model.group_offload != "none" else accelerator.device.type
+    transformer = load_pipeline(base, cfg.model.dtype, text_encoder=False, vae=False, quantize=cfg.model.quantize,
+                                device_map=direct).transformer
     add_lora(transformer, cfg.lora, cfg.train.seed)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -169,7 +176,11 @@ def check_inputs(cfg: Config) -> tuple[BaseModel, TrainingData]:
     """Everything about the model, data, optimizer, precision and tracker a user can get wrong, with no weights read."""
     base = resolve_base_model(cfg.model)
     _refuse_distilled(base, cfg.model.allow_distilled)
-    problem = optimizer_problem(cfg.optim) or rank_problem(base.empty_transformer(), cfg.lora)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    problem = (optimizer_problem(cfg.optim) or rank_problem(base.empty_transformer(), cfg.lora)
+               or quantize_problem(cfg.model.quantize, "model.quantize", device_type)
+               or quantize_problem(cfg.model.text_encoder_quantize, "model.text_encoder_quantize",
+                                   "cpu" if cfg.cache.device == "cpu" else device_type))
     if problem:
         raise UserError(problem)
     data = training_data(cfg)

@@ -46,7 +46,7 @@ def sharding_problem(accelerator, cfg) -> str | None:
                 "`accelerate launch --config_file configs/accelerate/fsdp.yaml train.py ...` (or torchrun "
                 "--nproc_per_node N), or set train.sharding: none")
     for key, value in (("model.group_offload", cfg.model.group_offload != "none"),
-                       ("model.fp8_storage", cfg.model.fp8_storage), ("ema.decay", bool(cfg.ema.decay)),
+                       ("model.quantize", cfg.model.quantize != "none"), ("ema.decay", bool(cfg.ema.decay)),
                        ("train.mixed_precision: fp16", cfg.train.mixed_precision == "fp16")):
         if value:
             return f"train.sharding: fsdp cannot be combined with {key} yet; remove one of them"
