@@ -8,6 +8,7 @@ takes (the memory planner reads the same table) and what a machine needs for eac
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from typing import Literal
 
@@ -75,29 +76,20 @@ def _torchao_type(kind: Quantize):
 
 def diffusers_config(kind: Quantize, compute_dtype: torch.dtype):
     """The diffusers quantisation config that loads the transformer quantised (None for none)."""
-    if kind == "none":
-        return None
-    if kind == "nf4":
-        from diffusers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype,
-                                  llm_int8_skip_modules=list(TRANSFORMER_KEEP_FULL))
-    from diffusers import TorchAoConfig
-
-    return TorchAoConfig(_torchao_type(kind), modules_to_not_convert=list(TRANSFORMER_KEEP_FULL))
+    return _config("diffusers", kind, compute_dtype, TRANSFORMER_KEEP_FULL)
 
 
 def transformers_config(kind: Quantize, compute_dtype: torch.dtype):
     """The transformers quantisation config that loads the text encoder quantised (None for none)."""
+    return _config("transformers", kind, compute_dtype, TEXT_ENCODER_KEEP_FULL)
+
+
+def _config(library: str, kind: Quantize, compute_dtype: torch.dtype, keep_full: tuple[str, ...]):
+    # both libraries name their configs alike and take the same arguments
     if kind == "none":
         return None
+    module = importlib.import_module(library)
     if kind == "nf4":
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype,
-                                  llm_int8_skip_modules=list(TEXT_ENCODER_KEEP_FULL))
-    from transformers import TorchAoConfig
-
-    return TorchAoConfig(_torchao_type(kind), modules_to_not_convert=list(TEXT_ENCODER_KEEP_FULL))
+        return module.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                         bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=list(keep_full))
+    return module.TorchAoConfig(_torchao_type(kind), modules_to_not_convert=list(keep_full))

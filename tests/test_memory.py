@@ -17,12 +17,9 @@ from flux2_lora import main
 from inference.loading import ModelConfig, empty_transformer, resolve_base_model
 from inference.quantize import quantize_problem
 from trainer.config import Config, load_config
-from trainer.memory import (
-    GIB,
-    plan_training,
-    train_step,
-    transformer_shape,
-)
+from trainer.memory import GIB, plan_training, train_step, transformer_shape
+from trainer.memory_probe import measure_step
+from trainer.memory_table import memory_table
 
 HUB = {"dev": "black-forest-labs/FLUX.2-dev", "klein-4b": "black-forest-labs/FLUX.2-klein-base-4B",
        "klein-9b": "black-forest-labs/FLUX.2-klein-base-9B"}
@@ -62,69 +59,18 @@ def test_the_same_maths_on_flux1_dev_match_the_published_qlora_figure():
     assert step.gpu / 1e9 == pytest.approx(9, rel=0.2)
 
 
-def _peak_bytes(fn) -> int:
-    """Peak of CPU tensor memory allocated while `fn` runs (the profiler's allocator events, summed in order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for _, change in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.profiler.function_events):
-        live += change
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("quantize, checkpointing, targets", [
     ("none", False, "attention_mlp"), ("none", True, "attention"), ("int8", False, "attention"),
-    ("int8", True, "attention_mlp")])
-def test_plan_is_within_10_percent_of_a_measured_step_at_real_width(quantize, checkpointing, targets, tmp_path):
+    ("int8", True, "attention_mlp"), ("fp8", True, "attention")])
+def test_plan_is_within_10_percent_of_a_measured_step_at_real_width(quantize, checkpointing, targets):
     """A slice of klein-4B at its real width (3072): 2 double + 2 single blocks, 24x24 latent tokens and 96 text
-    tokens (not the calibration's sizes), a LoRA trained one AdamW step through peft, bf16 autocast."""
-    from peft import LoraConfig
-
-    from trainer.lora import PRESETS
-
-    config = {"_class_name": "Flux2Transformer2DModel", "num_layers": 2, "num_single_layers": 2,
-              "num_attention_heads": 24, "attention_head_dim": 128, "joint_attention_dim": 7680,
-              "guidance_embeds": False}
+    tokens (not the calibration's sizes), a LoRA trained through peft with AdamW under bf16 autocast."""
+    measured, config = measure_step(2, 2, 24 * 24, 96, quantize, checkpointing, targets)
     shape = transformer_shape(empty_transformer(config), 2, 16, "lora", targets)
-    model = empty_transformer(config).to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    if quantize != "none":
-        from torchao.quantization import quantize_
-
-        from inference.quantize import TRANSFORMER_KEEP_FULL, _torchao_type, converted
-
-        quantize_(model, _torchao_type(quantize),
-                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and converted(name, TRANSFORMER_KEEP_FULL))
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=PRESETS[targets]))
-    lora = [p for p in model.parameters() if p.requires_grad]
-    for p in lora:
-        p.data = p.data.float()
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(lora, lr=1e-4)
-    ti, tt = 24 * 24, 96
-    x, txt = torch.randn(1, ti, 128, dtype=torch.bfloat16), torch.randn(1, tt, 7680, dtype=torch.bfloat16)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(hidden_states=x, encoder_hidden_states=txt, timestep=torch.tensor([0.5]),
-                        img_ids=torch.zeros(1, ti, 4), txt_ids=torch.zeros(1, tt, 4), return_dict=False)[0]
-        out.float().pow(2).mean().backward()
-        optimizer.step()
-
-    step()  # the first step creates the optimizer state and gradients, which the plan counts exactly
-    measured = _peak_bytes(step)  # what a step allocates on top: activations (and dequantised weights)
-    planned = train_step(shape, quantize=quantize, tokens=ti + tt, batch=1, act_bytes=2, checkpointing=checkpointing,
-                         targets=targets, optimizer="adamw", on_gpu=False)
+    planned = train_step(shape, quantize=quantize, tokens=24 * 24 + 96, batch=1, act_bytes=2,
+                         checkpointing=checkpointing, targets=targets, optimizer="adamw", on_gpu=False)
     predicted = planned.parts["activations"] + planned.parts["dequantised weights"]
     assert predicted == pytest.approx(measured, rel=0.10), (planned.parts, measured)
-    assert planned.parts["lora+grads+optimizer"] == sum(p.numel() for p in lora) * (4 + 4 + 8)
 
 
 _TARGET = re.compile(r"^# Target: (\d+) x (\d+) GB GPU, (\d+) GB RAM", re.M)
@@ -292,3 +238,10 @@ def test_loading_int8_holds_the_quantised_model_plus_one_shard_not_the_bf16_mode
     assert results[3]["kept"] - results[1]["kept"] == pytest.approx(added_bf16 / 2, rel=0.1)  # int8: half of bf16
     assert results[3]["transient"] == pytest.approx(results[1]["transient"], rel=0.15, abs=40 * 2**20)
     assert results[3]["transient"] < sizes[3] / 2  # never the whole bf16 model at once
+
+
+def test_docs_memory_table_is_the_planners():
+    text = (REPO / "docs/memory.md").read_text()
+    begin, end = "<!-- planned table: flux2-lora plan --table -->\n", "\n<!-- end of planned table -->"
+    assert text[text.index(begin) + len(begin):text.index(end)] == memory_table(), \
+        "docs/memory.md is stale: regenerate its table with `flux2-lora plan --table`"

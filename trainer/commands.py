@@ -51,7 +51,7 @@ def config_reference(args: argparse.Namespace) -> int:
 
 
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML file (see configs/)")
+    p.add_argument("--config", help="YAML file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.resolution=768 model.quantize=nf4")
     p.add_argument("--gpu-memory", type=float, metavar="GIB",
                    help="GiB per GPU to plan for (default: memory.gpu_memory, else the detected GPU)")
@@ -59,6 +59,8 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, help="GPUs (processes) the run uses; with train.sharding: fsdp each holds 1/N "
                                             "(default: WORLD_SIZE, else 1)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (peak_gpu_gib, peak_ram_gib, phases)")
+    p.add_argument("--table", action="store_true", help="print docs/memory.md's table (every family x quantisation x "
+                                                        "checkpointing x resolution) instead")
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -71,6 +73,14 @@ def plan(args: argparse.Namespace) -> int:
     for flag, value in (("--gpu-memory", args.gpu_memory), ("--ram", args.ram), ("--gpus", args.gpus)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be a positive number, got {value:g}")
+    if args.table:
+        from trainer.memory_table import memory_table
+
+        quiet_libraries()
+        print(memory_table())
+        return 0
+    if not args.config:
+        raise UserError("plan needs --config FILE (or --table)")
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)

@@ -158,12 +158,19 @@ def activation_bytes(shape: ModelShape, tokens: int, batch: int, act_bytes: int,
     return unit * (saved + OUTSIDE_BLOCKS + max(ACTIVATION[k]["transient"] for k in present))
 
 
+# Bytes kept per dequantised weight byte (bf16), measured on CPU slices (benchmarks/memory.py): torchao's float8
+# weight-only layers keep more than one bf16 copy in backward; int8's keep exactly one.
+DEQUANTIZED = {"int8": {"saved": 1.0, "recompute": 1.0}, "fp8": {"saved": 1.31, "recompute": 1.56}}
+
+
 def dequantized_copies(shape: ModelShape, quantize: str, checkpointing: bool) -> float:
     """torchao weight-only Linear layers keep each dequantised weight for backward (measured: they raise the peak
     without checkpointing); with checkpointing only the block being recomputed holds them. nf4 does not."""
-    if quantize not in ("fp8", "int8"):
+    if quantize not in DEQUANTIZED:
         return 0.0
-    return shape.largest_block_linear_full if checkpointing else shape.linear_full
+    if checkpointing:
+        return shape.largest_block_linear_full * DEQUANTIZED[quantize]["recompute"]
+    return shape.linear_full * DEQUANTIZED[quantize]["saved"]
 
 
 def train_step(shape: ModelShape, *, quantize: str, tokens: int, batch: int, act_bytes: int, checkpointing: bool,
@@ -221,7 +228,9 @@ def plan_training(cfg, base, processes: int = 1, gpu_memory: float | None = None
     dtype_bytes = DTYPES[cfg.model.dtype].itemsize
     act_bytes = 2 if cfg.train.mixed_precision != "no" or dtype_bytes == 2 else 4
     quantize = cfg.model.quantize
-    shape = transformer_shape(base.empty_transformer(), dtype_bytes, cfg.lora.rank, cfg.lora.type, cfg.lora.targets)
+    shape = _cached(("transformer", base.path, base.revision, dtype_bytes, cfg.lora.rank, cfg.lora.type,
+                     cfg.lora.targets), lambda: transformer_shape(base.empty_transformer(), dtype_bytes, cfg.lora.rank,
+                                                                  cfg.lora.type, cfg.lora.targets))
     sharded = cfg.train.sharding == "fsdp" and processes > 1
     offload = cfg.model.group_offload
     fixed = CUDA_CONTEXT_GIB * GIB if on_gpu else 0.0
@@ -244,14 +253,15 @@ def plan_training(cfg, base, processes: int = 1, gpu_memory: float | None = None
     process_ram = PROCESS_RAM_GIB * GIB if on_gpu else 0.0
 
     # the cache: text encoder, then VAE, each alone on the cache device, before the transformer loads
-    te = base.empty_text_encoder()
-    te_weights, te_hidden, te_layers = text_encoder_bytes(te, cfg.model.text_encoder_quantize, dtype_bytes)
+    te_weights, te_hidden, te_layers = _cached(
+        ("text_encoder", base.path, base.revision, dtype_bytes, cfg.model.text_encoder_quantize),
+        lambda: text_encoder_bytes(base.empty_text_encoder(), cfg.model.text_encoder_quantize, dtype_bytes))
     te_act = (te_layers + 8) * TEXT_TOKENS * te_hidden * act_bytes
     cache_on_gpu = cfg.cache.device != "cpu" and on_gpu
     te_ram = (_shard_bytes(base, "text_encoder") if cache_on_gpu else te_weights + te_act) + process_ram
     text_gpu = (te_weights + te_act) * FRAGMENTATION + fixed if cache_on_gpu else fixed
     pixels = max(cfg.train.resolutions) ** 2
-    vae_weights = _vae_params(base) * dtype_bytes
+    vae_weights = _cached(("vae", base.path), lambda: _vae_params(base)) * dtype_bytes
     vae_act = pixels * 128 * VAE_ACTIVATION / 4 * act_bytes / 2
     vae_gpu = (vae_weights + vae_act) * FRAGMENTATION + fixed if cache_on_gpu else fixed
 
@@ -276,6 +286,17 @@ def plan_training(cfg, base, processes: int = 1, gpu_memory: float | None = None
                   for i, p in enumerate(phases)]
     label = f"{base.family.variant(base.transformer_config()).name} ({shape.params / 1e9:.2f} B parameters)"
     return Plan(label, phases, gpu_memory, ram, processes, notes)
+
+
+_COUNTED: dict[tuple, Any] = {}
+
+
+def _cached(key: tuple, count):
+    """Counting a model on the meta device takes ~1 s: once per model and setting in a process (local folders
+    are keyed by path, so a changed folder needs a new process)."""
+    if key not in _COUNTED:
+        _COUNTED[key] = count()
+    return _COUNTED[key]
 
 
 def _vae_params(base) -> int:
@@ -322,7 +343,7 @@ def detected_ram() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
-def _gib(value: float) -> str:
+def gib(value: float) -> str:
     return f"{value / GIB:.1f}"
 
 
@@ -331,9 +352,9 @@ def render(plan: Plan) -> str:
     lines = [f"memory plan: {plan.label}, {plan.processes} process{'es' if plan.processes > 1 else ''}", "",
              f"{'phase':34s} {'GPU GiB':>8s} {'RAM GiB':>8s}  GPU made of"]
     for p in plan.phases:
-        parts = ", ".join(f"{k} {_gib(v)}" for k, v in p.parts.items() if v >= 0.05 * GIB)
-        lines.append(f"{p.name:34s} {_gib(p.gpu):>8s} {_gib(p.ram):>8s}  {parts}")
-    lines.append(f"{'peak':34s} {_gib(plan.peak_gpu):>8s} {_gib(plan.peak_ram):>8s}")
+        parts = ", ".join(f"{k} {gib(v)}" for k, v in p.parts.items() if v >= 0.05 * GIB)
+        lines.append(f"{p.name:34s} {gib(p.gpu):>8s} {gib(p.ram):>8s}  {parts}")
+    lines.append(f"{'peak':34s} {gib(plan.peak_gpu):>8s} {gib(plan.peak_ram):>8s}")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
@@ -342,10 +363,10 @@ def verdict(plan: Plan, fix: str | None) -> str:
     card = f"{plan.gpu_memory:.1f} GiB GPU" if plan.gpu_memory is not None else "no GPU given"
     ram = f"{plan.ram:.1f} GiB RAM" if plan.ram is not None else "RAM not checked"
     if plan.fits():
-        return f"fits: peak {_gib(plan.peak_gpu)} GiB GPU of {card.split(' GPU')[0]}, {_gib(plan.peak_ram)} GiB of {ram}"
+        return f"fits: peak {gib(plan.peak_gpu)} GiB GPU of {card.split(' GPU')[0]}, {gib(plan.peak_ram)} GiB of {ram}"
     fix = fix or ("no listed change makes it fit: lower train.resolution, shard over more GPUs (train.sharding: "
                   "fsdp), or use a bigger card or more RAM")
-    return (f"does not fit: planned peak {_gib(plan.peak_gpu)} GiB GPU on a {card}, {_gib(plan.peak_ram)} GiB of "
+    return (f"does not fit: planned peak {gib(plan.peak_gpu)} GiB GPU on a {card}, {gib(plan.peak_ram)} GiB of "
             f"{ram}; {fix}")
 
 
@@ -401,3 +422,4 @@ def _get(cfg, key: str):
 def _set(cfg, key: str, value) -> None:
     section, name = key.split(".")
     setattr(getattr(cfg, section), name, value)
+
