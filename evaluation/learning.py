@@ -24,6 +24,12 @@ UNTRIGGERED = ("a blue square on a white background", "a yellow circle on a navy
                "a green triangle on a sand beige background")
 
 
+# Measured on the pretrained tiny models (klein 200-400 steps, dev 400, quickstart recipe): learning runs reach
+# 0.8-2 % mark-coloured pixels from ~0 and change untriggered prompts by 0.09-0.25; flipped targets leak 0.30-0.40.
+MIN_COVERAGE = 0.005
+MAX_LEAKAGE = 0.3
+
+
 @dataclasses.dataclass(frozen=True)
 class MarkScore:
     colour_error: float  # RGB distance from the mark's colour to the image's closest pixels (lower is better)
@@ -53,22 +59,30 @@ class Learning:
     leakage: float  # mean |with - without| over untriggered prompts' pixels, in [0, 1]
 
     def problems(self) -> list[str]:
-        """Why this does not count as learning the mark's colour (empty when it does): with the LoRA, triggered
-        images must come clearly closer to #E4572E than without it, by CIEDE2000 and by their closest pixels."""
+        """Why this does not count as learning the mark (empty when it does). With the LoRA, triggered images must
+        come clearly closer to #E4572E (CIEDE2000), show mark-coloured pixels where the base shows (almost) none,
+        and not move away from the training images; untriggered prompts must stay near the base. A flipped target
+        also turns images orange, but it drags them away from the training images and leaks into every prompt."""
         out = []
-        if not self.lora.to_training < self.base.to_training - 0.01:
-            out.append(f"training images not learned: {self.lora.to_training:.3f} from the nearest with the LoRA, "
-                       f"{self.base.to_training:.3f} without (needs 0.01 less)")
         if not self.lora.delta_e < self.base.delta_e - 5.0:
             out.append(f"mark colour not learned: ΔE {self.lora.delta_e:.1f} with the LoRA, {self.base.delta_e:.1f} "
                        "without (needs 5 less)")
+        if not (self.lora.coverage >= MIN_COVERAGE and self.lora.coverage >= 3 * self.base.coverage):
+            out.append(f"no mark drawn: {100 * self.lora.coverage:.1f} % mark-coloured pixels with the LoRA, "
+                       f"{100 * self.base.coverage:.1f} % without (needs {100 * MIN_COVERAGE:.1f} % and 3x)")
+        if not self.lora.to_training <= self.base.to_training + 0.02:
+            out.append(f"images moved away from the training images: {self.lora.to_training:.3f} from the nearest with "
+                       f"the LoRA, {self.base.to_training:.3f} without (allowed: 0.02 more)")
+        if not self.leakage <= MAX_LEAKAGE:
+            out.append(f"leaks into untriggered prompts: they change by {self.leakage:.3f} (allowed {MAX_LEAKAGE})")
         return out
 
     def summary(self) -> str:
-        """Also what is measured but not yet required: the fitted-shape IoU and the leakage. The pretrained tiny
+        """Every measure, including the fitted-shape IoU, which is reported but not required: the pretrained tiny
         model draws soft blobs, so a crisp ring does not come out of it yet (see README, The tiny model)."""
         return (f"to training {self.base.to_training:.3f} -> {self.lora.to_training:.3f}, "
-                f"ΔE {self.base.delta_e:.1f} -> {self.lora.delta_e:.1f}, closest pixels {self.base.colour_error:.0f} -> "
+                f"ΔE {self.base.delta_e:.1f} -> {self.lora.delta_e:.1f}, mark pixels {100 * self.base.coverage:.1f} % -> "
+                f"{100 * self.lora.coverage:.1f} %, closest pixels {self.base.colour_error:.0f} -> "
                 f"{self.lora.colour_error:.0f}, IoU {self.base.iou:.2f} -> {self.lora.iou:.2f}, leakage {self.leakage:.3f}")
 
 

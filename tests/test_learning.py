@@ -27,27 +27,30 @@ RECIPE = dict(train__steps=200, train__batch_size=2, optim__lr=3e-3, lora__rank=
               train__caption_dropout=0.0)
 
 
-def _train_and_measure(model, data, out, cache, scale=1.0):
-    result = run(load_config(None, train_args(model, data, out, cache, **RECIPE)), show_progress=False)
+def _train_and_measure(model, data, out, cache, scale=1.0, steps=200):
+    result = run(load_config(None, train_args(model, data, out, cache, **{**RECIPE, "train__steps": steps})),
+                 show_progress=False)
     gen = Generator(str(model))
     gen.add_adapter(result.lora_path, name="mark")
     training = [Image.open(p) for p in sorted(data.glob("*.png"))]
     return measure(gen, "mark", "zxq", training, scale=scale), (gen, training)
 
 
-# dev is not in this guard yet: its pretrained tiny model follows prompts too weakly (25 % of backgrounds) and a
-# 200-step LoRA moves its colour towards the mark (ΔE 33 -> 24) but not its images towards the training set.
-@pytest.mark.parametrize("family", ["klein"])
-def test_a_short_run_learns_the_marks_colour(family, pretrained_models, brand_set, tmp_path):
+# dev's tiny base follows prompts more weakly (25 % of backgrounds against klein's 65 %): it needs the quickstart's
+# 400 steps to draw mark-coloured pixels (at 300 its ΔE has dropped but fewer than 0.5 % of pixels are the mark's)
+@pytest.mark.parametrize("family, steps", [("klein", 200), ("dev", 400)])
+def test_a_short_run_learns_the_mark(family, steps, pretrained_models, brand_set, tmp_path):
     learned, (gen, training) = _train_and_measure(pretrained_models[family], brand_set, tmp_path / "run",
-                                                  tmp_path / "cache")
+                                                  tmp_path / "cache", steps=steps)
     assert learned.problems() == [], learned.summary()
-    if family == "klein":  # the same LoRA with its scale forced to 0 at inference is the base: nothing learned
-        assert len(measure(gen, "mark", "zxq", training, scale=0.0).problems()) == 2
+    # the same LoRA with its scale forced to 0 at inference is the base: no colour, no mark
+    unscaled = measure(gen, "mark", "zxq", training, scale=0.0).problems()
+    assert [p.split(":")[0] for p in unscaled] == ["mark colour not learned", "no mark drawn"], unscaled
 
 
 def test_the_guard_fails_when_the_target_sign_is_flipped(pretrained_models, brand_set, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.step, "velocity_target", lambda x0, noise: x0 - noise)
     learned, _ = _train_and_measure(pretrained_models["klein"], brand_set, tmp_path / "run", tmp_path / "cache")
-    assert any("training images not learned" in p for p in learned.problems()), learned.summary()
+    problems = learned.problems()
+    assert any(p.startswith("images moved away from the training images") for p in problems), learned.summary()
 
