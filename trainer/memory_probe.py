@@ -1,4 +1,4 @@
-"""Measure what a training step allocates, on the CPU, at a real FLUX.2 width: the stand-in for a GPU's
+"""Measure what a training step allocates, on the CPU, at the real FLUX.2 widths: the stand-in for a GPU's
 max_memory_allocated that checks the planner's activation constants (tests/test_memory.py,
 benchmarks/memory.py). A slice (a few blocks of the real width) trains a LoRA through peft exactly as the trainer
 does: frozen bf16 or torchao-quantised weights, float32 LoRA, bf16 autocast, AdamW.
@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
-# klein-4B's width: 24 heads x 128
-SLICE = {"_class_name": "Flux2Transformer2DModel", "num_attention_heads": 24, "attention_head_dim": 128,
-         "joint_attention_dim": 7680, "guidance_embeds": False}
+# the real widths: heads of 128 and the text encoders' stacked hidden size (klein-4B, klein-9B, dev)
+WIDTHS = {"klein-4B": (24, 7680), "klein-9B": (32, 12288), "dev": (48, 15360)}
 
 
 def peak_bytes(fn) -> int:
@@ -27,7 +26,7 @@ def peak_bytes(fn) -> int:
 
 
 def measure_step(double: int, single: int, image_tokens: int, text_tokens: int, quantize: str, checkpointing: bool,
-                 targets: str, rank: int = 16) -> tuple[int, dict]:
+                 targets: str, rank: int = 16, width: str = "klein-4B") -> tuple[int, dict]:
     """(bytes a second training step allocates on top of weights, LoRA, gradients and optimizer state, the
     slice's config). The first step runs unmeasured: it creates the gradients and the optimizer state."""
     from peft import LoraConfig
@@ -36,7 +35,9 @@ def measure_step(double: int, single: int, image_tokens: int, text_tokens: int, 
     from inference.quantize import TRANSFORMER_KEEP_FULL, _torchao_type, converted
     from trainer.lora import PRESETS
 
-    config = {**SLICE, "num_layers": double, "num_single_layers": single}
+    heads, joint = WIDTHS[width]
+    config = {"_class_name": "Flux2Transformer2DModel", "num_attention_heads": heads, "attention_head_dim": 128,
+              "joint_attention_dim": joint, "guidance_embeds": False, "num_layers": double, "num_single_layers": single}
     model = empty_transformer(config).to_empty(device="cpu").to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():
@@ -55,7 +56,7 @@ def measure_step(double: int, single: int, image_tokens: int, text_tokens: int, 
         model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(lora, lr=1e-4)
     x = torch.randn(1, image_tokens, 128, dtype=torch.bfloat16)
-    txt = torch.randn(1, text_tokens, SLICE["joint_attention_dim"], dtype=torch.bfloat16)
+    txt = torch.randn(1, text_tokens, joint, dtype=torch.bfloat16)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
