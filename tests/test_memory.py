@@ -60,8 +60,7 @@ def test_the_same_maths_on_flux1_dev_match_the_published_qlora_figure():
 
 
 @pytest.mark.parametrize("quantize, checkpointing, targets", [
-    ("none", False, "attention_mlp"), ("none", True, "attention"), ("int8", False, "attention"),
-    ("int8", True, "attention_mlp"), ("fp8", True, "attention")])
+    ("none", False, "attention_mlp"), ("int8", False, "attention"), ("fp8", True, "attention")])
 def test_plan_is_within_10_percent_of_a_measured_step_at_real_width(quantize, checkpointing, targets):
     """A slice of klein-4B at its real width (3072): 2 double + 2 single blocks, 24x24 latent tokens and 96 text
     tokens (not the calibration's sizes), a LoRA trained through peft with AdamW under bf16 autocast."""
