@@ -32,7 +32,7 @@ ROW_SCALE_BYTES = {"fp8": 2, "int8": 2, "nf4": 0}
 
 def converted(name: str, keep_full: tuple[str, ...]) -> bool:
     """Whether the Linear called `name` is quantised (the same rule the loaders are given)."""
-    return not any(name == k or name.startswith(k + ".") or f".{k}." in f".{name}." for k in keep_full)
+    return not any(f".{k}." in f".{name}." for k in keep_full)
 
 
 def quantized_bytes(model: torch.nn.Module, kind: Quantize, dtype_bytes: int, keep_full: tuple[str, ...]) -> int:

@@ -85,20 +85,14 @@ def plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     quiet_libraries()
+    import torch
+
     from inference.loading import resolve_base_model
-    from trainer.memory import (
-        cheapest_fix,
-        detected_gpu_memory,
-        detected_ram,
-        plan_training,
-        render,
-        verdict,
-    )
+    from trainer.memory import cheapest_fix, plan_training, planned_for, render, verdict
 
     base = resolve_base_model(cfg.model)
     gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    gpu = args.gpu_memory or cfg.memory.gpu_memory or detected_gpu_memory()
-    ram = args.ram or cfg.memory.ram or detected_ram()
+    gpu, ram = planned_for(cfg, "cuda" if torch.cuda.is_available() else "cpu", args.gpu_memory, args.ram)
     result = plan_training(cfg, base, gpus, gpu, ram)
     fix = None if result.fits() else cheapest_fix(cfg, base, gpus, gpu, ram)
     if args.json:

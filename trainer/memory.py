@@ -6,7 +6,7 @@ checkpoints: inference/architectures), counts every parameter exactly, and adds 
   processes under FSDP, or one block on the GPU under group offload;
 - LoRA parameters, gradients and optimizer state (float32; 8-bit states for adamw8bit);
 - activations: ACTIVATION coefficients, in units of (tokens x hidden x activation bytes) per block, measured on
-  CPU slices of the real widths by benchmarks/calibrate_memory.py and checked against a measured step in
+  CPU slices of the real widths (benchmarks/memory.py) and checked against a measured step in
   tests/test_memory.py;
 - the text encoder and VAE while the cache fills, each loaded only then and freed after.
 """
@@ -30,10 +30,10 @@ FRAGMENTATION = 1.05  # the caching allocator's blocks round up: plan 5 % above 
 PROCESS_RAM_GIB = 3.0  # Python, torch, CUDA libraries and the dataset in host RAM
 TEXT_TOKENS = 512  # the pipelines pad every prompt to 512 tokens, and the transformer attends to all of them
 VAE_PARAMS = 84_000_000  # when the VAE's config is not at hand (hub ids): FLUX.2's AutoencoderKLFlux2
-VAE_ACTIVATION = 12  # bytes of VAE activations per pixel per output channel at full resolution (no grad)
+VAE_ACTIVATIONS = 192  # activation values per pixel of a VAE encode or decode at full resolution (no grad)
 
 # Activations per token per block, in units of hidden x activation-bytes, measured on CPU at klein-4B's width
-# with bf16 autocast and a rank-16 LoRA (benchmarks/calibrate_memory.py prints them; the test re-measures).
+# with bf16 autocast and a rank-16 LoRA (benchmarks/memory.py compares them with a measured step at each real width).
 # saved: kept for backward without checkpointing; transient: the extra at the worst moment of backward;
 # recompute: one checkpointed block recomputed in backward (its saved tensors and transient together).
 ACTIVATION = {
@@ -104,7 +104,7 @@ class ModelShape:
     hidden: int
     double_blocks: int
     single_blocks: int
-    weight_bytes: dict[str, int]  # quantisation -> bytes at the compute dtype (filled per dtype by shape_of)
+    weight_bytes: dict[str, int]  # quantisation -> bytes of all weights (the rest at the compute dtype)
     largest_block: dict[str, int]  # quantisation -> bytes of the largest block
     largest_block_linear_full: int  # bytes of the largest block's Linear weights at the compute dtype
     linear_full: int  # bytes at the compute dtype of the Linear weights a backward pass reads
@@ -190,8 +190,17 @@ def train_step(shape: ModelShape, *, quantize: str, tokens: int, batch: int, act
              "activations": activation_bytes(shape, tokens, batch, act_bytes, checkpointing, targets),
              "dequantised weights": dequantized_copies(shape, quantize, checkpointing),
              "context": CUDA_CONTEXT_GIB * GIB if on_gpu else 0.0}
+    return Phase("train step", _device_bytes(parts, on_gpu), 0.0, parts)
+
+
+def _device_bytes(parts: dict[str, float], on_gpu: bool) -> float:
+    """A phase's GPU figure from its parts: the tensors with the allocator's slack, plus the CUDA context."""
     tensors = sum(v for k, v in parts.items() if k != "context")
-    return Phase("train step", tensors * (FRAGMENTATION if on_gpu else 1.0) + parts["context"], 0.0, parts)
+    return tensors * (FRAGMENTATION if on_gpu else 1.0) + (CUDA_CONTEXT_GIB * GIB if on_gpu else 0.0)
+
+
+def _vae_activations(pixels: int, act_bytes: int) -> float:
+    return pixels * VAE_ACTIVATIONS * act_bytes
 
 
 def image_tokens(resolution: int) -> int:
@@ -259,28 +268,27 @@ def plan_training(cfg, base, processes: int = 1, gpu_memory: float | None = None
     te_act = (te_layers + 8) * TEXT_TOKENS * te_hidden * act_bytes
     cache_on_gpu = cfg.cache.device != "cpu" and on_gpu
     te_ram = (_shard_bytes(base, "text_encoder") if cache_on_gpu else te_weights + te_act) + process_ram
-    text_gpu = (te_weights + te_act) * FRAGMENTATION + fixed if cache_on_gpu else fixed
-    pixels = max(cfg.train.resolutions) ** 2
     vae_weights = _cached(("vae", base.path), lambda: _vae_params(base)) * dtype_bytes
-    vae_act = pixels * 128 * VAE_ACTIVATION / 4 * act_bytes / 2
-    vae_gpu = (vae_weights + vae_act) * FRAGMENTATION + fixed if cache_on_gpu else fixed
+    vae_act = _vae_activations(max(cfg.train.resolutions) ** 2, act_bytes)
+    on_device = 1 if cache_on_gpu else 0  # a CPU cache puts nothing of the encoders on the GPU
+    text_parts = {"text encoder": te_weights * on_device, "activations": te_act * on_device}
+    vae_parts = {"vae": vae_weights * on_device, "activations": vae_act * on_device}
 
     phases = [
-        Phase("encode captions (text encoder)", text_gpu, te_ram,
-              {"text encoder": te_weights if cache_on_gpu else 0, "activations": te_act if cache_on_gpu else 0}),
-        Phase("encode images (VAE)", vae_gpu, process_ram + (vae_weights + vae_act if not cache_on_gpu else 0),
-              {"vae": vae_weights if cache_on_gpu else 0, "activations": vae_act if cache_on_gpu else 0}),
+        Phase("encode captions (text encoder)", _device_bytes(text_parts, on_gpu), te_ram, text_parts),
+        Phase("encode images (VAE)", _device_bytes(vae_parts, on_gpu),
+              process_ram + (0 if cache_on_gpu else vae_weights + vae_act), vae_parts),
         Phase("load transformer", (gpu_weights if on_gpu else 0) + fixed, process_ram + loading_ram,
               {"weights": gpu_weights}),
         Phase("train step", step.gpu, process_ram + ram_weights, step.parts),
     ]
     if cfg.sample.prompts and (cfg.sample.every or cfg.sample.before_after):
         side = max(cfg.train.resolutions)
-        decode = (cfg.sample.width or side) * (cfg.sample.height or side) * 128 * VAE_ACTIVATION / 4 * act_bytes / 2
+        decode = _vae_activations((cfg.sample.width or side) * (cfg.sample.height or side), act_bytes)
         sample_parts = {"weights": gpu_weights, "lora+grads+optimizer": trainable, "vae": vae_weights,
                         "decode": decode, "context": fixed}
-        sample_gpu = sum(v for k, v in sample_parts.items() if k != "context") * (FRAGMENTATION if on_gpu else 1) + fixed
-        phases.append(Phase("render samples", sample_gpu, process_ram + ram_weights, sample_parts))
+        phases.append(Phase("render samples", _device_bytes(sample_parts, on_gpu), process_ram + ram_weights,
+                            sample_parts))
     if processes > 1:  # rank 0 fills the cache alone; every rank loads and trains
         phases = [dataclasses.replace(p, ram=p.ram + (processes - 1) * process_ram if i < 2 else p.ram * processes)
                   for i, p in enumerate(phases)]
@@ -319,15 +327,22 @@ def memory_problem(cfg, base, processes: int, device_type: str) -> str | None:
     memory.gpu_memory) and the RAM (memory.ram, or this machine's); None when it fits or nothing is to check."""
     if not cfg.memory.check:
         return None
-    gpu = cfg.memory.gpu_memory or (detected_gpu_memory() if device_type == "cuda" else None)
+    gpu, ram = planned_for(cfg, device_type)
     if gpu is None:
         return None
-    ram = cfg.memory.ram or detected_ram()
     plan = plan_training(cfg, base, processes, gpu, ram)
     if plan.fits():
         return None
     return (f"memory: {verdict(plan, cheapest_fix(cfg, base, processes, gpu, ram))} (see `flux2-lora plan --config "
             "...`; memory.check=false or --skip-memory-check trains anyway)")
+
+
+def planned_for(cfg, device_type: str, gpu_memory: float | None = None,
+                ram: float | None = None) -> tuple[float | None, float]:
+    """(GiB of GPU, GiB of RAM) to plan for: the values given, else memory.gpu_memory / memory.ram, else what this
+    machine has (no GPU figure off CUDA)."""
+    gpu = gpu_memory or cfg.memory.gpu_memory or (detected_gpu_memory() if device_type == "cuda" else None)
+    return gpu, ram or cfg.memory.ram or detected_ram()
 
 
 def detected_gpu_memory() -> float | None:
