@@ -68,7 +68,8 @@ def quantize_problem(kind: Quantize, key: str, device_type: str) -> str | None:
     return None
 
 
-def _torchao_type(kind: Quantize):
+def torchao_type(kind: Quantize):
+    """torchao's weight-only config for int8 or fp8 (the loaders and the memory probe quantise with it)."""
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
     return Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
@@ -92,4 +93,4 @@ def _config(library: str, kind: Quantize, compute_dtype: torch.dtype, keep_full:
     if kind == "nf4":
         return module.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                          bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=list(keep_full))
-    return module.TorchAoConfig(_torchao_type(kind), modules_to_not_convert=list(keep_full))
+    return module.TorchAoConfig(torchao_type(kind), modules_to_not_convert=list(keep_full))

@@ -437,4 +437,3 @@ def _get(cfg, key: str):
 def _set(cfg, key: str, value) -> None:
     section, name = key.split(".")
     setattr(getattr(cfg, section), name, value)
-

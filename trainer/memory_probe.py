@@ -32,7 +32,7 @@ def measure_step(double: int, single: int, image_tokens: int, text_tokens: int, 
     from peft import LoraConfig
 
     from inference.loading import empty_transformer
-    from inference.quantize import TRANSFORMER_KEEP_FULL, _torchao_type, converted
+    from inference.quantize import TRANSFORMER_KEEP_FULL, converted, torchao_type
     from trainer.lora import PRESETS
 
     heads, joint = WIDTHS[width]
@@ -45,7 +45,7 @@ def measure_step(double: int, single: int, image_tokens: int, text_tokens: int, 
     if quantize != "none":
         from torchao.quantization import quantize_
 
-        quantize_(model, _torchao_type(quantize),
+        quantize_(model, torchao_type(quantize),
                   filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and converted(name, TRANSFORMER_KEEP_FULL))
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=PRESETS[targets]))
