@@ -1,6 +1,6 @@
 """How fast does each recipe variant learn the brand mark? Decide recipe choices by measurement.
 
-    python benchmarks/learning.py [--family klein] [--steps 160] [--every 40]
+    python benchmarks/learning.py [--family klein] [--steps 160] [--every 40] [--variant NAME ...]
 
 Trains the quickstart brand set on the pretrained tiny model with the default recipe and its variants (time
 shift dynamic / none / empirical, rank 4 / 16, with preservation), measures every checkpoint with
@@ -50,6 +50,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--every", type=int, default=40, help="checkpoint (and measure) every N steps")
     ap.add_argument("--out", default="benchmarks/results", help="folder for learning.png and learning.csv")
+    ap.add_argument("--variant", action="append", choices=[_slug(n) for n in VARIANTS],
+                    help="only these (repeat); default: all")
     args = ap.parse_args()
     quiet_libraries()
     rows = []
@@ -60,7 +62,9 @@ def main() -> int:
         gen = Generator(str(model))
         training = [Image.open(p) for p in sorted(data.glob("*.png"))]
         for name, overrides in VARIANTS.items():
-            out = root / name.split(" (")[0].replace(" ", "-")
+            if args.variant and _slug(name) not in args.variant:
+                continue
+            out = root / _slug(name)
             base = [f"model.path={model}", f"data.path={data}", "data.trigger=zxq", f"output.dir={out}",
                     f"cache.dir={root / 'cache'}", f"train.steps={args.steps}", "train.batch_size=2",
                     "train.resolution=64", "train.seed=42", "train.caption_dropout=0", "lora.rank=16", "lora.alpha=32",
@@ -73,14 +77,23 @@ def main() -> int:
                 learned = measure(gen, "probe", "zxq", training)
                 gen.remove_adapter("probe")
                 rows.append({"variant": name, "step": lora.step, "seconds": round(lora.step * per_step, 1),
-                             "delta_e": round(learned.lora.delta_e, 1), "to_training": round(learned.lora.to_training, 3),
-                             "iou": round(learned.lora.iou, 2),
-                             "leakage": round(learned.leakage, 3), "base_delta_e": round(learned.base.delta_e, 1)})
-                print(f"{name:34s} step {lora.step:4d} ({rows[-1]['seconds']:5.1f} s): ΔE {rows[-1]['delta_e']:5.1f} "
-                      f"(base {rows[-1]['base_delta_e']:5.1f})  to training {rows[-1]['to_training']:.3f}  IoU {rows[-1]['iou']:.2f}  leakage {rows[-1]['leakage']:.3f}",
-                      flush=True)
+                             "delta_e": round(learned.lora.delta_e, 1), "base_delta_e": round(learned.base.delta_e, 1),
+                             "mark_pixels": round(learned.lora.coverage, 4),
+                             "to_training": round(learned.lora.to_training, 3),
+                             "base_to_training": round(learned.base.to_training, 3),
+                             "iou": round(learned.lora.iou, 2), "leakage": round(learned.leakage, 3),
+                             "problems": len(learned.problems())})
+                r = rows[-1]
+                print(f"{name:34s} step {r['step']:4d} ({r['seconds']:5.1f} s): ΔE {r['delta_e']:5.1f} "
+                      f"(base {r['base_delta_e']:5.1f})  mark pixels {100 * r['mark_pixels']:.1f} %  "
+                      f"to training {r['to_training']:.3f} (base {r['base_to_training']:.3f})  IoU {r['iou']:.2f}  "
+                      f"leakage {r['leakage']:.3f}  problems {r['problems']}", flush=True)
     _write(Path(args.out), rows, args.family)
     return 0
+
+
+def _slug(variant: str) -> str:
+    return variant.split(" (")[0].replace(" ", "-")
 
 
 def _write(out: Path, rows: list[dict], family: str) -> None:

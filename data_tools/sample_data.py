@@ -27,8 +27,10 @@ def write_sample_data(out_dir: str | Path, count: int = 12, trigger: str = "zxq"
         for i in range(count):
             width, height = SIZES[i % len(SIZES)]
             background = BACKGROUNDS[i % len(BACKGROUNDS)]
-            r = rng.uniform(0.25, 0.36) * min(width, height)
-            cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
+            # a product-shot framing: the mark near the middle at about the same size, as a brand kit shows it
+            side = min(width, height)
+            r = rng.uniform(0.26, 0.33) * side
+            cx, cy = width / 2 + rng.uniform(-0.1, 0.1) * side, height / 2 + rng.uniform(-0.1, 0.1) * side
             image, _ = mark_scene(width, height, background, cx, cy, r)
             name = f"mark_{i:02d}"
             image.save(tmp / f"{name}.png")

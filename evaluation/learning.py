@@ -4,8 +4,9 @@ The brand set (data_tools/sample_data.py) shows a #E4572E ring with a bar on nam
 triggered prompts must come measurably closer to the training images (mean pixel distance to the nearest one)
 and to the mark's colour (CIEDE2000) than without it; how well the shape fits and how much untriggered prompts
 change are measured and reported. A flipped target also drifts towards the mark's colour (orange everywhere), but
-away from the training images: the two checks together tell learning from damage. Used by tests/test_learning.py (the end-to-end guard
-against a wrong target, sign or scale) and benchmarks/learning.py (recipe choices by measurement).
+away from the training images: the two checks together tell learning from damage. Used by tests/test_learning.py
+(the end-to-end guard against a wrong target, sign or scale) and benchmarks/learning.py (recipe choices by
+measurement).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ UNTRIGGERED = ("a blue square on a white background", "a yellow circle on a navy
                "a green triangle on a sand beige background")
 
 
-# Measured on the pretrained tiny models (klein 200-400 steps, dev 400, quickstart recipe): learning runs reach
-# 0.8-2 % mark-coloured pixels from ~0 and change untriggered prompts by 0.09-0.25; flipped targets leak 0.30-0.40.
+# Measured on the pretrained tiny models (quickstart recipe; see README, The tiny model): learning runs (klein
+# 200-400 steps, dev 400) reach 2.3-4.8 % mark-coloured pixels from 0, move 0.007-0.018 farther from (klein) or
+# 0.073 closer to (dev) the training images and change untriggered prompts by 0.09-0.20; a flipped target moves
+# 0.11 away and leaks 0.42.
 MIN_COVERAGE = 0.005
 MAX_LEAKAGE = 0.3
+MAX_DRIFT = 0.03  # how much farther from the training images the LoRA's images may be than the base's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,20 +74,21 @@ class Learning:
         if not (self.lora.coverage >= MIN_COVERAGE and self.lora.coverage >= 3 * self.base.coverage):
             out.append(f"no mark drawn: {100 * self.lora.coverage:.1f} % mark-coloured pixels with the LoRA, "
                        f"{100 * self.base.coverage:.1f} % without (needs {100 * MIN_COVERAGE:.1f} % and 3x)")
-        if not self.lora.to_training <= self.base.to_training + 0.02:
+        if not self.lora.to_training <= self.base.to_training + MAX_DRIFT:
             out.append(f"images moved away from the training images: {self.lora.to_training:.3f} from the nearest with "
-                       f"the LoRA, {self.base.to_training:.3f} without (allowed: 0.02 more)")
+                       f"the LoRA, {self.base.to_training:.3f} without (allowed: {MAX_DRIFT} more)")
         if not self.leakage <= MAX_LEAKAGE:
             out.append(f"leaks into untriggered prompts: they change by {self.leakage:.3f} (allowed {MAX_LEAKAGE})")
         return out
 
     def summary(self) -> str:
         """Every measure, including the fitted-shape IoU, which is reported but not required: the pretrained tiny
-        model draws soft blobs, so a crisp ring does not come out of it yet (see README, The tiny model)."""
+        model draws fragmentary shapes, so a crisp ring does not come out of it yet (see README, The tiny model)."""
         return (f"to training {self.base.to_training:.3f} -> {self.lora.to_training:.3f}, "
-                f"ΔE {self.base.delta_e:.1f} -> {self.lora.delta_e:.1f}, mark pixels {100 * self.base.coverage:.1f} % -> "
-                f"{100 * self.lora.coverage:.1f} %, closest pixels {self.base.colour_error:.0f} -> "
-                f"{self.lora.colour_error:.0f}, IoU {self.base.iou:.2f} -> {self.lora.iou:.2f}, leakage {self.leakage:.3f}")
+                f"ΔE {self.base.delta_e:.1f} -> {self.lora.delta_e:.1f}, "
+                f"mark pixels {100 * self.base.coverage:.1f} % -> {100 * self.lora.coverage:.1f} %, "
+                f"closest pixels {self.base.colour_error:.0f} -> {self.lora.colour_error:.0f}, "
+                f"IoU {self.base.iou:.2f} -> {self.lora.iou:.2f}, leakage {self.leakage:.3f}")
 
 
 def measure(generator, adapter: str, trigger: str, training, seeds: int = 2, size: int = 64, steps: int = 12,

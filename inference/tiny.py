@@ -72,14 +72,20 @@ def _train_bpe(special_tokens: list[str], vocab_size: int = 400):
 
 
 # transformer sizes: the random test model is the smallest that runs; the pretrained one has room to learn
-# colours, shapes and placement (4 heads, 2 + 2 blocks: ~0.4 M parameters)
+# colours, shapes and placement (2 + 2 blocks, 4 heads 32 wide: ~1.6 M parameters). Heads 32 wide give each RoPE
+# axis 4 frequencies (16 wide give 2, and tokens 6 apart look alike).
 ARCHITECTURES = {
-    "random": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2},
-    "pretrained": {"num_layers": 2, "num_single_layers": 2, "num_attention_heads": 4},
+    "random": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
+               "axes_dims_rope": (4, 4, 4, 4)},
+    "pretrained": {"num_layers": 2, "num_single_layers": 2, "num_attention_heads": 4, "attention_head_dim": 32,
+                   "axes_dims_rope": (8, 8, 8, 8)},
 }
+# The pretrained VAE downsamples 4x (three levels) instead of FLUX.2's 8x: a 64 px image is then 8 x 8 tokens and
+# the brand mark's ring and bar survive the latent (at 8x it is 2-3 tokens wide and comes back as a smudge).
+# The pipelines read the factor from block_out_channels; sides stay multiples of 16 as for the real model.
 VAE_ARCHITECTURES = {
     "random": {"block_out_channels": (8, 8, 16, 16), "norm_num_groups": 4},
-    "pretrained": {"block_out_channels": (16, 32, 32, 32), "norm_num_groups": 8},
+    "pretrained": {"block_out_channels": (16, 32, 32), "norm_num_groups": 8},
 }
 
 
@@ -90,10 +96,8 @@ def _tiny_transformer(guidance_embeds: bool, size: str):
         patch_size=1,
         in_channels=128,
         **ARCHITECTURES[size],
-        attention_head_dim=16,
         joint_attention_dim=3 * TEXT_HIDDEN,
         timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4),
         guidance_embeds=guidance_embeds,
     )
 
@@ -101,8 +105,11 @@ def _tiny_transformer(guidance_embeds: bool, size: str):
 def _tiny_vae(size: str):
     from diffusers import AutoencoderKLFlux2
 
+    levels = len(VAE_ARCHITECTURES[size]["block_out_channels"])
     vae = AutoencoderKLFlux2(
         **VAE_ARCHITECTURES[size],
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
         layers_per_block=1,
         latent_channels=32,
         sample_size=64,
