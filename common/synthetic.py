@@ -108,3 +108,14 @@ def mark_match(image: Image.Image, tolerance: float = 35.0) -> dict[str, float]:
         _, ideal = scene(image.width, image.height, MARK_SHAPE, "#000000", "#FFFFFF", cx, cy, r)
         result["iou"] = float((near & ideal).sum() / (near | ideal).sum())
     return result
+
+
+def colour_counts(pixels) -> dict[str, int]:
+    """How many pixels are nearest to each named colour (RGB distance), for the colours present, most first (the
+    first is the image's background); `pixels`: an array (..., 3) in 0-255."""
+    names = list(COLOURS)
+    table = np.array([hex_rgb(COLOURS[n]) for n in names], dtype=np.float32)
+    px = np.asarray(pixels, dtype=np.float32).reshape(-1, 3)
+    nearest = np.argmin(((px[:, None, :] - table[None]) ** 2).sum(-1), axis=1)
+    counts = np.bincount(nearest, minlength=len(names))
+    return {names[i]: int(counts[i]) for i in np.argsort(-counts, kind="stable") if counts[i]}

@@ -29,7 +29,7 @@ from tqdm import tqdm  # noqa: E402
 
 from common.atomic import atomic_path, write_text  # noqa: E402
 from common.errors import run_guarded  # noqa: E402
-from common.synthetic import COLOURS, SHAPES, hex_rgb, mark_scene, random_scene  # noqa: E402
+from common.synthetic import COLOURS, SHAPES, colour_counts, mark_scene, random_scene  # noqa: E402
 from inference import tiny  # noqa: E402
 from inference.conditioning import build_inputs, predict_velocity  # noqa: E402
 from inference.families import FAMILIES  # noqa: E402
@@ -193,7 +193,6 @@ def prompt_following(pipe, family, count: int, seed: int, sheet: Path) -> tuple[
     rng = random.Random(seed)
     pipe.set_progress_bar_config(disable=True)
     names = list(COLOURS)
-    table = np.array([hex_rgb(COLOURS[n]) for n in names], dtype=np.float32)
     bg_ok = fg_ok = 0
     images, prompts = [], []
     for _ in range(count):
@@ -203,13 +202,9 @@ def prompt_following(pipe, family, count: int, seed: int, sheet: Path) -> tuple[
                      generator=torch.Generator().manual_seed(rng.randrange(10**6))).images[0]
         images.append(image)
         prompts.append(prompt)
-        px = np.asarray(image, dtype=np.float32).reshape(-1, 3)
-        nearest = np.argmin(((px[:, None, :] - table[None]) ** 2).sum(-1), axis=1)
-        counts = np.bincount(nearest, minlength=len(names))
-        bg = counts.argmax()
-        counts[bg] = 0
-        bg_ok += names[bg] == background
-        fg_ok += names[counts.argmax()] == colour
+        present = list(colour_counts(np.asarray(image)))
+        bg_ok += present[0] == background
+        fg_ok += present[1:2] == [colour]  # the most common colour after the background
     grid = Image.new("RGB", (4 * 64, 4 * 64), "white")
     for i, image in enumerate(images[:16]):
         grid.paste(image, (i % 4 * 64, i // 4 * 64))
