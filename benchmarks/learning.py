@@ -1,12 +1,12 @@
 """How fast does each recipe variant learn the brand mark? Decide recipe choices by measurement.
 
-    python benchmarks/learning.py [--family klein] [--steps 160] [--every 40] [--variant NAME ...]
+    python benchmarks/learning.py [--family klein] [--steps 400] [--every 100] [--variant NAME ...]
 
-Trains the quickstart brand set on the pretrained tiny model with the default recipe and its variants (time
-shift dynamic / none / empirical, rank 4 / 16, with preservation), measures every checkpoint with
-evaluation/learning.py (CIEDE2000 to the mark's hex, fitted-shape IoU, leakage on untriggered prompts) and prints
-a table of ΔE against step and wall time; `learning.png` plots it. All variants run in one process, one after
-the other, so their times are comparable.
+Trains the quickstart brand set on the pretrained tiny model with the quickstart's recipe (configs/quickstart.yaml)
+and its variants (time shift empirical / dynamic / none, rank 16 / 4 / 32, with preservation), measures every
+checkpoint with evaluation/learning.py (CIEDE2000 to the mark's hex, fitted-shape IoU, leakage on untriggered
+prompts) and prints a table of ΔE against step and wall time; `learning.png` plots it. All variants run in one
+process, one after the other, so their times are comparable.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from inference.tiny import write_tiny_model  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.recipe import run  # noqa: E402
 
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 VARIANTS = {
-    "default (shift dynamic, rank 16)": [],
+    "quickstart (shift empirical, rank 16)": [],
+    "shift dynamic": ["flow.shift=dynamic"],
     "shift none": ["flow.shift=none"],
-    "shift empirical": ["flow.shift=empirical"],
     "rank 4": ["lora.rank=4", "lora.alpha=8"],
     "rank 32": ["lora.rank=32", "lora.alpha=64"],
     "preservation": ["regularization.preserve=true", "regularization.class_prompt=a logo"],
@@ -47,8 +48,8 @@ VARIANTS = {
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=list(FAMILIES), default="klein")
-    ap.add_argument("--steps", type=int, default=160)
-    ap.add_argument("--every", type=int, default=40, help="checkpoint (and measure) every N steps")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--every", type=int, default=100, help="checkpoint (and measure) every N steps")
     ap.add_argument("--out", default="benchmarks/results", help="folder for learning.png and learning.csv")
     ap.add_argument("--variant", action="append", choices=[_slug(n) for n in VARIANTS],
                     help="only these (repeat); default: all")
@@ -65,12 +66,11 @@ def main() -> int:
             if args.variant and _slug(name) not in args.variant:
                 continue
             out = root / _slug(name)
-            base = [f"model.path={model}", f"data.path={data}", "data.trigger=zxq", f"output.dir={out}",
-                    f"cache.dir={root / 'cache'}", f"train.steps={args.steps}", "train.batch_size=2",
-                    "train.resolution=64", "train.seed=42", "train.caption_dropout=0", "lora.rank=16", "lora.alpha=32",
-                    "optim.lr=3e-3", f"checkpoint.every={args.every}", "checkpoint.keep_last=100"]
+            base = [f"model.path={model}", f"model.family={args.family}", f"data.path={data}", f"output.dir={out}",
+                    f"cache.dir={root / 'cache'}", f"train.steps={args.steps}", f"checkpoint.every={args.every}",
+                    "checkpoint.keep_last=100", "sample.prompts=[]", "sample.every=0"]
             started = time.perf_counter()
-            run(load_config(None, base + overrides), show_progress=False)
+            run(load_config(QUICKSTART, base + overrides), show_progress=False)
             per_step = (time.perf_counter() - started) / args.steps
             for lora in run_loras(out):
                 gen.add_adapter(lora.path, name="probe")

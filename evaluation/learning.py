@@ -1,12 +1,12 @@
 """Did a LoRA learn the quickstart's brand mark? Measured on the pretrained tiny model's synthetic world.
 
 The brand set (data_tools/sample_data.py) shows a #E4572E ring with a bar on named backgrounds. With the LoRA,
-triggered prompts must come measurably closer to the training images (mean pixel distance to the nearest one)
-and to the mark's colour (CIEDE2000) than without it; how well the shape fits and how much untriggered prompts
-change are measured and reported. A flipped target also drifts towards the mark's colour (orange everywhere), but
-away from the training images: the two checks together tell learning from damage. Used by tests/test_learning.py
-(the end-to-end guard against a wrong target, sign or scale) and benchmarks/learning.py (recipe choices by
-measurement).
+triggered prompts must come clearly closer to the mark's colour (CIEDE2000) than without it, show mark-coloured
+pixels laid out like the mark (IoU with a fitted ring with a bar), and stay about as close to the training images
+(mean pixel distance to the nearest one); untriggered prompts must stay near the base. A flipped target also
+drifts towards the mark's colour, but away from the training images and into every prompt: the checks together
+tell learning from damage. Used by tests/test_learning.py (the end-to-end guard against a wrong target, sign or
+scale) and benchmarks/learning.py (recipe choices by measurement).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ UNTRIGGERED = ("a blue square on a white background", "a yellow circle on a navy
                "a green triangle on a sand beige background")
 
 
-# Measured on the pretrained tiny models (quickstart recipe; see README, The tiny model): learning runs (klein
-# 200-400 steps, dev 400) reach 2.3-4.8 % mark-coloured pixels from 0, move 0.007-0.018 farther from (klein) or
-# 0.073 closer to (dev) the training images and change untriggered prompts by 0.09-0.20; a flipped target moves
-# 0.11 away and leaks 0.42.
+# Measured on the pretrained tiny models with the quickstart's recipe (README, The tiny model): learning runs
+# (klein and dev, 200-400 steps) reach 1.4-3.4 % mark-coloured pixels from 0, fitted-ring IoU 0.08-0.16 from 0,
+# end 0.007 farther from (klein) or 0.024 closer to (dev) the training images and change untriggered prompts by
+# 0.06-0.16; a flipped target moves 0.05-0.12 away and leaks 0.40-0.45.
 MIN_COVERAGE = 0.005
+MIN_IOU = 0.04
 MAX_LEAKAGE = 0.3
 MAX_DRIFT = 0.03  # how much farther from the training images the LoRA's images may be than the base's
 
@@ -65,8 +66,9 @@ class Learning:
     def problems(self) -> list[str]:
         """Why this does not count as learning the mark (empty when it does). With the LoRA, triggered images must
         come clearly closer to #E4572E (CIEDE2000), show mark-coloured pixels where the base shows (almost) none,
-        and not move away from the training images; untriggered prompts must stay near the base. A flipped target
-        also turns images orange, but it drags them away from the training images and leaks into every prompt."""
+        laid out like a ring with a bar, and not move away from the training images; untriggered prompts must stay
+        near the base. A flipped target also turns images orange, but it drags them away from the training images
+        and leaks into every prompt."""
         out = []
         if not self.lora.delta_e < self.base.delta_e - 5.0:
             out.append(f"mark colour not learned: ΔE {self.lora.delta_e:.1f} with the LoRA, {self.base.delta_e:.1f} "
@@ -74,6 +76,9 @@ class Learning:
         if not (self.lora.coverage >= MIN_COVERAGE and self.lora.coverage >= 3 * self.base.coverage):
             out.append(f"no mark drawn: {100 * self.lora.coverage:.1f} % mark-coloured pixels with the LoRA, "
                        f"{100 * self.base.coverage:.1f} % without (needs {100 * MIN_COVERAGE:.1f} % and 3x)")
+        if not self.lora.iou >= MIN_IOU:
+            out.append(f"mark shape not drawn: a fitted ring with a bar overlaps the mark-coloured pixels by IoU "
+                       f"{self.lora.iou:.2f} with the LoRA (needs {MIN_IOU})")
         if not self.lora.to_training <= self.base.to_training + MAX_DRIFT:
             out.append(f"images moved away from the training images: {self.lora.to_training:.3f} from the nearest with "
                        f"the LoRA, {self.base.to_training:.3f} without (allowed: {MAX_DRIFT} more)")
@@ -82,8 +87,6 @@ class Learning:
         return out
 
     def summary(self) -> str:
-        """Every measure, including the fitted-shape IoU, which is reported but not required: the pretrained tiny
-        model draws fragmentary shapes, so a crisp ring does not come out of it yet (see README, The tiny model)."""
         return (f"to training {self.base.to_training:.3f} -> {self.lora.to_training:.3f}, "
                 f"ΔE {self.base.delta_e:.1f} -> {self.lora.delta_e:.1f}, "
                 f"mark pixels {100 * self.base.coverage:.1f} % -> {100 * self.lora.coverage:.1f} %, "
