@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 
 from common.commands import quiet_libraries  # noqa: E402
 from data_tools.sample_data import write_sample_data  # noqa: E402
-from evaluation.learning import measure  # noqa: E402
+from evaluation.learning import QUICKSTART, measure, quickstart_overrides  # noqa: E402
 from inference.families import FAMILIES  # noqa: E402
 from inference.generate import Generator  # noqa: E402
 from inference.runs import run_loras  # noqa: E402
@@ -34,7 +34,6 @@ from inference.tiny import write_tiny_model  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.recipe import run  # noqa: E402
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 VARIANTS = {
     "quickstart (shift empirical, rank 16)": [],
     "shift dynamic": ["flow.shift=dynamic"],
@@ -66,9 +65,8 @@ def main() -> int:
             if args.variant and _slug(name) not in args.variant:
                 continue
             out = root / _slug(name)
-            base = [f"model.path={model}", f"model.family={args.family}", f"data.path={data}", f"output.dir={out}",
-                    f"cache.dir={root / 'cache'}", f"train.steps={args.steps}", f"checkpoint.every={args.every}",
-                    "checkpoint.keep_last=100", "sample.prompts=[]", "sample.every=0"]
+            base = [*quickstart_overrides(model, args.family, data, out, root / "cache"), f"train.steps={args.steps}",
+                    f"checkpoint.every={args.every}", "checkpoint.keep_last=100"]
             started = time.perf_counter()
             run(load_config(QUICKSTART, base + overrides), show_progress=False)
             per_step = (time.perf_counter() - started) / args.steps

@@ -12,11 +12,22 @@ scale) and benchmarks/learning.py (recipe choices by measurement).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
 from common.synthetic import MARK_HEX, mark_match
 from evaluation.metrics import colour_delta_e
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def quickstart_overrides(model, family: str, data, out, cache) -> list[str]:
+    """Dotted overrides that run configs/quickstart.yaml (its recipe and steps) on `model` and `data` into `out`,
+    without its sample grids: the run the learning guard and the learning benchmark measure."""
+    return [f"model.path={model}", f"model.family={family}", f"data.path={data}", f"output.dir={out}",
+            f"cache.dir={cache}", "sample.prompts=[]", "sample.every=0"]
+
 
 # backgrounds the brand set has (white, navy blue) and ones it never shows (pink, teal)
 TRIGGERED = ("{trigger} logo on a white background", "{trigger} logo on a navy blue background",

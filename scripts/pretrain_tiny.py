@@ -144,8 +144,8 @@ def pretrain_transformer(pipe, family, steps: int, long_steps: int, batch: int, 
     transformer.train()
     # Pretraining matches the pipelines' own sampling schedule (empirical, e^mu = 6.6 at 64 tokens and 12 steps): 8 of
     # its 12 steps sit above sigma 0.8, where FLUX.1's dynamic shift puts 17 % of training. After 1,200 steps
-    # klein drew 68 % of the asked backgrounds with it, 18 % with dynamic. (LoRA training keeps dynamic, the shift
-    # real FLUX.2 was trained with.)
+    # klein drew 68 % of the asked backgrounds with it, 18 % with dynamic. (The quickstart's LoRA trains on it too;
+    # LoRAs on real FLUX.2 keep the default, dynamic, the shift it was trained with.)
     flow = FlowConfig(shift=shift, shift_reference_steps=SAMPLE_STEPS)
     opt = torch.optim.AdamW(transformer.parameters(), lr=LR, weight_decay=0.01)
     total = steps + long_steps

@@ -4,13 +4,11 @@ A wrong loss target, a flipped sign, a LoRA scale that never reaches the forward
 mismatch between training and inference all pass the shape-level tests; none of them passes these.
 """
 
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
 import trainer.step
-from evaluation.learning import measure
+from evaluation.learning import QUICKSTART, measure, quickstart_overrides
 from inference.generate import Generator
 from trainer.config import load_config
 from trainer.recipe import run
@@ -24,13 +22,9 @@ def brand_set(tmp_path_factory):
     return write_sample_data(tmp_path_factory.mktemp("brand") / "set", count=12)
 
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-
-
 def _train_and_measure(model, family, data, out, cache, *more, scale=1.0):
     """The quickstart's run (configs/quickstart.yaml: recipe and steps), on `model`, without its sample grids."""
-    overrides = [f"model.path={model}", f"model.family={family}", f"data.path={data}", f"output.dir={out}",
-                 f"cache.dir={cache}", "checkpoint.every=0", "sample.prompts=[]", "sample.every=0", *more]
+    overrides = [*quickstart_overrides(model, family, data, out, cache), "checkpoint.every=0", *more]
     result = run(load_config(QUICKSTART, overrides), show_progress=False)
     gen = Generator(str(model))
     gen.add_adapter(result.lora_path, name="mark")
