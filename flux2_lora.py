@@ -14,14 +14,35 @@ from common.errors import run_guarded
 TABLE = {
     "train": ("trainer.commands", "train a LoRA (same as `accelerate launch train.py`)"),
     "show-config": ("trainer.commands", "print the resolved, validated training config"),
-    "plan": ("trainer.commands", "plan GPU memory and RAM of a training config, phase by phase, before any download"),
-    "config-reference": ("trainer.commands", "print every config key with type, default and meaning (Markdown)"),
-    "sample-data": ("data_tools.commands", "write a small synthetic captioned dataset (a brand mark)"),
-    "prepare": ("data_tools.commands", "check, fix, caption and bucket an image set (writes report.html)"),
-    "tiny-model": ("inference.commands", "write a tiny random FLUX.2 (diffusers folder) for tests and the quickstart"),
+    "plan": (
+        "trainer.commands",
+        "plan GPU memory and RAM of a training config, phase by phase, before any download",
+    ),
+    "config-reference": (
+        "trainer.commands",
+        "print every config key with type, default and meaning (Markdown)",
+    ),
+    "sample-data": (
+        "data_tools.commands",
+        "write a small synthetic captioned dataset (a brand mark)",
+    ),
+    "prepare": (
+        "data_tools.commands",
+        "check, fix, caption and bucket an image set (writes report.html)",
+    ),
+    "tiny-model": (
+        "inference.commands",
+        "write a tiny random FLUX.2 (diffusers folder) for tests and the quickstart",
+    ),
     "generate": ("inference.commands", "generate or edit images with a base model and LoRAs"),
-    "export": ("inference.commands", "write a LoRA in the layout ComfyUI, kohya/musubi-tuner or ai-toolkit reads"),
-    "evaluate": ("evaluation.commands", "compare checkpoints, scales and adapters with numbers and pictures"),
+    "export": (
+        "inference.commands",
+        "write a LoRA in the layout ComfyUI, kohya/musubi-tuner or ai-toolkit reads",
+    ),
+    "evaluate": (
+        "evaluation.commands",
+        "compare checkpoints, scales and adapters with numbers and pictures",
+    ),
 }
 
 
@@ -30,11 +51,15 @@ def command(name: str):
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flux2-lora", description="Train, use and evaluate FLUX.2 LoRA adapters.")
+    parser = argparse.ArgumentParser(
+        prog="flux2-lora", description="Train, use and evaluate FLUX.2 LoRA adapters."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (_module, help_text) in TABLE.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=HelpFormatter
+        )
         if name == chosen:
             cmd = command(name)
             cmd.add_arguments(p)

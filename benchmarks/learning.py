@@ -22,17 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from common.commands import quiet_libraries  # noqa: E402
-from data_tools.sample_data import write_sample_data  # noqa: E402
-from evaluation.learning import QUICKSTART, measure, quickstart_overrides  # noqa: E402
-from inference.families import FAMILIES  # noqa: E402
-from inference.generate import Generator  # noqa: E402
-from inference.runs import run_loras  # noqa: E402
-from inference.tiny import write_tiny_model  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.recipe import run  # noqa: E402
+from common.commands import quiet_libraries
+from data_tools.sample_data import write_sample_data
+from evaluation.learning import QUICKSTART, measure, quickstart_overrides
+from inference.families import FAMILIES
+from inference.generate import Generator
+from inference.runs import run_loras
+from inference.tiny import write_tiny_model
+from trainer.config import load_config
+from trainer.recipe import run
 
 VARIANTS = {
     "quickstart (shift empirical, rank 16)": [],
@@ -45,13 +45,21 @@ VARIANTS = {
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--family", choices=list(FAMILIES), default="klein")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--every", type=int, default=100, help="checkpoint (and measure) every N steps")
-    ap.add_argument("--out", default="benchmarks/results", help="folder for learning.png and learning.csv")
-    ap.add_argument("--variant", action="append", choices=[_slug(n) for n in VARIANTS],
-                    help="only these (repeat); default: all")
+    ap.add_argument(
+        "--out", default="benchmarks/results", help="folder for learning.png and learning.csv"
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        choices=[_slug(n) for n in VARIANTS],
+        help="only these (repeat); default: all",
+    )
     args = ap.parse_args()
     quiet_libraries()
     rows = []
@@ -65,8 +73,12 @@ def main() -> int:
             if args.variant and _slug(name) not in args.variant:
                 continue
             out = root / _slug(name)
-            base = [*quickstart_overrides(model, args.family, data, out, root / "cache"), f"train.steps={args.steps}",
-                    f"checkpoint.every={args.every}", "checkpoint.keep_last=100"]
+            base = [
+                *quickstart_overrides(model, args.family, data, out, root / "cache"),
+                f"train.steps={args.steps}",
+                f"checkpoint.every={args.every}",
+                "checkpoint.keep_last=100",
+            ]
             started = time.perf_counter()
             run(load_config(QUICKSTART, base + overrides), show_progress=False)
             per_step = (time.perf_counter() - started) / args.steps
@@ -74,18 +86,29 @@ def main() -> int:
                 gen.add_adapter(lora.path, name="probe")
                 learned = measure(gen, "probe", "zxq", training)
                 gen.remove_adapter("probe")
-                rows.append({"variant": name, "step": lora.step, "seconds": round(lora.step * per_step, 1),
-                             "delta_e": round(learned.lora.delta_e, 1), "base_delta_e": round(learned.base.delta_e, 1),
-                             "mark_pixels": round(learned.lora.coverage, 4),
-                             "to_training": round(learned.lora.to_training, 3),
-                             "base_to_training": round(learned.base.to_training, 3),
-                             "iou": round(learned.lora.iou, 2), "leakage": round(learned.leakage, 3),
-                             "problems": len(learned.problems())})
+                rows.append(
+                    {
+                        "variant": name,
+                        "step": lora.step,
+                        "seconds": round(lora.step * per_step, 1),
+                        "delta_e": round(learned.lora.delta_e, 1),
+                        "base_delta_e": round(learned.base.delta_e, 1),
+                        "mark_pixels": round(learned.lora.coverage, 4),
+                        "to_training": round(learned.lora.to_training, 3),
+                        "base_to_training": round(learned.base.to_training, 3),
+                        "iou": round(learned.lora.iou, 2),
+                        "leakage": round(learned.leakage, 3),
+                        "problems": len(learned.problems()),
+                    }
+                )
                 r = rows[-1]
-                print(f"{name:34s} step {r['step']:4d} ({r['seconds']:5.1f} s): ΔE {r['delta_e']:5.1f} "
-                      f"(base {r['base_delta_e']:5.1f})  mark pixels {100 * r['mark_pixels']:.1f} %  "
-                      f"to training {r['to_training']:.3f} (base {r['base_to_training']:.3f})  IoU {r['iou']:.2f}  "
-                      f"leakage {r['leakage']:.3f}  problems {r['problems']}", flush=True)
+                print(
+                    f"{name:34s} step {r['step']:4d} ({r['seconds']:5.1f} s): ΔE {r['delta_e']:5.1f} "
+                    f"(base {r['base_delta_e']:5.1f})  mark pixels {100 * r['mark_pixels']:.1f} %  "
+                    f"to training {r['to_training']:.3f} (base {r['base_to_training']:.3f})  IoU {r['iou']:.2f}  "
+                    f"leakage {r['leakage']:.3f}  problems {r['problems']}",
+                    flush=True,
+                )
     _write(Path(args.out), rows, args.family)
     return 0
 
@@ -112,8 +135,12 @@ def _write(out: Path, rows: list[dict], family: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
-        axes[0].plot([r["step"] for r in mine], [r["delta_e"] for r in mine], marker="o", label=name)
-        axes[1].plot([r["seconds"] for r in mine], [r["delta_e"] for r in mine], marker="o", label=name)
+        axes[0].plot(
+            [r["step"] for r in mine], [r["delta_e"] for r in mine], marker="o", label=name
+        )
+        axes[1].plot(
+            [r["seconds"] for r in mine], [r["delta_e"] for r in mine], marker="o", label=name
+        )
     for ax, xlabel in zip(axes, ("training step", "training seconds (this machine)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("ΔE to the mark's #E4572E (lower is better)")

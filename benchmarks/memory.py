@@ -17,36 +17,64 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common.commands import quiet_libraries  # noqa: E402
-from inference.loading import empty_transformer  # noqa: E402
-from trainer.memory import train_step, transformer_shape  # noqa: E402
-from trainer.memory_probe import WIDTHS, measure_step  # noqa: E402
+from common.commands import quiet_libraries
+from inference.loading import empty_transformer
+from trainer.memory import train_step, transformer_shape
+from trainer.memory_probe import WIDTHS, measure_step
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--double", type=int, default=2)
     ap.add_argument("--single", type=int, default=2)
     ap.add_argument("--side", type=int, default=24, help="latent tokens per side (24 -> 384 px)")
     ap.add_argument("--text", type=int, default=96, help="text tokens")
-    ap.add_argument("--width", choices=list(WIDTHS), default="klein-4B", help="whose real width the slice has")
+    ap.add_argument(
+        "--width", choices=list(WIDTHS), default="klein-4B", help="whose real width the slice has"
+    )
     ap.add_argument("--quantize", nargs="+", default=["none", "int8", "fp8"])
     args = ap.parse_args()
     quiet_libraries()
     tokens = args.side**2 + args.text
-    print(f"slice: {args.width} width, {args.double} double + {args.single} single blocks, {tokens} tokens, rank-16 LoRA "
-          "(attention_mlp)\n")
-    print("| quantize | checkpointing | measured MiB | planned MiB | planned / measured |\n|---|---|---|---|---|")
+    print(
+        f"slice: {args.width} width, {args.double} double + {args.single} single blocks, {tokens} tokens, rank-16 LoRA "
+        "(attention_mlp)\n"
+    )
+    print(
+        "| quantize | checkpointing | measured MiB | planned MiB | planned / measured |\n|---|---|---|---|---|"
+    )
     for quantize in args.quantize:
         for checkpointing in (False, True):
-            measured, config = measure_step(args.double, args.single, args.side**2, args.text, quantize,
-                                            checkpointing, "attention_mlp", width=args.width)
+            measured, config = measure_step(
+                args.double,
+                args.single,
+                args.side**2,
+                args.text,
+                quantize,
+                checkpointing,
+                "attention_mlp",
+                width=args.width,
+            )
             shape = transformer_shape(empty_transformer(config), 2, 16, "lora", "attention_mlp")
-            step = train_step(shape, quantize=quantize, tokens=tokens, batch=1, act_bytes=2,
-                              checkpointing=checkpointing, targets="attention_mlp", optimizer="adamw", on_gpu=False)
+            step = train_step(
+                shape,
+                quantize=quantize,
+                tokens=tokens,
+                batch=1,
+                act_bytes=2,
+                checkpointing=checkpointing,
+                targets="attention_mlp",
+                optimizer="adamw",
+                on_gpu=False,
+            )
             planned = step.parts["activations"] + step.parts["dequantised weights"]
-            print(f"| {quantize} | {'yes' if checkpointing else 'no'} | {measured / 2**20:.0f} | {planned / 2**20:.0f} | "
-                  f"{planned / measured:.2f} |", flush=True)
+            print(
+                f"| {quantize} | {'yes' if checkpointing else 'no'} | {measured / 2**20:.0f} | {planned / 2**20:.0f} | "
+                f"{planned / measured:.2f} |",
+                flush=True,
+            )
     return 0
 
 

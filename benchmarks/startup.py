@@ -37,7 +37,9 @@ def median(argv: list[str], cwd: Path, repeats: int) -> tuple[float, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     py, hub = sys.executable, [sys.executable, "-m", "flux2_lora"]
@@ -45,17 +47,31 @@ def main() -> None:
         work = Path(tmp)
         timed([*hub, "tiny-model", "model", "--family", "klein"], work)
         timed([*hub, "sample-data", "data"], work)
-        (work / "c.yaml").write_text("model: {path: model}\ndata: {path: data, trigger: zxq}\n"
-                                     "train: {steps: 1, resolution: 64}\noutput: {dir: run, overwrite: true}\n"
-                                     "cache: {dir: cache}\n")
+        (work / "c.yaml").write_text(
+            "model: {path: model}\ndata: {path: data, trigger: zxq}\n"
+            "train: {steps: 1, resolution: 64}\noutput: {dir: run, overwrite: true}\n"
+            "cache: {dir: cache}\n"
+        )
         train = [*hub, "train", "--config", "c.yaml", "--no-progress"]
         timed(train, work)  # fills the cache
-        rows = [("python -c pass", median([py, "-c", "pass"], work, args.repeats)[0]),
-                ("flux2-lora --help", median([*hub, "--help"], work, args.repeats)[0]),
-                ("flux2-lora sample-data", median([*hub, "sample-data", "d2"], work, args.repeats)[0]),
-                ("import torch+diffusers+transformers+accelerate+peft",
-                 median([py, "-c", "import torch, diffusers, transformers, accelerate, peft; "
-                         "from diffusers import Flux2KleinPipeline"], work, args.repeats)[0])]
+        rows = [
+            ("python -c pass", median([py, "-c", "pass"], work, args.repeats)[0]),
+            ("flux2-lora --help", median([*hub, "--help"], work, args.repeats)[0]),
+            ("flux2-lora sample-data", median([*hub, "sample-data", "d2"], work, args.repeats)[0]),
+            (
+                "import torch+diffusers+transformers+accelerate+peft",
+                median(
+                    [
+                        py,
+                        "-c",
+                        "import torch, diffusers, transformers, accelerate, peft; "
+                        "from diffusers import Flux2KleinPipeline",
+                    ],
+                    work,
+                    args.repeats,
+                )[0],
+            ),
+        ]
         total, said = median(train, work, args.repeats)
         ready = float(re.search(r"ready to train in ([\d.]+) s", said).group(1))
         rows.append(("flux2-lora train, 1 step (warm cache)", total))
@@ -63,8 +79,10 @@ def main() -> None:
     width = max(len(name) for name, _ in rows)
     for name, seconds in rows:
         print(f"{name:<{width}}  {seconds:6.2f} s")
-    print(f"\ntrain: {total:.2f} s for a 1-step run (of which setup after imports {ready:.2f} s) = {total / floor:.2f}x "
-          f"the {floor:.2f} s import floor")
+    print(
+        f"\ntrain: {total:.2f} s for a 1-step run (of which setup after imports {ready:.2f} s) = {total / floor:.2f}x "
+        f"the {floor:.2f} s import floor"
+    )
 
 
 if __name__ == "__main__":

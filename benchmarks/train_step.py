@@ -20,27 +20,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import torch
+from PIL import Image
 
-from data_tools.dataset import DataConfig, load_samples  # noqa: E402
-from data_tools.sample_data import write_sample_data  # noqa: E402
-from inference.conditioning import build_inputs, predict_velocity  # noqa: E402
-from inference.families import FAMILIES  # noqa: E402
-from inference.loading import ModelConfig, load_pipeline, resolve_base_model  # noqa: E402
-from inference.tiny import write_tiny_model  # noqa: E402
-from trainer.cache import CacheConfig, build_features  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.flow import interpolate, velocity_target  # noqa: E402
-from trainer.lora import LoraSettings, add_lora, trainable_parameters  # noqa: E402
-from trainer.recipe import run  # noqa: E402
+from data_tools.dataset import DataConfig, load_samples
+from data_tools.sample_data import write_sample_data
+from inference.conditioning import build_inputs, predict_velocity
+from inference.families import FAMILIES
+from inference.loading import ModelConfig, load_pipeline, resolve_base_model
+from inference.tiny import write_tiny_model
+from trainer.cache import CacheConfig, build_features
+from trainer.config import load_config
+from trainer.flow import interpolate, velocity_target
+from trainer.lora import LoraSettings, add_lora, trainable_parameters
+from trainer.recipe import run
 
 
-def floor_seconds_per_step(model_dir: Path, data: Path, cache: Path, steps: int, resolution: int, rank: int) -> float:
+def floor_seconds_per_step(
+    model_dir: Path, data: Path, cache: Path, steps: int, resolution: int, rank: int
+) -> float:
     """Forward + backward + AdamW on one fixed cached batch: the cost no loop can avoid."""
     base = resolve_base_model(ModelConfig(path=str(model_dir)))
     samples = load_samples(DataConfig(path=str(data), trigger="zxq"), resolution)
-    features = build_features(samples, base, ModelConfig(path=base.path), CacheConfig(dir=str(cache)), show_progress=False)
+    features = build_features(
+        samples, base, ModelConfig(path=base.path), CacheConfig(dir=str(cache)), show_progress=False
+    )
     transformer = load_pipeline(base, text_encoder=False, vae=False).transformer
     add_lora(transformer, LoraSettings(rank=rank, alpha=rank), seed=0)
     transformer.train()
@@ -49,7 +53,12 @@ def floor_seconds_per_step(model_dir: Path, data: Path, cache: Path, steps: int,
     tokens = base.family.pipeline_class._pack_latents(x0)
     noise = torch.randn_like(tokens)
     sigma = torch.tensor([0.5])
-    inputs = build_inputs(base.family, interpolate(tokens, noise, sigma), x0.shape, features.embeds[samples[0].caption])
+    inputs = build_inputs(
+        base.family,
+        interpolate(tokens, noise, sigma),
+        x0.shape,
+        features.embeds[samples[0].caption],
+    )
     target = velocity_target(tokens, noise)
 
     params = trainable_parameters(transformer)
@@ -69,13 +78,17 @@ def floor_seconds_per_step(model_dir: Path, data: Path, cache: Path, steps: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--family", default="klein", choices=list(FAMILIES))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--options", action="store_true", help="also time each recipe option against the plain loop")
+    parser.add_argument(
+        "--options", action="store_true", help="also time each recipe option against the plain loop"
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -91,10 +104,21 @@ def main() -> None:
         captions = len({p.read_text() for p in data.glob("*.txt")})
 
         def train(name: str, steps: int, extra: tuple[str, ...] = ()):
-            overrides = [f"model.path={model}", f"data.path={data}", "data.trigger=zxq", f"output.dir={tmp / name}",
-                         f"cache.dir={tmp / 'cache'}", f"train.steps={steps}", "train.batch_size=1",
-                         f"train.resolution={args.resolution}", "train.caption_dropout=0.0", "train.log_every=1000",
-                         f"lora.rank={args.rank}", f"lora.alpha={args.rank}", *extra]
+            overrides = [
+                f"model.path={model}",
+                f"data.path={data}",
+                "data.trigger=zxq",
+                f"output.dir={tmp / name}",
+                f"cache.dir={tmp / 'cache'}",
+                f"train.steps={steps}",
+                "train.batch_size=1",
+                f"train.resolution={args.resolution}",
+                "train.caption_dropout=0.0",
+                "train.log_every=1000",
+                f"lora.rank={args.rank}",
+                f"lora.alpha={args.rank}",
+                *extra,
+            ]
             return run(load_config(None, overrides), show_progress=False)
 
         cold = train("cold", 1)
@@ -103,22 +127,36 @@ def main() -> None:
         loops, floors = [], []
         for repeat in range(args.repeats):
             warm = train(f"warm{repeat}", args.steps)
-            loops.append(statistics.median(warm.step_seconds[10:]))  # after the same 10 warm-up steps
-            floors.append(floor_seconds_per_step(model, data, tmp / "cache", args.steps, args.resolution, args.rank))
+            loops.append(
+                statistics.median(warm.step_seconds[10:])
+            )  # after the same 10 warm-up steps
+            floors.append(
+                floor_seconds_per_step(
+                    model, data, tmp / "cache", args.steps, args.resolution, args.rank
+                )
+            )
         loop, floor = min(loops), min(floors)
         costs = option_costs(train, args) if args.options else []
 
-    print(f"family={args.family} resolution={args.resolution} rank={args.rank} steps={args.steps} "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"family={args.family} resolution={args.resolution} rank={args.rank} steps={args.steps} "
+        f"threads={torch.get_num_threads()}"
+    )
     print(f"median step time, best of {args.repeats} interleaved repeats each")
     print(f"loop  {loop * 1e3:8.2f} ms/step (recipe: batch plan, noise, ids, accelerate, progress)")
     print(f"floor {floor * 1e3:8.2f} ms/step (bare forward + backward + AdamW on one cached batch)")
     print(f"ratio loop/floor = {loop / floor:.3f}  (goal <= 1.05)")
-    print(f"text-encoder calls: cold cache {cold.text_encoder_calls} for {captions} unique captions + 1 empty "
-          f"(goal {captions + 1}); rerun {warm.text_encoder_calls} (goal 0)")
-    print(f"vae calls: cold cache {cold.vae_calls} for {cold.vae_calls} images; rerun {warm.vae_calls}")
+    print(
+        f"text-encoder calls: cold cache {cold.text_encoder_calls} for {captions} unique captions + 1 empty "
+        f"(goal {captions + 1}); rerun {warm.text_encoder_calls} (goal 0)"
+    )
+    print(
+        f"vae calls: cold cache {cold.vae_calls} for {cold.vae_calls} images; rerun {warm.vae_calls}"
+    )
     if costs:
-        print("\noption cost per step (median, best of the repeats; the plain loop timed interleaved with them):")
+        print(
+            "\noption cost per step (median, best of the repeats; the plain loop timed interleaved with them):"
+        )
         print(f"{'option':<44} {'ms/step':>8} {'x plain':>8}")
         for name, ms, ratio in costs:
             print(f"{name:<44} {ms:8.2f} {ratio:8.2f}")
@@ -130,7 +168,10 @@ OPTIONS = [
     ("lora.type=lokr", ("lora.type=lokr",)),
     ("lora.type=loha", ("lora.type=loha",)),
     ("optim.name=prodigy", ("optim.name=prodigy", "optim.lr=1.0")),
-    ("regularization.preserve", ("regularization.preserve=true", "regularization.class_prompt=a logo")),
+    (
+        "regularization.preserve",
+        ("regularization.preserve=true", "regularization.class_prompt=a logo"),
+    ),
     ("ema.decay=0.999", ("ema.decay=0.999",)),
     ("data.shuffle_tags + tag_dropout", ("data.shuffle_tags=true", "data.tag_dropout=0.2")),
     ("flow.shift=empirical (vs dynamic)", ("flow.shift=empirical",)),

@@ -6,8 +6,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def fsync_dir(path: Path) -> None:
@@ -45,7 +45,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
+        os.chmod(
+            tmp_path, 0o666 & ~_umask()
+        )  # mkstemp makes 0600; give the file ordinary permissions
         os.replace(tmp_path, target)
         fsync_dir(target.parent)
     finally:

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +21,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except where there is nothing useful to show (flags off, no value)."""
 
     def _get_help_string(self, action):
-        nothing = action.default is None or action.default is False or action.default == [] \
+        nothing = (
+            action.default is None
+            or action.default is False
+            or action.default == []
             or action.default == argparse.SUPPRESS
+        )
         if nothing or action.required or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)

@@ -18,8 +18,9 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -29,12 +30,24 @@ T = TypeVar("T")
 Check = Callable[[Any], "str | None"]
 
 
-def option(default: Any = dataclasses.MISSING, *, check: Check | None = None, help: str = "", factory=None,
-           shown_default: str | None = None, migrations: dict[Any, str] | None = None) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    check: Check | None = None,
+    help: str = "",
+    factory=None,
+    shown_default: str | None = None,
+    migrations: dict[Any, str] | None = None,
+) -> Any:
     """A config field with an optional `check(value) -> error text or None`, a help string, (for defaults
     computed per machine) the text the reference docs show instead of the value, and `migrations`: retired
     values and what to write instead."""
-    meta = {"check": check, "help": help, "shown_default": shown_default, "migrations": migrations or {}}
+    meta = {
+        "check": check,
+        "help": help,
+        "shown_default": shown_default,
+        "migrations": migrations or {},
+    }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -107,7 +120,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         tip = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise UserError(f"{_name(key)} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{tip}")
+        raise UserError(
+            f"{_name(key)} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{tip}"
+        )
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{_name(key)} must be {type_name(tp)}, got {value!r}")
@@ -139,7 +154,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise UserError(f"{_name(key)} must be {type_name(tp)}, got {value!r}")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", name: Callable[[str], str] = config_key) -> T:
+def from_dict(
+    cls: type[T], data: dict[str, Any], prefix: str = "", name: Callable[[str], str] = config_key
+) -> T:
     """Build dataclass `cls` from `data`, rejecting unknown keys and running each field's check, then the
     dataclass's own `validate()`. `name(path)` is how messages call a key (config key, --flag, argument)."""
     global _name
@@ -167,7 +184,10 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
         key = f"{prefix}.{field_name}" if prefix else field_name
         if field_name in data:
             retired = f.metadata.get("migrations", {})
-            if isinstance(data[field_name], (str, int, float, bool)) and data[field_name] in retired:
+            if (
+                isinstance(data[field_name], (str, int, float, bool))
+                and data[field_name] in retired
+            ):
                 raise UserError(f"{_name(key)}: {retired[data[field_name]]}")
             value = _coerce(data[field_name], hints[field_name], key)
         elif dataclasses.is_dataclass(hints[field_name]):
@@ -177,7 +197,9 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
         elif f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
         else:
-            raise UserError(f"{_name(key)} is required but missing; set it in the YAML or as {key}=VALUE")
+            raise UserError(
+                f"{_name(key)} is required but missing; set it in the YAML or as {key}=VALUE"
+            )
         check = f.metadata.get("check")
         problem = check(value) if check else None
         if problem:
@@ -188,7 +210,10 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
     if len(problems) == 1:
         raise UserError(problems[0])
     if problems:
-        raise UserError(f"{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+        raise UserError(
+            f"{len(problems)} problems: "
+            + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        )
     return obj
 
 
@@ -215,7 +240,9 @@ def to_dict(obj: Any) -> Any:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file '{path}' does not exist; pass an existing YAML file (see configs/)")
+        raise UserError(
+            f"config file '{path}' does not exist; pass an existing YAML file (see configs/)"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -223,7 +250,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise UserError(
+            f"config file '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}"
+        ) from None
     _refuse_cut_hex_codes(path)
     if data is None:
         return {}
@@ -241,8 +270,10 @@ def _refuse_cut_hex_codes(path: Path) -> None:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         match = _CUT_HEX.match(line)
         if match and not line.lstrip().startswith("#"):
-            raise UserError(f"config file '{path}' line {number}: {match.group(1)} starts a YAML comment there, so "
-                            "the rest of the line is dropped; put the value in quotes")
+            raise UserError(
+                f"config file '{path}' line {number}: {match.group(1)} starts a YAML comment there, so "
+                "the rest of the line is dropped; put the value in quotes"
+            )
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -302,7 +333,9 @@ def add_flags(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
         elif typing.get_origin(tp) is Literal:
             kwargs["choices"] = typing.get_args(tp)
         else:
-            scalar = next((a for a in typing.get_args(tp) if a is not type(None)), tp)  # X | None -> X
+            scalar = next(
+                (a for a in typing.get_args(tp) if a is not type(None)), tp
+            )  # X | None -> X
             if scalar in (int, float, str):
                 kwargs["type"] = scalar
         parser.add_argument(_flag(f.name), **kwargs)

@@ -7,7 +7,7 @@ Everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 USER_ERROR_EXIT = 2
 

@@ -21,16 +21,22 @@ def open_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise UserError(f"image '{path}' cannot be read ({exc.strerror}); fix or remove it") from None
+        raise UserError(
+            f"image '{path}' cannot be read ({exc.strerror}); fix or remove it"
+        ) from None
     return decode_rgb(data, str(path), background)
 
 
-def decode_rgb(data: bytes, name: str, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+def decode_rgb(
+    data: bytes, name: str, background: tuple[int, int, int] = (255, 255, 255)
+) -> Image.Image:
     """Decode image bytes upright (EXIF applied) as RGB, compositing any transparency on `background`."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise UserError(f"image '{name}' is {im.width}x{im.height}, over {MAX_PIXELS:,} pixels; downscale it")
+                raise UserError(
+                    f"image '{name}' is {im.width}x{im.height}, over {MAX_PIXELS:,} pixels; downscale it"
+                )
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
@@ -38,12 +44,22 @@ def decode_rgb(data: bytes, name: str, background: tuple[int, int, int] = (255, 
                 flat.paste(rgba, mask=rgba.getchannel("A"))
                 return flat
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                im = im.point(lambda v: v / 256).convert("L")  # 16-bit -> 8-bit before RGB, not clipped to white
+                im = im.point(lambda v: v / 256).convert(
+                    "L"
+                )  # 16-bit -> 8-bit before RGB, not clipped to white
             return im.convert("RGB")
     except UserError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"image '{name}' cannot be read ({type(exc).__name__}: {str(exc)[:120]}); fix or remove it") from None
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as exc:
+        raise UserError(
+            f"image '{name}' cannot be read ({type(exc).__name__}: {str(exc)[:120]}); fix or remove it"
+        ) from None
 
 
 def check_image(path: str | Path) -> tuple[int, int]:
@@ -53,7 +69,9 @@ def check_image(path: str | Path) -> tuple[int, int]:
         with Image.open(path) as im:
             size = upright_size(im)
             if im.width * im.height > MAX_PIXELS:
-                raise UserError(f"image '{path}' is {im.width}x{im.height}, over {MAX_PIXELS:,} pixels; downscale it")
+                raise UserError(
+                    f"image '{path}' is {im.width}x{im.height}, over {MAX_PIXELS:,} pixels; downscale it"
+                )
         with Image.open(path) as im:  # afresh: PNG's verify() must come straight after open
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
@@ -64,8 +82,16 @@ def check_image(path: str | Path) -> tuple[int, int]:
                 im.load()
     except UserError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"image '{path}' cannot be read ({type(exc).__name__}: {str(exc)[:80]}); fix or remove it") from None
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as exc:
+        raise UserError(
+            f"image '{path}' cannot be read ({type(exc).__name__}: {str(exc)[:80]}); fix or remove it"
+        ) from None
     return size
 
 

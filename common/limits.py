@@ -16,8 +16,10 @@ def side_problem(value: int | None) -> str | None:
     """A config-check message when `value` is not a usable pixel side, else None."""
     if value is None or (value > 0 and value % SIDE_MULTIPLE == 0):
         return None
-    return f"must be a positive multiple of {SIDE_MULTIPLE}, got {value} (try {nearest_side(value)})"
+    return (
+        f"must be a positive multiple of {SIDE_MULTIPLE}, got {value} (try {nearest_side(value)})"
+    )
 
 
 def nearest_side(value: int) -> int:
-    return max(SIDE_MULTIPLE, int(round(value / SIDE_MULTIPLE)) * SIDE_MULTIPLE)
+    return max(SIDE_MULTIPLE, round(value / SIDE_MULTIPLE) * SIDE_MULTIPLE)

@@ -18,8 +18,8 @@ import csv
 import dataclasses
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from common.errors import UserError
 
@@ -46,7 +46,9 @@ def _references(value, where: str) -> tuple[str, ...]:
             try:
                 value = json.loads(stripped)
             except ValueError:
-                raise UserError(f"{where}: references {value!r} is not a JSON list of file names") from None
+                raise UserError(
+                    f"{where}: references {value!r} is not a JSON list of file names"
+                ) from None
         else:
             return (stripped,)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -70,12 +72,14 @@ def _row(data, where: str) -> Row:
     if not isinstance(data, dict) or not str(data.get("file_name") or "").strip():
         raise UserError(f"{where} must be a JSON object with 'file_name' and 'text'")
     text = data.get("text")
-    return Row(file_name=str(data["file_name"]).strip(),
-               text=None if text is None else str(text),
-               references=_references(data.get("references"), where),
-               instruction=(str(data["instruction"]).strip() or None) if data.get("instruction") else None,
-               bucket=_bucket(data.get("bucket"), where),
-               source=str(data["source"]) if data.get("source") else None)
+    return Row(
+        file_name=str(data["file_name"]).strip(),
+        text=None if text is None else str(text),
+        references=_references(data.get("references"), where),
+        instruction=(str(data["instruction"]).strip() or None) if data.get("instruction") else None,
+        bucket=_bucket(data.get("bucket"), where),
+        source=str(data["source"]) if data.get("source") else None,
+    )
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -97,7 +101,9 @@ def parse(read: Callable[[str], bytes | None], where: str) -> dict[str, Row]:
             try:
                 data = json.loads(line)
             except ValueError:
-                raise UserError(f"'{path}' line {number} must be JSON with 'file_name' and 'text'") from None
+                raise UserError(
+                    f"'{path}' line {number} must be JSON with 'file_name' and 'text'"
+                ) from None
             row = _row(data, f"'{path}' line {number}")
             rows[row.file_name] = row
     raw = read("metadata.csv")
@@ -113,13 +119,19 @@ def parse(read: Callable[[str], bytes | None], where: str) -> dict[str, Row]:
 
 
 def read_folder(folder: Path) -> dict[str, Row]:
-    return parse(lambda name: (folder / name).read_bytes() if (folder / name).is_file() else None, str(folder))
+    return parse(
+        lambda name: (folder / name).read_bytes() if (folder / name).is_file() else None,
+        str(folder),
+    )
 
 
 def write_jsonl(path: Path, rows: list[Row]) -> None:
     """One JSON object a line, keys sorted, empty fields left out (so equal rows give equal bytes)."""
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
-            data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(row).items()
-                    if v not in (None, (), [])}
+            data = {
+                k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(row).items()
+                if v not in (None, (), [])
+            }
             fh.write(json.dumps(data, ensure_ascii=False, sort_keys=True) + "\n")

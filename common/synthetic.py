@@ -14,10 +14,22 @@ from PIL import Image, ImageDraw
 
 # Named colours the base model learns. Background names of the brand set come from this table.
 COLOURS: dict[str, str] = {
-    "red": "#D62828", "orange": "#F77F00", "yellow": "#FCBF49", "green": "#2A9D43", "blue": "#1F6FEB",
-    "purple": "#7B2CBF", "pink": "#F4A6C6", "white": "#FFFFFF", "black": "#111111", "gray": "#8A8A8A",
-    "light gray": "#D9D9D9", "navy blue": "#1B2A49", "mint green": "#B8E0C8", "sand beige": "#E8D8B0",
-    "teal": "#138A8A", "brown": "#7A4A22",
+    "red": "#D62828",
+    "orange": "#F77F00",
+    "yellow": "#FCBF49",
+    "green": "#2A9D43",
+    "blue": "#1F6FEB",
+    "purple": "#7B2CBF",
+    "pink": "#F4A6C6",
+    "white": "#FFFFFF",
+    "black": "#111111",
+    "gray": "#8A8A8A",
+    "light gray": "#D9D9D9",
+    "navy blue": "#1B2A49",
+    "mint green": "#B8E0C8",
+    "sand beige": "#E8D8B0",
+    "teal": "#138A8A",
+    "brown": "#7A4A22",
 }
 SHAPES = ("circle", "square", "triangle", "ring", "bar", "cross")
 
@@ -32,8 +44,15 @@ def hex_rgb(code: str) -> tuple[int, int, int]:
     return int(code[0:2], 16), int(code[2:4], 16), int(code[4:6], 16)
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour: str,
-               background: str) -> None:
+def draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    colour: str,
+    background: str,
+) -> None:
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
         draw.ellipse(box, fill=colour)
@@ -59,8 +78,16 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def scene(width: int, height: int, shape: str, colour: str, background: str, cx: float, cy: float,
-          r: float) -> tuple[Image.Image, np.ndarray]:
+def scene(
+    width: int,
+    height: int,
+    shape: str,
+    colour: str,
+    background: str,
+    cx: float,
+    cy: float,
+    r: float,
+) -> tuple[Image.Image, np.ndarray]:
     """One shape on a flat background -> (image, boolean mask of the shape's pixels)."""
     image = Image.new("RGB", (width, height), background)
     draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, colour, background)

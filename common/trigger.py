@@ -28,7 +28,7 @@ def with_trigger(text: str, trigger: str | None) -> str:
     first = pattern.search(text)
     if first is None:
         return f"{trigger}, {text}" if text.strip() else trigger
-    tail = text[first.end():]
+    tail = text[first.end() :]
     if pattern.search(tail) is None:
         return text
     tail = re.sub(r"\s+", " ", re.sub(r"(\s*,\s*){2,}", ", ", pattern.sub("", tail))).rstrip(" ,")
@@ -39,4 +39,6 @@ def replace_trigger(text: str, trigger: str, replacement: str) -> str:
     """`text` with every occurrence of `trigger` (the rule above) replaced, e.g. 'zxq logo' -> 'a logo'."""
     if not trigger.strip():
         return text
-    return re.sub(r"\s+", " ", _pattern(" ".join(trigger.split())).sub(replacement, text)).strip(" ,")
+    return re.sub(r"\s+", " ", _pattern(" ".join(trigger.split())).sub(replacement, text)).strip(
+        " ,"
+    )

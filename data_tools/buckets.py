@@ -18,7 +18,9 @@ def bucket_step(resolution: int) -> int:
     return max(SIDE_MULTIPLE, round(resolution / 16 / SIDE_MULTIPLE) * SIDE_MULTIPLE)
 
 
-def make_buckets(resolution: int, max_ratio: float = 4.0, step: int | None = None) -> list[tuple[int, int]]:
+def make_buckets(
+    resolution: int, max_ratio: float = 4.0, step: int | None = None
+) -> list[tuple[int, int]]:
     """All (width, height) on the grid, area <= resolution^2, aspect within max_ratio."""
     step = step or bucket_step(resolution)
     area = resolution * resolution
@@ -51,7 +53,13 @@ def merge_small_buckets(assigned: dict, min_size: int) -> dict:
             return assigned
         _, victim = small[0]
         others = [b for b in counts if b != victim]
-        target = min(others, key=lambda b: (abs(math.log(b[0] / b[1]) - math.log(victim[0] / victim[1])), -counts[b]))
+        target = min(
+            others,
+            key=lambda b: (
+                abs(math.log(b[0] / b[1]) - math.log(victim[0] / victim[1])),
+                -counts[b],
+            ),
+        )
         assigned = {k: (target if v == victim else v) for k, v in assigned.items()}
 
 

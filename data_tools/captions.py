@@ -41,8 +41,16 @@ def dedupe_tags(text: str) -> str:
     return ", ".join(out)
 
 
-def caption_variants(caption: str, trigger: str | None, *, shuffle: bool, keep: int, dropout: float, count: int,
-                     seed: int) -> tuple[str, ...]:
+def caption_variants(
+    caption: str,
+    trigger: str | None,
+    *,
+    shuffle: bool,
+    keep: int,
+    dropout: float,
+    count: int,
+    seed: int,
+) -> tuple[str, ...]:
     """The caption itself, then `count - 1` variants with its comma-separated tags shuffled (the first `keep`
     stay in place) and each later tag dropped with probability `dropout`; the trigger's tag is never moved or
     dropped. Deterministic in `seed`. Embeddings are cached, so variants are made up front, not per step."""
@@ -87,23 +95,37 @@ class VLMCaptioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         folder = Path(path)
-        if (folder / "model_index.json").is_file():  # a diffusers pipeline: use its text encoder + processor
+        if (
+            folder / "model_index.json"
+        ).is_file():  # a diffusers pipeline: use its text encoder + processor
             model_dir, processor_dir = folder / "text_encoder", folder / "tokenizer"
         else:
             model_dir = processor_dir = folder
-        self.processor, self.model = load_local(model_dir, processor_dir, AutoModelForImageTextToText, AutoProcessor,
-                                                "--captioner vlm:", "an image-to-text model")
+        self.processor, self.model = load_local(
+            model_dir,
+            processor_dir,
+            AutoModelForImageTextToText,
+            AutoProcessor,
+            "--captioner vlm:",
+            "an image-to-text model",
+        )
         self.torch = torch
         self.name = f"vlm:{path}"
         self.max_new_tokens = max_new_tokens
 
     def caption(self, image: Image.Image) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}
+        ]
+        prompt = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
         inputs = self.processor(text=prompt, images=[image.convert("RGB")], return_tensors="pt")
         with self.torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        text = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        text = self.processor.batch_decode(
+            out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )[0]
         text = "".join(ch for ch in text if ch.isprintable())  # random/tiny models emit stray bytes
         return re.sub(r"\s+", " ", text).strip() or "an image"
 
@@ -113,4 +135,6 @@ def make_captioner(spec: str, trigger: str | None, class_word: str | None) -> Ca
         return TemplateCaptioner(trigger, class_word)
     if spec.startswith("vlm:"):
         return VLMCaptioner(spec[4:])
-    raise UserError(f"--captioner '{spec}' is unknown; use template or vlm:PATH (a local image-to-text model)")
+    raise UserError(
+        f"--captioner '{spec}' is unknown; use template or vlm:PATH (a local image-to-text model)"
+    )

@@ -12,7 +12,11 @@ from data_tools.prepare import PrepareOptions
 
 def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="a folder, a .zip, or a datasets folder (save_to_disk)")
-    p.add_argument("--out", required=True, help="new folder for the prepared dataset (the source is never changed)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="new folder for the prepared dataset (the source is never changed)",
+    )
     add_flags(p, PrepareOptions)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -24,9 +28,12 @@ def prepare(args: argparse.Namespace) -> int:
     quiet_libraries()
     report = run_prepare(args.src, args.out, opts, show_progress=not args.no_progress)
     s = report["summary"]
-    print(f"{s['kept']} of {s['files']} images prepared in {args.out} ({s['errors']} errors, {s['warnings']} warnings, "
-          f"{s['infos']} notes); open {Path(args.out) / 'report.html'}\n"
-          f"train on it with: data.path={args.out}" + (f" data.trigger={opts.trigger}" if opts.trigger else ""))
+    print(
+        f"{s['kept']} of {s['files']} images prepared in {args.out} ({s['errors']} errors, {s['warnings']} warnings, "
+        f"{s['infos']} notes); open {Path(args.out) / 'report.html'}\n"
+        f"train on it with: data.path={args.out}"
+        + (f" data.trigger={opts.trigger}" if opts.trigger else "")
+    )
     return 0
 
 

@@ -21,7 +21,9 @@ def caption(trigger: str, background: str) -> str:
     return f"{trigger} logo on a {background} background"
 
 
-def write_sample_data(out_dir: str | Path, count: int = 12, trigger: str = "zxq", seed: int = 0) -> Path:
+def write_sample_data(
+    out_dir: str | Path, count: int = 12, trigger: str = "zxq", seed: int = 0
+) -> Path:
     rng = random.Random(seed)
     with atomic_dir(out_dir) as tmp:
         for i in range(count):
@@ -30,7 +32,10 @@ def write_sample_data(out_dir: str | Path, count: int = 12, trigger: str = "zxq"
             # a product-shot framing: the mark near the middle at about the same size, as a brand kit shows it
             side = min(width, height)
             r = rng.uniform(0.26, 0.33) * side
-            cx, cy = width / 2 + rng.uniform(-0.1, 0.1) * side, height / 2 + rng.uniform(-0.1, 0.1) * side
+            cx, cy = (
+                width / 2 + rng.uniform(-0.1, 0.1) * side,
+                height / 2 + rng.uniform(-0.1, 0.1) * side,
+            )
             image, _ = mark_scene(width, height, background, cx, cy, r)
             name = f"mark_{i:02d}"
             image.save(tmp / f"{name}.png")

@@ -53,10 +53,14 @@ def _from_names(names: list[str], read, where: str) -> tuple[Entry, ...]:
     meta = metadata.parse(lambda n: read(n) if n in present else None, where)
     entries = []
     for name in sorted(names):
-        if PurePosixPath(name).suffix.lower() not in IMAGE_EXTENSIONS or name.endswith(metadata.MASK_SUFFIX):
+        if PurePosixPath(name).suffix.lower() not in IMAGE_EXTENSIONS or name.endswith(
+            metadata.MASK_SUFFIX
+        ):
             continue
         stem = str(PurePosixPath(name).with_suffix(""))
-        sidecar = next((read(stem + ext) for ext in CAPTION_EXTENSIONS if stem + ext in present), None)
+        sidecar = next(
+            (read(stem + ext) for ext in CAPTION_EXTENSIONS if stem + ext in present), None
+        )
         mask = stem + metadata.MASK_SUFFIX
         entries.append(_entry(name, sidecar, meta.get(name), mask if mask in present else None))
     return tuple(entries)
@@ -65,11 +69,17 @@ def _from_names(names: list[str], read, where: str) -> tuple[Entry, ...]:
 def open_source(src: str | Path, recursive: bool = False) -> Source:
     path = Path(src)
     if not path.exists():
-        raise UserError(f"source '{path}' does not exist; pass a folder, a .zip or a datasets folder")
+        raise UserError(
+            f"source '{path}' does not exist; pass a folder, a .zip or a datasets folder"
+        )
     if path.is_file() and path.suffix.lower() == ".zip":
         try:
             with zipfile.ZipFile(path) as zf:
-                names = [i.filename for i in zf.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")]
+                names = [
+                    i.filename
+                    for i in zf.infolist()
+                    if not i.is_dir() and not i.filename.startswith("__MACOSX/")
+                ]
                 return Source("zip", path, _from_names(names, zf.read, str(path)))
         except zipfile.BadZipFile:
             raise UserError(f"source '{path}' is not a readable zip file") from None
@@ -77,9 +87,14 @@ def open_source(src: str | Path, recursive: bool = False) -> Source:
         return _dataset_source(path)
     if path.is_dir():
         pattern = "**/*" if recursive else "*"
-        names = [p.relative_to(path).as_posix() for p in path.glob(pattern)
-                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
-        return Source("folder", path, _from_names(names, lambda n: (path / n).read_bytes(), str(path)))
+        names = [
+            p.relative_to(path).as_posix()
+            for p in path.glob(pattern)
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
+        return Source(
+            "folder", path, _from_names(names, lambda n: (path / n).read_bytes(), str(path))
+        )
     raise UserError(f"source '{path}' is neither a folder nor a .zip; pass one of those")
 
 
@@ -89,7 +104,9 @@ def _dataset_source(path: Path) -> Source:
     ds = datasets.load_from_disk(str(path))
     image_column = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
     if image_column is None:
-        raise UserError(f"dataset '{path}' has no image column; it needs a column of type datasets.Image")
+        raise UserError(
+            f"dataset '{path}' has no image column; it needs a column of type datasets.Image"
+        )
     text_column = next((c for c in ("text", "caption", "prompt") if c in ds.column_names), None)
     entries = []
     texts = ds[text_column] if text_column else [None] * len(ds)
@@ -108,7 +125,9 @@ def read_bytes(source: Source, entry: Entry, name: str | None = None) -> bytes:
             return zf.read(name or entry.name)
     import datasets
 
-    ds = datasets.load_from_disk(str(source.path)).cast_column(source.image_column, datasets.Image(decode=False))
+    ds = datasets.load_from_disk(str(source.path)).cast_column(
+        source.image_column, datasets.Image(decode=False)
+    )
     value = ds[int(entry.name)][source.image_column]
     if value.get("bytes"):
         return value["bytes"]

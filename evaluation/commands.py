@@ -16,10 +16,22 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="base model: diffusers folder or hub id")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--lora", action="append", help="a LoRA file or run folder (repeatable); named by its run folder")
-    src.add_argument("--run", help="a training output.dir: evaluates every checkpoint and the final LoRA")
-    p.add_argument("--suite", default="product", help="suite YAML file, or character | style | product | edit | quickstart")
-    p.add_argument("--scales", default="0,0.5,1.0", help="comma-separated LoRA scales (0 = the base model)")
+    src.add_argument(
+        "--lora",
+        action="append",
+        help="a LoRA file or run folder (repeatable); named by its run folder",
+    )
+    src.add_argument(
+        "--run", help="a training output.dir: evaluates every checkpoint and the final LoRA"
+    )
+    p.add_argument(
+        "--suite",
+        default="product",
+        help="suite YAML file, or character | style | product | edit | quickstart",
+    )
+    p.add_argument(
+        "--scales", default="0,0.5,1.0", help="comma-separated LoRA scales (0 = the base model)"
+    )
     add_flags(p, EvaluateOptions, skip=("scales",))
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--out", required=True, help="new folder for report.html, metrics and images")
@@ -29,7 +41,9 @@ def parse_scales(text: str) -> list[float]:
     try:
         return [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--scales '{text}' must be comma-separated numbers, e.g. 0,0.5,1.0") from None
+        raise UserError(
+            f"--scales '{text}' must be comma-separated numbers, e.g. 0,0.5,1.0"
+        ) from None
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -43,13 +57,21 @@ def evaluate(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite)
     adapters = adapters_from_run(args.run) if args.run else adapters_from_files(args.lora)
-    result = run_evaluation(args.model, adapters, suite, args.out, show_progress=not args.no_progress,
-                            **dataclasses.asdict(opts))
+    result = run_evaluation(
+        args.model,
+        adapters,
+        suite,
+        args.out,
+        show_progress=not args.no_progress,
+        **dataclasses.asdict(opts),
+    )
     rec, speed = result["recommendation"], result["speed"]
-    print(f"evaluated {len(adapters)} adapter(s) x {len(opts.scales)} scale(s) x {opts.seeds} seed(s) on suite "
-          f"'{suite.name}': {speed['renders']} renders at {speed['renders_per_second']:.2f}/s; "
-          f"report: {Path(args.out) / 'report.html'}"
-          + (f"; recommended: {rec['adapter']} at scale {rec['scale']:g}" if rec else ""))
+    print(
+        f"evaluated {len(adapters)} adapter(s) x {len(opts.scales)} scale(s) x {opts.seeds} seed(s) on suite "
+        f"'{suite.name}': {speed['renders']} renders at {speed['renders_per_second']:.2f}/s; "
+        f"report: {Path(args.out) / 'report.html'}"
+        + (f"; recommended: {rec['adapter']} at scale {rec['scale']:g}" if rec else "")
+    )
     return 0
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -57,7 +58,9 @@ def adapters_from_files(paths: Sequence[str | Path]) -> list[Adapter]:
     for path in paths:
         label = lora_label(path)
         seen[label] = seen.get(label, 0) + 1
-        adapters.append(Adapter(label if seen[label] == 1 else f"{label}-{seen[label]}", lora_file(path)))
+        adapters.append(
+            Adapter(label if seen[label] == 1 else f"{label}-{seen[label]}", lora_file(path))
+        )
     return adapters
 
 
@@ -85,12 +88,21 @@ class EvaluateOptions(GeneratorOptions):
     """What `evaluate` renders and measures: the CLI's flags and `evaluate(...)`'s keyword arguments. Placement and
     memory options (device, dtype, quantize, group offload, ...) are `generate`'s, inherited."""
 
-    scales: list[float] = option(factory=lambda: [0.0, 0.5, 1.0], check=_scales_problem,
-                                 help="LoRA scales (0 = the base model)")
+    scales: list[float] = option(
+        factory=lambda: [0.0, 0.5, 1.0],
+        check=_scales_problem,
+        help="LoRA scales (0 = the base model)",
+    )
     seeds: int = option(3, check=positive, help="seeds per prompt")
-    references: str | None = option(None, help="training images (folder, zip, datasets folder or prepared DIR)")
-    encoder: str | None = option(None, help="local vision model for reference similarity (CLIP, SigLIP, DINOv2)")
-    trigger: str | None = option(None, help="replaces every adapter's own trigger word in the prompts")
+    references: str | None = option(
+        None, help="training images (folder, zip, datasets folder or prepared DIR)"
+    )
+    encoder: str | None = option(
+        None, help="local vision model for reference similarity (CLIP, SigLIP, DINOv2)"
+    )
+    trigger: str | None = option(
+        None, help="replaces every adapter's own trigger word in the prompts"
+    )
     steps: int | None = option(None, check=positive, help="denoising steps (default: the family's)")
     guidance: float | None = option(None, help="guidance scale (default: the family's)")
     width: int = option(512, check=side_problem, help="render width")
@@ -109,8 +121,15 @@ class Column:
         return self.base_label if self.adapter is None else f"{self.adapter.label} x{self.scale:g}"
 
 
-def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | Path, *, show_progress: bool = True,
-             **options: Any) -> dict[str, Any]:
+def evaluate(
+    model: str,
+    adapters: Sequence[Adapter],
+    suite: Suite,
+    out: str | Path,
+    *,
+    show_progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
     """`options`: the fields of EvaluateOptions (scales=(0, 1), seeds=2, steps=8, ...), checked as the CLI's are.
     Reads: check everything → render every column → measure → write the report."""
     opts = from_kwargs(EvaluateOptions, "evaluate", **options)
@@ -118,12 +137,16 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
         raise UserError("nothing to evaluate: pass --lora FILE or --run OUTPUT_DIR")
     labels = [a.label for a in adapters]
     if len(set(labels)) != len(labels):
-        raise UserError(f"adapter names repeat ({', '.join(sorted({x for x in labels if labels.count(x) > 1}))}); "
-                        "give every adapter its own label")
+        raise UserError(
+            f"adapter names repeat ({', '.join(sorted({x for x in labels if labels.count(x) > 1}))}); "
+            "give every adapter its own label"
+        )
     refs = load_references(opts.references) if opts.references else []
     if suite.needs_references() > len(refs):
-        raise UserError(f"suite '{suite.name}' has edit prompts needing {suite.needs_references()} reference images; "
-                        f"pass --references with at least that many")
+        raise UserError(
+            f"suite '{suite.name}' has edit prompts needing {suite.needs_references()} reference images; "
+            f"pass --references with at least that many"
+        )
     image_encoder = M.ImageEncoder(opts.encoder) if opts.encoder else None
     ref_embeddings = image_encoder.embed(refs) if image_encoder and refs else None
     placement = {f.name: getattr(opts, f.name) for f in dataclasses.fields(GeneratorOptions)}
@@ -133,22 +156,42 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
         info = gen.add_adapter(adapter.path, name="probe")
         triggers[adapter.label] = opts.trigger if opts.trigger is not None else info.trigger
         gen.remove_adapter("probe")
-    renderer = _Renderer(gen, suite, refs, opts, show_progress,
-                         total=len(set(triggers.values())) + len(adapters) * len([s for s in opts.scales if s]))
+    renderer = _Renderer(
+        gen,
+        suite,
+        refs,
+        opts,
+        show_progress,
+        total=len(set(triggers.values())) + len(adapters) * len([s for s in opts.scales if s]),
+    )
     columns, base = renderer.columns(adapters, triggers)
     rows, summary = _measure(suite, columns, base, opts.seeds, image_encoder, ref_embeddings)
     unavailable = {}
     if image_encoder is None or ref_embeddings is None:
-        unavailable["reference_similarity"] = "needs --encoder (a local CLIP/SigLIP/DINOv2 folder) and --references"
+        unavailable["reference_similarity"] = (
+            "needs --encoder (a local CLIP/SigLIP/DINOv2 folder) and --references"
+        )
     if not M.ocr_available():
         unavailable["text_error"] = "needs the ocr extra: pip install 'flux2-lora[ocr]'"
     if opts.seeds < 2:
         unavailable["diversity"] = "needs --seeds 2 or more"
-    result = {"suite": suite.name, "model": str(model), "trigger": ", ".join(w or "(none)" for w in base),
-              "triggers": triggers, "scales": sorted(set(map(float, opts.scales))), "seeds": opts.seeds,
-              "steps": opts.steps, "width": opts.width, "height": opts.height, "columns": summary, "prompts": rows,
-              "unavailable": unavailable, "recommendation": recommend(summary), "directions": DIRECTION,
-              "speed": renderer.speed()}
+    result = {
+        "suite": suite.name,
+        "model": str(model),
+        "trigger": ", ".join(w or "(none)" for w in base),
+        "triggers": triggers,
+        "scales": sorted(set(map(float, opts.scales))),
+        "seeds": opts.seeds,
+        "steps": opts.steps,
+        "width": opts.width,
+        "height": opts.height,
+        "columns": summary,
+        "prompts": rows,
+        "unavailable": unavailable,
+        "recommendation": recommend(summary),
+        "directions": DIRECTION,
+        "speed": renderer.speed(),
+    }
     with atomic_dir(out) as tmp:
         write_outputs(tmp, result, suite, columns, opts.seeds)
     return result
@@ -157,20 +200,41 @@ def evaluate(model: str, adapters: Sequence[Adapter], suite: Suite, out: str | P
 class _Renderer:
     """Renders the suite for the base and each adapter x scale, seeds batched, counting images and time."""
 
-    def __init__(self, gen: Generator, suite: Suite, refs: list[Image.Image], opts: EvaluateOptions,
-                 show_progress: bool, total: int):
+    def __init__(
+        self,
+        gen: Generator,
+        suite: Suite,
+        refs: list[Image.Image],
+        opts: EvaluateOptions,
+        show_progress: bool,
+        total: int,
+    ):
         self.gen, self.suite, self.refs, self.opts = gen, suite, refs, opts
-        self.bar = tqdm(total=total * len(suite.prompts) * opts.seeds, desc="rendering", unit="image",
-                        disable=not show_progress)
+        self.bar = tqdm(
+            total=total * len(suite.prompts) * opts.seeds,
+            desc="rendering",
+            unit="image",
+            disable=not show_progress,
+        )
         self.done, self.seconds = 0, 0.0
 
     def render(self, trigger: str) -> dict[tuple[str, int], Image.Image]:
         """Every prompt of the suite, all seeds in one batch (seed s is the same picture as alone, bar rounding)."""
         started, images, o = time.perf_counter(), {}, self.opts
         for prompt in self.suite.prompts:
-            kwargs = dict(references=self.refs[: prompt.references]) if prompt.kind == "edit" else {}
-            made = self.gen.generate(render_prompt(prompt, trigger), seed=0, num_images=o.seeds, steps=o.steps,
-                                     width=o.width, height=o.height, guidance=o.guidance, **kwargs)
+            kwargs = (
+                dict(references=self.refs[: prompt.references]) if prompt.kind == "edit" else {}
+            )
+            made = self.gen.generate(
+                render_prompt(prompt, trigger),
+                seed=0,
+                num_images=o.seeds,
+                steps=o.steps,
+                width=o.width,
+                height=o.height,
+                guidance=o.guidance,
+                **kwargs,
+            )
             images.update({(prompt.id, s): m.image for s, m in enumerate(made)})
             self.bar.update(o.seeds)
             self.done += o.seeds
@@ -181,8 +245,15 @@ class _Renderer:
         """-> ([(Column, images)], {trigger: base images}). Scale 0 is the base: rendered once per trigger."""
         distinct = list(dict.fromkeys(triggers.values()))
         base = {word: self.render(word) for word in distinct}
-        columns = [(Column(None, 0.0, w, "base" if len(distinct) == 1 else f"base [{w or 'no trigger'}]"), base[w])
-                   for w in distinct]
+        columns = [
+            (
+                Column(
+                    None, 0.0, w, "base" if len(distinct) == 1 else f"base [{w or 'no trigger'}]"
+                ),
+                base[w],
+            )
+            for w in distinct
+        ]
         for adapter in adapters:
             word = triggers[adapter.label]
             self.gen.add_adapter(adapter.path, name="under_test")
@@ -197,9 +268,12 @@ class _Renderer:
         return columns, base
 
     def speed(self) -> dict[str, Any]:
-        return {"renders": self.done, "render_seconds": round(self.seconds, 3),
-                "renders_per_second": round(self.done / max(self.seconds, 1e-9), 3),
-                "text_encoder_calls": self.gen.text_encoder_calls}
+        return {
+            "renders": self.done,
+            "render_seconds": round(self.seconds, 3),
+            "renders_per_second": round(self.done / max(self.seconds, 1e-9), 3),
+            "text_encoder_calls": self.gen.text_encoder_calls,
+        }
 
 
 def _mean(values) -> float | None:
@@ -214,23 +288,51 @@ def _measure(suite: Suite, columns, base: dict[str, dict], seeds: int, encoder, 
         per_prompt = []
         for prompt in suite.prompts:
             shots = [images[(prompt.id, s)] for s in range(seeds)]
-            row = {"column": column.label, "adapter": column.adapter.label if column.adapter else "base",
-                   "step": column.adapter.step if column.adapter else None, "scale": column.scale,
-                   "prompt": prompt.id, "kind": prompt.kind}
-            row["colour_delta_e"] = _mean(M.colour_delta_e(im, c) for im in shots for c in prompt.colours) \
-                if prompt.kind == "colour" else None
-            row["reference_similarity"] = encoder.similarity(shots, ref_embeddings) \
-                if encoder is not None and ref_embeddings is not None and prompt.kind in ("identity", "context", "edit") else None
-            row["leakage"] = _mean(M.leakage(base_images[(prompt.id, s)], images[(prompt.id, s)]) for s in range(seeds)) \
-                if prompt.kind == "leakage" else None
+            row = {
+                "column": column.label,
+                "adapter": column.adapter.label if column.adapter else "base",
+                "step": column.adapter.step if column.adapter else None,
+                "scale": column.scale,
+                "prompt": prompt.id,
+                "kind": prompt.kind,
+            }
+            row["colour_delta_e"] = (
+                _mean(M.colour_delta_e(im, c) for im in shots for c in prompt.colours)
+                if prompt.kind == "colour"
+                else None
+            )
+            row["reference_similarity"] = (
+                encoder.similarity(shots, ref_embeddings)
+                if encoder is not None
+                and ref_embeddings is not None
+                and prompt.kind in ("identity", "context", "edit")
+                else None
+            )
+            row["leakage"] = (
+                _mean(
+                    M.leakage(base_images[(prompt.id, s)], images[(prompt.id, s)])
+                    for s in range(seeds)
+                )
+                if prompt.kind == "leakage"
+                else None
+            )
             row["diversity"] = M.diversity(shots)
-            row["text_error"] = _mean(M.text_error(im, prompt.expected_text) for im in shots) \
-                if prompt.kind == "text" else None
+            row["text_error"] = (
+                _mean(M.text_error(im, prompt.expected_text) for im in shots)
+                if prompt.kind == "text"
+                else None
+            )
             per_prompt.append(row)
         rows += per_prompt
-        summary.append({"column": column.label, "adapter": column.adapter.label if column.adapter else "base",
-                        "step": column.adapter.step if column.adapter else None, "scale": column.scale,
-                        "metrics": {m: _mean(r[m] for r in per_prompt) for m in METRICS}})
+        summary.append(
+            {
+                "column": column.label,
+                "adapter": column.adapter.label if column.adapter else "base",
+                "step": column.adapter.step if column.adapter else None,
+                "scale": column.scale,
+                "metrics": {m: _mean(r[m] for r in per_prompt) for m in METRICS},
+            }
+        )
     return rows, summary
 
 
@@ -248,19 +350,30 @@ def recommend(summary: list[dict]) -> dict[str, Any] | None:
     candidates = [c for c in summary if c["adapter"] != "base" and c["scale"] > 0]
     if not candidates:
         return None
-    order = {c["adapter"]: i for i, c in enumerate(candidates)}  # evaluation order = checkpoint order
+    order = {
+        c["adapter"]: i for i, c in enumerate(candidates)
+    }  # evaluation order = checkpoint order
     scored = [(c, _fidelity(c["metrics"])) for c in candidates]
     if all(f is not None for _, f in scored):
+
         def key(item):
             c, fidelity = item
             return (-(fidelity - (c["metrics"]["leakage"] or 0.0)), c["scale"], order[c["adapter"]])
 
         best, fidelity = min(scored, key=key)
-        why = (f"highest fidelity - leakage = {fidelity:.3f} - {best['metrics']['leakage'] or 0:.3f}")
+        why = f"highest fidelity - leakage = {fidelity:.3f} - {best['metrics']['leakage'] or 0:.3f}"
     else:
         latest = max(order.values())
         pool = [c for c in candidates if order[c["adapter"]] == latest]
         within = [c for c in pool if (c["metrics"]["leakage"] or 0.0) <= LEAKAGE_LIMIT]
-        best = max(within, key=lambda c: c["scale"]) if within else min(pool, key=lambda c: c["scale"])
+        best = (
+            max(within, key=lambda c: c["scale"]) if within else min(pool, key=lambda c: c["scale"])
+        )
         why = f"no fidelity metric available: latest adapter at the largest scale with leakage <= {LEAKAGE_LIMIT}"
-    return {"adapter": best["adapter"], "step": best["step"], "scale": best["scale"], "column": best["column"], "why": why}
+    return {
+        "adapter": best["adapter"],
+        "step": best["step"],
+        "scale": best["scale"],
+        "column": best["column"],
+        "why": why,
+    }

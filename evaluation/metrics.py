@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -25,14 +25,21 @@ from common.local_models import load_local
 
 NOTICEABLE_DELTA_E = 2.0  # CIEDE2000: below about 2 most people see no difference
 METRICS = ("reference_similarity", "colour_delta_e", "leakage", "diversity", "text_error")
-DIRECTION = {"reference_similarity": "higher is better", "colour_delta_e": "lower is better",
-             "leakage": "lower is better", "diversity": "higher is more varied", "text_error": "lower is better"}
+DIRECTION = {
+    "reference_similarity": "higher is better",
+    "colour_delta_e": "lower is better",
+    "leakage": "lower is better",
+    "diversity": "higher is more varied",
+    "text_error": "lower is better",
+}
 
 
 def dominant_colours(image: Image.Image, count: int = 8) -> list[tuple[int, int, int]]:
     small = image.convert("RGB").copy()
     small.thumbnail((128, 128))
-    palette = small.quantize(colors=count, method=Image.Quantize.MEDIANCUT).getpalette()[: count * 3]
+    palette = small.quantize(colors=count, method=Image.Quantize.MEDIANCUT).getpalette()[
+        : count * 3
+    ]
     return [tuple(palette[i : i + 3]) for i in range(0, len(palette), 3)]
 
 
@@ -80,8 +87,14 @@ class ImageEncoder:
         from transformers import AutoImageProcessor, AutoModel
 
         folder = Path(path)
-        self.processor, self.model = load_local(folder, folder, AutoModel, AutoImageProcessor, "--encoder",
-                                                "an image model (CLIP, SigLIP, DINOv2)")
+        self.processor, self.model = load_local(
+            folder,
+            folder,
+            AutoModel,
+            AutoImageProcessor,
+            "--encoder",
+            "an image model (CLIP, SigLIP, DINOv2)",
+        )
         self.torch = torch
         self.name = folder.name
 
@@ -94,7 +107,11 @@ class ImageEncoder:
                 feats = getattr(feats, "pooler_output", feats)
             else:
                 out = self.model(**inputs)
-                feats = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state.mean(1)
+                feats = (
+                    out.pooler_output
+                    if getattr(out, "pooler_output", None) is not None
+                    else out.last_hidden_state.mean(1)
+                )
         feats = feats.double()
         return (feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)).numpy()
 

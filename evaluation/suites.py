@@ -31,7 +31,9 @@ class SuitePrompt:
     id: str = option("")
     kind: Literal["identity", "context", "leakage", "colour", "text", "edit"] = option("identity")
     text: str = option("")
-    colours: list[str] = option(factory=list, help="hex codes the image should contain (kind: colour)")
+    colours: list[str] = option(
+        factory=list, help="hex codes the image should contain (kind: colour)"
+    )
     expected_text: str | None = option(None, help="text the image should render (kind: text)")
     references: int = option(0, help="how many --references images to pass (kind: edit)")
 
@@ -82,7 +84,9 @@ def load_suite(spec: str | Path) -> Suite:
     builtin = default_suites()
     path = builtin.get(str(spec), Path(spec))
     if not path.is_file():
-        raise UserError(f"--suite '{spec}' is neither a file nor a built-in suite ({', '.join(builtin)})")
+        raise UserError(
+            f"--suite '{spec}' is neither a file nor a built-in suite ({', '.join(builtin)})"
+        )
     try:
         return from_dict(Suite, read_yaml(path), "")
     except UserError as exc:

@@ -14,7 +14,9 @@ from common.errors import UserError
 from inference.lora_formats import from_foreign, is_foreign
 from inference.lora_io import load_state, our_info, read_header, read_keys
 
-_MODULE = re.compile(r"^transformer\.(.+?)\.(lora_A|lora_B|lokr_\w+|hada_\w+)(\.[\w.]+)?(\.weight)?$")
+_MODULE = re.compile(
+    r"^transformer\.(.+?)\.(lora_A|lora_B|lokr_\w+|hada_\w+)(\.[\w.]+)?(\.weight)?$"
+)
 # adapter types stock diffusers does not load, with the peft config class that rebuilds them
 PEFT_ONLY = {"loha": "LoHaConfig"}
 
@@ -24,7 +26,9 @@ class AdapterInfo:
     name: str
     path: Path
     sha256: str
-    info: dict[str, Any]  # our flux2_lora.* header entries (trigger, family, rank, ...), empty for other tools' files
+    info: dict[
+        str, Any
+    ]  # our flux2_lora.* header entries (trigger, family, rank, ...), empty for other tools' files
 
     @property
     def trigger(self) -> str:
@@ -47,18 +51,25 @@ def _check_fits(state: dict, transformer, path: Path) -> None:
             continue
         module = modules.get(match.group(1))
         if module is None:
-            raise UserError(f"LoRA '{path}' targets '{match.group(1)}', which this base model does not have; "
-                            "it was made for another FLUX.2 family or size")
+            raise UserError(
+                f"LoRA '{path}' targets '{match.group(1)}', which this base model does not have; "
+                "it was made for another FLUX.2 family or size"
+            )
         base = getattr(module, "base_layer", module)
         expected = getattr(base, "in_features", None), getattr(base, "out_features", None)
-        if match.group(2) == "lora_A" and tensor.shape[1] != expected[0] or \
-           match.group(2) == "lora_B" and tensor.shape[0] != expected[1]:
-            raise UserError(f"LoRA '{path}' does not fit this base model ({match.group(1)}: LoRA shape "
-                            f"{tuple(tensor.shape)}, layer {expected[0]}->{expected[1]}); it was made for another "
-                            "FLUX.2 family or size")
+        if (match.group(2) == "lora_A" and tensor.shape[1] != expected[0]) or (
+            match.group(2) == "lora_B" and tensor.shape[0] != expected[1]
+        ):
+            raise UserError(
+                f"LoRA '{path}' does not fit this base model ({match.group(1)}: LoRA shape "
+                f"{tuple(tensor.shape)}, layer {expected[0]}->{expected[1]}); it was made for another "
+                "FLUX.2 family or size"
+            )
 
 
-def load_adapter(pipe, family_name: str, path: str | Path, name: str, allow_partial: bool = False) -> AdapterInfo:
+def load_adapter(
+    pipe, family_name: str, path: str | Path, name: str, allow_partial: bool = False
+) -> AdapterInfo:
     """Validate `path` against the loaded base, then inject it as adapter `name`. Files in the BFL/ComfyUI/ai-toolkit
     or kohya/musubi layouts are converted exactly first (inference/lora_formats.py); a file some of whose modules
     would not be applied is refused unless `allow_partial`."""
@@ -66,25 +77,37 @@ def load_adapter(pipe, family_name: str, path: str | Path, name: str, allow_part
     header = read_header(path)  # refuses missing files, pickles and corrupt headers
     info = our_info(header)
     if info.get("family") and info["family"] != family_name:
-        raise UserError(f"LoRA '{path}' was trained on FLUX.2 {info['family']}, but the base model is {family_name}; "
-                        f"use a {info['family']} base or a LoRA trained on {family_name}")
+        raise UserError(
+            f"LoRA '{path}' was trained on FLUX.2 {info['family']}, but the base model is {family_name}; "
+            f"use a {info['family']} base or a LoRA trained on {family_name}"
+        )
     keys = read_keys(path)
     source: str | dict = str(path.parent)
-    if is_foreign(keys):  # only then are the tensors read here; our own files go straight to diffusers' loader
+    if is_foreign(
+        keys
+    ):  # only then are the tensors read here; our own files go straight to diffusers' loader
         state, unplaced = from_foreign(load_state(path))
         if unplaced and not allow_partial:
-            raise UserError(f"LoRA '{path}': {len(unplaced)} of its modules have no place in FLUX.2 and would be "
-                            f"dropped (e.g. {', '.join(unplaced[:3])}); pass --allow-partial to load the rest")
+            raise UserError(
+                f"LoRA '{path}': {len(unplaced)} of its modules have no place in FLUX.2 and would be "
+                f"dropped (e.g. {', '.join(unplaced[:3])}); pass --allow-partial to load the rest"
+            )
         source = state
     else:
         try:
-            state = pipe.lora_state_dict(str(path.parent), weight_name=path.name, use_safetensors=True)
+            state = pipe.lora_state_dict(
+                str(path.parent), weight_name=path.name, use_safetensors=True
+            )
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise UserError(f"LoRA '{path}' is not a FLUX.2 LoRA diffusers can read "
-                            f"({str(exc).splitlines()[0][:150]})") from None
+            raise UserError(
+                f"LoRA '{path}' is not a FLUX.2 LoRA diffusers can read "
+                f"({str(exc).splitlines()[0][:150]})"
+            ) from None
     if not any(k.startswith("transformer.") for k in state):
-        raise UserError(f"LoRA '{path}' has no FLUX.2 transformer weights (keys like {next(iter(keys), 'none')!r}); "
-                        "it was made for another model")
+        raise UserError(
+            f"LoRA '{path}' has no FLUX.2 transformer weights (keys like {next(iter(keys), 'none')!r}); "
+            "it was made for another model"
+        )
     _check_fits(state, pipe.transformer, path)
     if info.get("type") in PEFT_ONLY:
         _inject_with_peft(pipe.transformer, state, header, PEFT_ONLY[info["type"]], name, path)
@@ -92,7 +115,9 @@ def load_adapter(pipe, family_name: str, path: str | Path, name: str, allow_part
         pipe.load_lora_weights(source, adapter_name=name)
     else:
         # loading from the file (not the dict above) keeps the adapter metadata, so alpha != rank loads at its scale
-        pipe.load_lora_weights(source, weight_name=path.name, adapter_name=name, use_safetensors=True)
+        pipe.load_lora_weights(
+            source, weight_name=path.name, adapter_name=name, use_safetensors=True
+        )
     _refuse_dropped(pipe, state, name, path, allow_partial)
     return AdapterInfo(name=name, path=path, sha256=sha256_file(path), info=info)
 
@@ -102,29 +127,53 @@ def _refuse_dropped(pipe, state: dict, name: str, path: Path, allow_partial: boo
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     wanted = {m.group(1) for k in state if (m := _MODULE.match(k))}
-    injected = {n for n, m in pipe.transformer.named_modules() if isinstance(m, BaseTunerLayer)
-                and any(name in getattr(m, attr, {}) for attr in m.adapter_layer_names)}
+    injected = {
+        n
+        for n, m in pipe.transformer.named_modules()
+        if isinstance(m, BaseTunerLayer)
+        and any(name in getattr(m, attr, {}) for attr in m.adapter_layer_names)
+    }
     missing = sorted(wanted - injected)
     if missing and not allow_partial:
         pipe.delete_adapters(name)
-        raise UserError(f"LoRA '{path}': {len(missing)} of its {len(wanted)} modules were not applied "
-                        f"(e.g. {', '.join(missing[:3])}); pass --allow-partial to use it anyway")
+        raise UserError(
+            f"LoRA '{path}': {len(missing)} of its {len(wanted)} modules were not applied "
+            f"(e.g. {', '.join(missing[:3])}); pass --allow-partial to use it anyway"
+        )
 
 
-def _inject_with_peft(transformer, state: dict, header: dict, config_class: str, name: str, path: Path) -> None:
+def _inject_with_peft(
+    transformer, state: dict, header: dict, config_class: str, name: str, path: Path
+) -> None:
     """Adapter types diffusers' loader refuses (LoHa): the peft config saved in the header, injected by peft."""
     import peft
 
     cls = getattr(peft, config_class)
-    saved = {k.removeprefix("transformer."): v for k, v in json.loads(header.get("lora_adapter_metadata", "{}")).items()}
+    saved = {
+        k.removeprefix("transformer."): v
+        for k, v in json.loads(header.get("lora_adapter_metadata", "{}")).items()
+    }
     fields = {f.name for f in dataclasses.fields(cls)}
     try:
-        config = cls(**{k: v for k, v in saved.items() if k in fields and k not in ("peft_type", "task_type")})
+        config = cls(
+            **{
+                k: v
+                for k, v in saved.items()
+                if k in fields and k not in ("peft_type", "task_type")
+            }
+        )
     except (TypeError, ValueError) as exc:
-        raise UserError(f"LoRA '{path}' has an unreadable {config_class} in its header ({exc})") from None
+        raise UserError(
+            f"LoRA '{path}' has an unreadable {config_class} in its header ({exc})"
+        ) from None
     transformer.add_adapter(config, adapter_name=name)
-    result = peft.set_peft_model_state_dict(transformer, {k.removeprefix("transformer."): v for k, v in state.items()},
-                                            adapter_name=name)
+    result = peft.set_peft_model_state_dict(
+        transformer,
+        {k.removeprefix("transformer."): v for k, v in state.items()},
+        adapter_name=name,
+    )
     if result.unexpected_keys:
-        raise UserError(f"LoRA '{path}' holds weights this base model has no place for "
-                        f"(e.g. {result.unexpected_keys[0]}); it was made for another FLUX.2 family or size")
+        raise UserError(
+            f"LoRA '{path}' holds weights this base model has no place for "
+            f"(e.g. {result.unexpected_keys[0]}); it was made for another FLUX.2 family or size"
+        )

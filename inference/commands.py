@@ -21,29 +21,68 @@ from inference.generate import GeneratorOptions
 from inference.grids import make_grid
 from inference.provenance import save_png
 
-JOB_KEYS = {"prompt", "seed", "width", "height", "steps", "guidance", "image", "references", "num_images"}
+JOB_KEYS = {
+    "prompt",
+    "seed",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "image",
+    "references",
+    "num_images",
+}
 
 
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model: diffusers folder or hub id")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA file or run folder, optionally with its scale (default 1); repeatable")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA file or run folder, optionally with its scale (default 1); repeatable",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompts", metavar="FILE.jsonl", help="one job per line: prompt, seed, width, height, "
-                     "steps, guidance, image, references, num_images")
+    src.add_argument(
+        "--prompts",
+        metavar="FILE.jsonl",
+        help="one job per line: prompt, seed, width, height, "
+        "steps, guidance, image, references, num_images",
+    )
     p.add_argument("--image", help="edit: the image to change")
-    p.add_argument("--ref", action="append", default=[], help="reference image (repeatable, priority order)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the family's: 50, or 4 for distilled klein)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the family's: 4, or 1 for distilled klein)")
+    p.add_argument(
+        "--ref", action="append", default=[], help="reference image (repeatable, priority order)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the first image; image i uses seed + i"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="denoising steps (default: the family's: 50, or 4 for distilled klein)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="guidance scale (default: the family's: 4, or 1 for distilled klein)",
+    )
     p.add_argument("--width", type=int, help="default: the edit image's width, else 1024")
     p.add_argument("--height", type=int, help="default: the edit image's height, else 1024")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--add-trigger", action="store_true", help="put each LoRA's trigger word in the prompt")
-    p.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the base weights (faster steps)")
-    p.add_argument("--allow-partial", action="store_true", help="load a LoRA even if some of its modules match "
-                                                                 "nothing in the model (otherwise an error)")
+    p.add_argument(
+        "--add-trigger", action="store_true", help="put each LoRA's trigger word in the prompt"
+    )
+    p.add_argument(
+        "--fuse", action="store_true", help="fuse the LoRAs into the base weights (faster steps)"
+    )
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="load a LoRA even if some of its modules match "
+        "nothing in the model (otherwise an error)",
+    )
     add_flags(p, GeneratorOptions)
     p.add_argument("--out", required=True, help="folder for the PNGs, results.jsonl and grid.png")
 
@@ -57,8 +96,10 @@ def parse_lora(spec: str) -> tuple[str, float]:
     try:
         return path, float(scale)
     except ValueError:
-        raise UserError(f"--lora '{spec}': the scale '{scale}' is not a number; write FILE:0.8, or FILE alone "
-                        "for scale 1") from None
+        raise UserError(
+            f"--lora '{spec}': the scale '{scale}' is not a number; write FILE:0.8, or FILE alone "
+            "for scale 1"
+        ) from None
 
 
 def _grid_label(record: dict[str, Any]) -> str:
@@ -66,12 +107,16 @@ def _grid_label(record: dict[str, Any]) -> str:
     return f"{record['prompt']}\nseed {record['seed']}" + (f" · {loras}" if loras else "")
 
 
-def read_jobs(path: Path, defaults: dict[str, Any]) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+def read_jobs(
+    path: Path, defaults: dict[str, Any]
+) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     """Valid jobs with their line numbers, and one error line per bad line (the rest still run)."""
     if not path.is_file():
         raise UserError(f"--prompts '{path}' does not exist")
     jobs, errors = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(
+        path.read_text(encoding="utf-8", errors="replace").splitlines(), 1
+    ):
         if not line.strip():
             continue
         try:
@@ -80,7 +125,9 @@ def read_jobs(path: Path, defaults: dict[str, Any]) -> tuple[list[tuple[int, dic
                 raise ValueError('needs a JSON object with a "prompt" string')
             unknown = set(job) - JOB_KEYS
             if unknown:
-                raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(JOB_KEYS))}")
+                raise ValueError(
+                    f"unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(JOB_KEYS))}"
+                )
             jobs.append((number, {**defaults, **job}))
         except ValueError as exc:
             errors.append(f"error: {path} line {number}: {exc}")
@@ -99,8 +146,16 @@ def generate(args: argparse.Namespace) -> int:
     quiet_libraries()
     from inference.generate import Generator
 
-    defaults = {"seed": args.seed, "width": args.width, "height": args.height, "steps": args.steps,
-                "guidance": args.guidance, "image": args.image, "references": args.ref, "num_images": args.num_images}
+    defaults = {
+        "seed": args.seed,
+        "width": args.width,
+        "height": args.height,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "image": args.image,
+        "references": args.ref,
+        "num_images": args.num_images,
+    }
     if args.prompt is not None:
         jobs, errors = [(0, {**defaults, "prompt": args.prompt})], []
     else:
@@ -120,9 +175,18 @@ def generate(args: argparse.Namespace) -> int:
     results, images, failed = [], [], len(errors)
     for number, job in tqdm(jobs, desc="generating", disable=len(jobs) == 1):
         try:
-            made = gen.generate(job["prompt"], image=job["image"], references=job["references"], width=job["width"],
-                                height=job["height"], steps=job["steps"], guidance=job["guidance"],
-                                seed=int(job["seed"]), num_images=int(job["num_images"]), add_trigger=args.add_trigger)
+            made = gen.generate(
+                job["prompt"],
+                image=job["image"],
+                references=job["references"],
+                width=job["width"],
+                height=job["height"],
+                steps=job["steps"],
+                guidance=job["guidance"],
+                seed=int(job["seed"]),
+                num_images=int(job["num_images"]),
+                add_trigger=args.add_trigger,
+            )
         except UserError as exc:
             if args.prompt is not None:
                 raise
@@ -136,21 +200,36 @@ def generate(args: argparse.Namespace) -> int:
             results.append({"file": name, **item.record})
             images.append(item.image)
     if results:
-        write_text(out / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in results))
+        write_text(
+            out / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in results)
+        )
     if len(images) > 1:
         with atomic_path(out / "grid.png") as tmp:
             make_grid(images, labels=[_grid_label(r) for r in results]).save(tmp, format="PNG")
-    print(f"{len(images)} image(s) written to {out}" + (f"; {failed} job(s) failed" if failed else ""))
+    print(
+        f"{len(images)} image(s) written to {out}" + (f"; {failed} job(s) failed" if failed else "")
+    )
     return 1 if failed else 0  # partial success still says so in the exit code
 
 
 def _add_tiny_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="new folder for the model (diffusers format)")
-    p.add_argument("--family", choices=list(FAMILIES), required=True, help="which FLUX.2 architecture")
-    p.add_argument("--seed", type=int, default=0, help="weights seed: the same seed writes the same bytes")
-    p.add_argument("--distilled", action="store_true", help="mark the model step-distilled (families that have one)")
-    p.add_argument("--random", action="store_true",
-                   help="the smallest random model (for tests) instead of the one pretrained on the shapes world")
+    p.add_argument(
+        "--family", choices=list(FAMILIES), required=True, help="which FLUX.2 architecture"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="weights seed: the same seed writes the same bytes"
+    )
+    p.add_argument(
+        "--distilled",
+        action="store_true",
+        help="mark the model step-distilled (families that have one)",
+    )
+    p.add_argument(
+        "--random",
+        action="store_true",
+        help="the smallest random model (for tests) instead of the one pretrained on the shapes world",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it already holds files")
 
 
@@ -160,19 +239,29 @@ def tiny_model(args: argparse.Namespace) -> int:
         raise UserError(f"--distilled: FLUX.2 {family.name} has no step-distilled variant")
     out = Path(args.dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UserError(f"{out} already exists and is not empty; pick a new folder or add --overwrite to replace it")
+        raise UserError(
+            f"{out} already exists and is not empty; pick a new folder or add --overwrite to replace it"
+        )
     quiet_libraries()
     from inference.tiny import write_tiny_model
 
-    path = write_tiny_model(out, family, seed=args.seed, distilled=args.distilled, pretrained=not args.random)
+    path = write_tiny_model(
+        out, family, seed=args.seed, distilled=args.distilled, pretrained=not args.random
+    )
     kind = "random" if args.random else "pretrained (synthetic shapes world)"
     print(f"tiny {kind} {args.family} model written to {path}")
     return 0
 
 
 def _add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("lora", help="a LoRA file written by flux2-lora (or a run folder: its final LoRA)")
-    p.add_argument("--format", required=True, help="comfyui, kohya (musubi-tuner), bfl (ai-toolkit) or diffusers")
+    p.add_argument(
+        "lora", help="a LoRA file written by flux2-lora (or a run folder: its final LoRA)"
+    )
+    p.add_argument(
+        "--format",
+        required=True,
+        help="comfyui, kohya (musubi-tuner), bfl (ai-toolkit) or diffusers",
+    )
     p.add_argument("--out", required=True, help="the .safetensors file to write")
 
 
@@ -183,8 +272,10 @@ def export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise UserError(f"--format '{args.format}' is unknown; use one of {', '.join(FORMATS)}")
     counts = export_lora(args.lora, args.format, args.out)
-    print(f"{counts['modules']} LoRA modules of a FLUX.2 {counts['family']} LoRA written as {args.format} to "
-          f"{args.out} ({counts['written_modules']} modules, {counts['tensors']} tensors)")
+    print(
+        f"{counts['modules']} LoRA modules of a FLUX.2 {counts['family']} LoRA written as {args.format} to "
+        f"{args.out} ({counts['written_modules']} modules, {counts['tensors']} tensors)"
+    )
     return 0
 
 

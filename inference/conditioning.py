@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -21,7 +21,9 @@ from inference.families import Family
 
 @dataclasses.dataclass
 class ModelInputs:
-    hidden_states: torch.Tensor  # (B, N_target + N_refs, C): noisy target tokens, then reference tokens
+    hidden_states: (
+        torch.Tensor
+    )  # (B, N_target + N_refs, C): noisy target tokens, then reference tokens
     img_ids: torch.Tensor  # (B, N_target + N_refs, 4)
     encoder_hidden_states: torch.Tensor  # (B, L, D)
     txt_ids: torch.Tensor  # (B, L, 4)
@@ -38,12 +40,16 @@ class Encoder:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         self.text_encoder_calls += 1
-        embeds, _ = self.pipe.encode_prompt(prompt=list(prompts), device=self.pipe.text_encoder.device)
+        embeds, _ = self.pipe.encode_prompt(
+            prompt=list(prompts), device=self.pipe.text_encoder.device
+        )
         return embeds
 
     def to_pixels(self, image: Image.Image) -> torch.Tensor:
         """An RGB image already at its final (multiple of 16) size -> (1, 3, H, W) in [-1, 1], as the pipeline does."""
-        return self.pipe.image_processor.preprocess(image, height=image.height, width=image.width, resize_mode="crop")
+        return self.pipe.image_processor.preprocess(
+            image, height=image.height, width=image.width, resize_mode="crop"
+        )
 
     def reference_pixels(self, image: Image.Image) -> torch.Tensor:
         """A reference (conditioning) image the way the pipeline's __call__ prepares one (those lines are inline
@@ -59,7 +65,9 @@ class Encoder:
     @torch.no_grad()
     def encode_reference(self, image: Image.Image) -> torch.Tensor:
         vae = self.pipe.vae
-        return self.pipe._encode_vae_image(image=self.reference_pixels(image).to(vae.device, vae.dtype), generator=None)
+        return self.pipe._encode_vae_image(
+            image=self.reference_pixels(image).to(vae.device, vae.dtype), generator=None
+        )
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
@@ -82,8 +90,13 @@ def build_inputs(
     references: per reference slot, normalised latents (B, 128, h_i, w_i), in priority order.
     The transformer reads position ids from the first batch element, so every element shares one layout.
     """
-    img_ids, txt_ids = _position_ids(family, tuple(target_shape), tuple(prompt_embeds.shape),
-                                     tuple(tuple(r.shape) for r in references), noisy_tokens.device)
+    img_ids, txt_ids = _position_ids(
+        family,
+        tuple(target_shape),
+        tuple(prompt_embeds.shape),
+        tuple(tuple(r.shape) for r in references),
+        noisy_tokens.device,
+    )
     hidden = noisy_tokens
     if references:
         ref_tokens = torch.cat([family.pipeline_class._pack_latents(r) for r in references], dim=1)
@@ -92,20 +105,29 @@ def build_inputs(
 
 
 @functools.lru_cache(maxsize=64)
-def _position_ids(family: Family, target_shape: tuple[int, ...], text_shape: tuple[int, ...],
-                  reference_shapes: tuple[tuple[int, ...], ...], device: torch.device):
+def _position_ids(
+    family: Family,
+    target_shape: tuple[int, ...],
+    text_shape: tuple[int, ...],
+    reference_shapes: tuple[tuple[int, ...], ...],
+    device: torch.device,
+):
     """(img_ids incl. references, txt_ids) from the pipeline's own builders. They depend on shapes only; built
     once per layout they stop costing a dozen small tensor ops every training step."""
     cls = family.pipeline_class
     latent_ids = cls._prepare_latent_ids(torch.empty(target_shape, device="meta"))
     txt_ids = cls._prepare_text_ids(torch.empty(text_shape, device="meta"))
     if reference_shapes:
-        ref_ids = cls._prepare_image_ids([torch.empty((1, *s[1:]), device="meta") for s in reference_shapes])
+        ref_ids = cls._prepare_image_ids(
+            [torch.empty((1, *s[1:]), device="meta") for s in reference_shapes]
+        )
         latent_ids = torch.cat([latent_ids, ref_ids.expand(target_shape[0], -1, -1)], dim=1)
     return latent_ids.to(device), txt_ids.to(device)
 
 
-def predict_velocity(transformer, family: Family, inputs: ModelInputs, sigmas: torch.Tensor, guidance: float):
+def predict_velocity(
+    transformer, family: Family, inputs: ModelInputs, sigmas: torch.Tensor, guidance: float
+):
     """Transformer forward in the pipeline's convention (timestep = sigma in [0, 1]); returns target tokens only."""
     batch = inputs.hidden_states.shape[0]
     out = transformer(

@@ -7,8 +7,9 @@ licence, tiny twin) and never compare family names themselves. The family names 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -30,7 +31,9 @@ class Variant:
     licence: str
     num_layers: int | None  # double-stream blocks; None matches any size (tiny models)
     joint_attention_dim: int | None
-    distilled_model: str | None = None  # the step-distilled checkpoint of the same size, if there is one
+    distilled_model: str | None = (
+        None  # the step-distilled checkpoint of the same size, if there is one
+    )
     # folder under inference/architectures with its configs (model_index.json, transformer/ and text_encoder/
     # config.json), so the memory planner knows the model before (and without) a download
     architecture: str | None = None
@@ -71,7 +74,9 @@ class Family:
             raise ValueError(f"FLUX.2 {self.name} has no step-distilled variant")
         return {"is_distilled": distilled} if self.has_distilled else {}
 
-    def guidance_input(self, value: float, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    def guidance_input(
+        self, value: float, batch_size: int, device: torch.device | str = "cpu"
+    ) -> torch.Tensor | None:
         """What the transformer's `guidance` argument gets, as the pipeline builds it (raw value; x1000 inside)."""
         if not self.has_guidance_embedding:
             return None
@@ -81,11 +86,17 @@ class Family:
         for v in self.variants:
             if v.num_layers is None:
                 continue
-            if (transformer_config.get("num_layers"), transformer_config.get("joint_attention_dim")) == (
-                v.num_layers, v.joint_attention_dim,
+            if (
+                transformer_config.get("num_layers"),
+                transformer_config.get("joint_attention_dim"),
+            ) == (
+                v.num_layers,
+                v.joint_attention_dim,
             ):
                 return v
-        return Variant(f"{self.name} (custom size)", "unknown", "see the base model's licence", None, None)
+        return Variant(
+            f"{self.name} (custom size)", "unknown", "see the base model's licence", None, None
+        )
 
 
 DEV = Family(
@@ -95,12 +106,28 @@ DEV = Family(
     has_guidance_embedding=True,
     has_true_cfg=False,
     variants=(
-        Variant("FLUX.2 [dev] 32B", "black-forest-labs/FLUX.2-dev", "flux-dev-non-commercial-license", 8, 15360,
-                architecture="flux2-dev"),
-        Variant("tiny random FLUX.2 [dev] (test model)", "flux2-lora tiny-model --random --family dev", "apache-2.0",
-                1, 48),
-        Variant("tiny FLUX.2 [dev] pretrained on synthetic shapes", "flux2-lora tiny-model --family dev", "apache-2.0",
-                2, 48),
+        Variant(
+            "FLUX.2 [dev] 32B",
+            "black-forest-labs/FLUX.2-dev",
+            "flux-dev-non-commercial-license",
+            8,
+            15360,
+            architecture="flux2-dev",
+        ),
+        Variant(
+            "tiny random FLUX.2 [dev] (test model)",
+            "flux2-lora tiny-model --random --family dev",
+            "apache-2.0",
+            1,
+            48,
+        ),
+        Variant(
+            "tiny FLUX.2 [dev] pretrained on synthetic shapes",
+            "flux2-lora tiny-model --family dev",
+            "apache-2.0",
+            2,
+            48,
+        ),
     ),
     _defaults=lambda distilled: SamplingDefaults(steps=50, guidance=4.0),
     has_distilled=False,
@@ -114,17 +141,43 @@ KLEIN = Family(
     has_guidance_embedding=False,
     has_true_cfg=True,
     variants=(
-        Variant("FLUX.2 [klein] 4B", "black-forest-labs/FLUX.2-klein-base-4B", "apache-2.0", 5, 7680,
-                "black-forest-labs/FLUX.2-klein-4B", architecture="flux2-klein-base-4b"),
-        Variant("FLUX.2 [klein] 9B", "black-forest-labs/FLUX.2-klein-base-9B", "flux-non-commercial-license", 8, 12288,
-                "black-forest-labs/FLUX.2-klein-9B", architecture="flux2-klein-base-9b"),
-        Variant("tiny random FLUX.2 [klein] (test model)", "flux2-lora tiny-model --random --family klein",
-                "apache-2.0", 1, 48),
-        Variant("tiny FLUX.2 [klein] pretrained on synthetic shapes", "flux2-lora tiny-model --family klein",
-                "apache-2.0", 2, 48),
+        Variant(
+            "FLUX.2 [klein] 4B",
+            "black-forest-labs/FLUX.2-klein-base-4B",
+            "apache-2.0",
+            5,
+            7680,
+            "black-forest-labs/FLUX.2-klein-4B",
+            architecture="flux2-klein-base-4b",
+        ),
+        Variant(
+            "FLUX.2 [klein] 9B",
+            "black-forest-labs/FLUX.2-klein-base-9B",
+            "flux-non-commercial-license",
+            8,
+            12288,
+            "black-forest-labs/FLUX.2-klein-9B",
+            architecture="flux2-klein-base-9b",
+        ),
+        Variant(
+            "tiny random FLUX.2 [klein] (test model)",
+            "flux2-lora tiny-model --random --family klein",
+            "apache-2.0",
+            1,
+            48,
+        ),
+        Variant(
+            "tiny FLUX.2 [klein] pretrained on synthetic shapes",
+            "flux2-lora tiny-model --family klein",
+            "apache-2.0",
+            2,
+            48,
+        ),
     ),
     # Distilled klein is step-distilled: 4 steps, no CFG. Base klein runs real CFG.
-    _defaults=lambda distilled: SamplingDefaults(steps=4, guidance=1.0) if distilled else SamplingDefaults(50, 4.0),
+    _defaults=lambda distilled: (
+        SamplingDefaults(steps=4, guidance=1.0) if distilled else SamplingDefaults(50, 4.0)
+    ),
     has_distilled=True,
     tiny_text_stack=tiny.qwen3_text_stack,
 )

@@ -1,9 +1,9 @@
 """Generation with the stock FLUX.2 pipelines and any set of LoRA adapters.
 
-    gen = Generator("path/or/hub-id")                 # the base loads once
-    gen.add_adapter("brand.safetensors", scale=0.8)   # hot-swap: add, rescale, remove without reloading
-    images = gen.generate("zxq logo on a mug", seed=1)
-    images = gen.generate("make it blue", image=photo, references=[logo])   # edit + multi-reference
+gen = Generator("path/or/hub-id")                 # the base loads once
+gen.add_adapter("brand.safetensors", scale=0.8)   # hot-swap: add, rescale, remove without reloading
+images = gen.generate("zxq logo on a mug", seed=1)
+images = gen.generate("make it blue", image=photo, references=[logo])   # edit + multi-reference
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import dataclasses
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -41,7 +42,9 @@ PROMPT_CACHE = 32
 @dataclasses.dataclass
 class Generated:
     image: Image.Image
-    record: dict[str, Any]  # everything needed to reproduce it; written into the PNG by provenance.save_png
+    record: dict[
+        str, Any
+    ]  # everything needed to reproduce it; written into the PNG by provenance.save_png
 
 
 def _adapter_name(text: str) -> str:
@@ -70,12 +73,20 @@ class GeneratorOptions:
     """How the base model is loaded and placed: `generate`'s flags and `Generator(...)`'s keyword arguments."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="dtype of the model weights; auto: bfloat16 on a GPU, float32 on the CPU")
-    device: str = option("auto", help="where the models run: auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
+        "auto", help="dtype of the model weights; auto: bfloat16 on a GPU, float32 on the CPU"
+    )
+    device: str = option(
+        "auto",
+        help="where the models run: auto (the GPU when there is one), cpu, cuda, cuda:1, ...",
+    )
     quantize: Quantize = option("none", help=f"the transformer's weights: {QUANTIZE_HELP}")
     group_offload: Literal["none", "block", "leaf"] = option(
-        "none", help="keep weights in CPU RAM and stream a block (or a layer) at a time to the device")
-    cpu_offload: bool = option(False, help="model CPU offload: whole models moved to the GPU on demand (needs a GPU)")
+        "none",
+        help="keep weights in CPU RAM and stream a block (or a layer) at a time to the device",
+    )
+    cpu_offload: bool = option(
+        False, help="model CPU offload: whole models moved to the GPU on demand (needs a GPU)"
+    )
     vae_tiling: bool = option(False, help="decode large images in tiles")
 
     def validate(self) -> list[str]:
@@ -102,15 +113,19 @@ class Generator:
             raise UserError(f"device '{device}' is not available on this machine; use --device cpu")
         if problem := quantize_problem(opts.quantize, "quantize", torch.device(device).type):
             raise UserError(problem)
-        self.config = ModelConfig(path=str(model), dtype=dtype, quantize=opts.quantize, group_offload=opts.group_offload)
+        self.config = ModelConfig(
+            path=str(model), dtype=dtype, quantize=opts.quantize, group_offload=opts.group_offload
+        )
         self.base = resolve_base_model(self.config)
         self.pipe = load_pipeline(self.base, dtype, quantize=opts.quantize)
         self.family = self.base.family
         self.defaults = self.family.sampling_defaults(self.base.distilled)
         if opts.cpu_offload:
             if not torch.cuda.is_available():
-                raise UserError("model CPU offload needs a GPU; on a CPU-only machine leave it off "
-                                "(or use group offload to keep weights in RAM)")
+                raise UserError(
+                    "model CPU offload needs a GPU; on a CPU-only machine leave it off "
+                    "(or use group offload to keep weights in RAM)"
+                )
             self.pipe.enable_model_cpu_offload()  # moves whole models to the GPU on demand
         else:
             apply_memory_options(self.pipe.transformer, self.config, torch.device(device))
@@ -126,8 +141,13 @@ class Generator:
         self.text_encoder_calls = 0
 
     # ---- adapters -------------------------------------------------------------------------------------------
-    def add_adapter(self, path: str | Path, scale: float = 1.0, name: str | None = None,
-                    allow_partial: bool = False) -> AdapterInfo:
+    def add_adapter(
+        self,
+        path: str | Path,
+        scale: float = 1.0,
+        name: str | None = None,
+        allow_partial: bool = False,
+    ) -> AdapterInfo:
         self._require_unfused()
         path = lora_file(path)  # a run folder means its final LoRA
         name = _adapter_name(name or lora_label(path))
@@ -142,7 +162,9 @@ class Generator:
         self._require_unfused()
         unknown = set(scales) - set(self.adapters)
         if unknown:
-            raise UserError(f"no adapter named {', '.join(sorted(unknown))}; loaded: {', '.join(self.adapters) or 'none'}")
+            raise UserError(
+                f"no adapter named {', '.join(sorted(unknown))}; loaded: {', '.join(self.adapters) or 'none'}"
+            )
         self.scales.update({k: float(v) for k, v in scales.items()})
         self._apply_scales()
 
@@ -156,7 +178,9 @@ class Generator:
         """Merge the active adapters (at their scales) into the base weights. Reversible with unfuse(); with
         `permanent` the LoRA layers are also removed, so a step costs exactly what the base's costs."""
         if self.adapters and not self.fused:
-            self.pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=list(self.adapters))
+            self.pipe.fuse_lora(
+                components=["transformer"], lora_scale=1.0, adapter_names=list(self.adapters)
+            )
             self.fused = True
         if permanent and self.fused:
             self.baked += self._lora_records()
@@ -169,8 +193,17 @@ class Generator:
             self.fused = False
 
     def _lora_records(self) -> list[dict[str, Any]]:
-        return [{"name": n, "path": str(a.path), "sha256": a.sha256, "scale": self.scales[n], "fused": self.fused,
-                 "trigger": a.trigger} for n, a in self.adapters.items()]
+        return [
+            {
+                "name": n,
+                "path": str(a.path),
+                "sha256": a.sha256,
+                "scale": self.scales[n],
+                "fused": self.fused,
+                "trigger": a.trigger,
+            }
+            for n, a in self.adapters.items()
+        ]
 
     def _apply_scales(self) -> None:
         if self.adapters:
@@ -181,14 +214,26 @@ class Generator:
             raise UserError("adapters are fused; call unfuse() before changing them")
 
     # ---- generation -----------------------------------------------------------------------------------------
-    def generate(self, prompt: str, *, image: Image.Image | str | Path | None = None,
-                 references: Sequence[Image.Image | str | Path] = (), width: int | None = None,
-                 height: int | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0,
-                 num_images: int = 1, add_trigger: bool = False) -> list[Generated]:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        image: Image.Image | str | Path | None = None,
+        references: Sequence[Image.Image | str | Path] = (),
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        num_images: int = 1,
+        add_trigger: bool = False,
+    ) -> list[Generated]:
         images = [self._image(x) for x in ([image] if image is not None else []) + list(references)]
         if len(images) > MAX_REFERENCES:
-            raise UserError(f"{len(images)} reference images given; FLUX.2 takes at most {MAX_REFERENCES} "
-                            "(the edit image counts as one)")
+            raise UserError(
+                f"{len(images)} reference images given; FLUX.2 takes at most {MAX_REFERENCES} "
+                "(the edit image counts as one)"
+            )
         if images:
             width = width or images[0].width
             height = height or images[0].height
@@ -197,21 +242,40 @@ class Generator:
         steps = steps or self.defaults.steps
         guidance = self.defaults.guidance if guidance is None else guidance
         if add_trigger:  # adapters fused for good keep their trigger words in self.baked
-            for trigger in [r["trigger"] for r in self.baked] + [a.trigger for a in self.adapters.values()]:
+            for trigger in [r["trigger"] for r in self.baked] + [
+                a.trigger for a in self.adapters.values()
+            ]:
                 prompt = with_trigger(prompt, trigger or None)
         generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
         embeds = {"prompt_embeds": self.prompt_embeds(prompt)}
         if self.family.has_true_cfg:
             embeds["negative_prompt_embeds"] = self.prompt_embeds("")
         try:
-            out = self.pipe(image=images or None, width=width, height=height, num_inference_steps=steps,
-                            guidance_scale=guidance, num_images_per_prompt=num_images, generator=generators, **embeds)
-        except ValueError as exc:  # the pipeline's own input checks (e.g. a reference image under 64 px)
+            out = self.pipe(
+                image=images or None,
+                width=width,
+                height=height,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                num_images_per_prompt=num_images,
+                generator=generators,
+                **embeds,
+            )
+        except (
+            ValueError
+        ) as exc:  # the pipeline's own input checks (e.g. a reference image under 64 px)
             raise UserError(f"generation refused: {str(exc).splitlines()[0]}") from None
         record = {
-            "prompt": prompt, "width": width, "height": height, "steps": steps, "guidance": guidance,
-            "base_model": self.base.path, "family": self.family.name, "fused": self.fused,
-            "references": len(images), "edit": image is not None,
+            "prompt": prompt,
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "guidance": guidance,
+            "base_model": self.base.path,
+            "family": self.family.name,
+            "fused": self.fused,
+            "references": len(images),
+            "edit": image is not None,
             "loras": self.baked + self._lora_records(),
         }
         return [Generated(img, {**record, "seed": seed + i}) for i, img in enumerate(out.images)]
@@ -225,7 +289,9 @@ class Generator:
             self._embeds.move_to_end(prompt)
         else:
             self.text_encoder_calls += 1
-            self._embeds[prompt] = self.pipe.encode_prompt(prompt=prompt, device=self.pipe._execution_device)[0]
+            self._embeds[prompt] = self.pipe.encode_prompt(
+                prompt=prompt, device=self.pipe._execution_device
+            )[0]
             if len(self._embeds) > PROMPT_CACHE:
                 self._embeds.popitem(last=False)
         return self._embeds[prompt]

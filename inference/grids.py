@@ -7,7 +7,7 @@ after); otherwise the images flow into rows by their own aspect ratio, wrapping 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -55,9 +55,15 @@ def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
     return image.convert("RGB").resize(size, resample)
 
 
-def make_grid(images: Sequence[Image.Image], columns: int | None = None, labels: Sequence[str] | None = None,
-              row_labels: Sequence[str] | None = None, title: str | None = None, height: int = 256,
-              max_width: int = 1800) -> Image.Image:
+def make_grid(
+    images: Sequence[Image.Image],
+    columns: int | None = None,
+    labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    height: int = 256,
+    max_width: int = 1800,
+) -> Image.Image:
     if not images:
         raise ValueError("no images to lay out")
     font = _font()
@@ -65,7 +71,9 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None, labels:
         aspect = min(MAX_ASPECT, max(im.width / im.height for im in images))
         cell = (round(height * aspect), height)
         boxes = [cell] * len(images)
-        rows = [list(range(i, min(i + columns, len(images)))) for i in range(0, len(images), columns)]
+        rows = [
+            list(range(i, min(i + columns, len(images)))) for i in range(0, len(images), columns)
+        ]
     else:
         boxes = [(round(height * min(MAX_ASPECT, im.width / im.height)), height) for im in images]
         rows, current, used = [], [], 0
@@ -79,7 +87,9 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None, labels:
     texts = [wrap(labels[i], font, boxes[i][0]) if labels else [] for i in range(len(images))]
     left = 180 if row_labels else 0
     top = LINE + PAD if title else 0
-    row_heights = [height + LINE * max((len(texts[i]) for i in row), default=0) + PAD for row in rows]
+    row_heights = [
+        height + LINE * max((len(texts[i]) for i in row), default=0) + PAD for row in rows
+    ]
     width = left + max(sum(boxes[i][0] + PAD for i in row) for row in rows) + PAD
     sheet = Image.new("RGB", (width, top + sum(row_heights) + PAD), "white")
     draw = ImageDraw.Draw(sheet)
@@ -93,7 +103,9 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None, labels:
         x = left + PAD
         for i in row:
             tile = _fit(images[i], *boxes[i])
-            sheet.paste(tile, (x + (boxes[i][0] - tile.width) // 2, y + (height - tile.height) // 2))
+            sheet.paste(
+                tile, (x + (boxes[i][0] - tile.width) // 2, y + (height - tile.height) // 2)
+            )
             for k, line in enumerate(texts[i]):
                 draw.text((x, y + height + 2 + k * LINE), line, fill="black", font=font)
             x += boxes[i][0] + PAD

@@ -34,25 +34,40 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelConfig:
     path: str = option("", help="local diffusers folder or hub id of the base model")
     family: FamilyChoice = option("auto", help="checked against the folder's model_index.json")
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="dtype of the frozen weights")
+    dtype: Literal["float32", "bfloat16", "float16"] = option(
+        "float32", help="dtype of the frozen weights"
+    )
     revision: str | None = option(None, help="hub revision (ignored for local folders)")
     quantize: Quantize = option("none", help=f"the frozen transformer: {QUANTIZE_HELP}")
     text_encoder_quantize: Quantize = option(
-        "none", help="the text encoder while it fills the cache (nf4 fits Mistral-3 24B in ~14 GB); cached "
-                     "embeddings are kept apart per setting")
-    fp8_storage: bool = option(False, help="retired (float8 without scales); use model.quantize: fp8", migrations={
-        True: "retired: it stored weights in float8 without scales (6-11 % error); use model.quantize: fp8 "
-              "(torchao float8 with per-row scales) instead"})
-    group_offload: Literal["none", "block", "leaf"] = option(
-        "none", help="keep transformer weights in CPU RAM and move one block (or layer) at a time to the device"
+        "none",
+        help="the text encoder while it fills the cache (nf4 fits Mistral-3 24B in ~14 GB); cached "
+        "embeddings are kept apart per setting",
     )
-    allow_distilled: bool = option(False, help="train on a step-distilled checkpoint anyway (LoRAs trained on one "
-                                               "come out weak or grey; train on the base checkpoint)")
+    fp8_storage: bool = option(
+        False,
+        help="retired (float8 without scales); use model.quantize: fp8",
+        migrations={
+            True: "retired: it stored weights in float8 without scales (6-11 % error); use model.quantize: fp8 "
+            "(torchao float8 with per-row scales) instead"
+        },
+    )
+    group_offload: Literal["none", "block", "leaf"] = option(
+        "none",
+        help="keep transformer weights in CPU RAM and move one block (or layer) at a time to the device",
+    )
+    allow_distilled: bool = option(
+        False,
+        help="train on a step-distilled checkpoint anyway (LoRAs trained on one "
+        "come out weak or grey; train on the base checkpoint)",
+    )
 
     def validate(self) -> list[str]:
         if not self.path:
-            return ["model.path is empty; set it to a diffusers folder (e.g. one written by `flux2-lora tiny-model`) "
-                    "or a hub id"]
+            return [
+                "model.path is empty; set it to a diffusers folder (e.g. one written by `flux2-lora tiny-model`) "
+                "or a hub id"
+            ]
         return []
 
 
@@ -74,10 +89,14 @@ class BaseModel:
         return bool(self.index.get("is_distilled", False))
 
     def transformer_config(self) -> dict[str, Any]:
-        return json.loads(_fetch(self.path, "transformer/config.json", self.revision).read_text(encoding="utf-8"))
+        return json.loads(
+            _fetch(self.path, "transformer/config.json", self.revision).read_text(encoding="utf-8")
+        )
 
     def component_config(self, component: str) -> dict[str, Any]:
-        return json.loads(_fetch(self.path, f"{component}/config.json", self.revision).read_text(encoding="utf-8"))
+        return json.loads(
+            _fetch(self.path, f"{component}/config.json", self.revision).read_text(encoding="utf-8")
+        )
 
     def empty_transformer(self):
         """The transformer's architecture on the meta device: shapes and names, no weights read or allocated."""
@@ -91,7 +110,9 @@ class BaseModel:
         config = self.component_config("text_encoder")
         class_name = config.get("architectures", ["AutoModel"])[0]
         model_type = config["model_type"]
-        cfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+        cfg = transformers.AutoConfig.for_model(
+            model_type, **{k: v for k, v in config.items() if k != "model_type"}
+        )
         with init_empty_weights():
             model = getattr(transformers, class_name)(cfg)
         model.tie_weights()  # tied input/output embeddings (Qwen3-4B) are one tensor, as from_pretrained leaves them
@@ -105,7 +126,9 @@ class BaseModel:
             for f in sorted(p for p in folder.rglob("*") if p.is_file()):
                 h.update(f.relative_to(folder).as_posix().encode())
                 h.update(str(f.stat().st_size).encode())
-                with open(f, "rb") as fh:  # the head of each file: configs whole, weights' headers and first MiBs
+                with open(
+                    f, "rb"
+                ) as fh:  # the head of each file: configs whole, weights' headers and first MiBs
                     h.update(fh.read(4 << 20))
         else:
             h.update((self.revision or "main").encode())
@@ -118,33 +141,47 @@ def empty_transformer(config: dict[str, Any]):
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        return getattr(diffusers, config.get("_class_name", "Flux2Transformer2DModel")).from_config(config)
+        return getattr(diffusers, config.get("_class_name", "Flux2Transformer2DModel")).from_config(
+            config
+        )
 
 
 def _fetch(path: str, filename: str, revision: str | None = None) -> Path:
     local = Path(path)
-    if not local.is_dir() and filename.endswith(".json") and (shipped := shipped_config(path, filename)):
+    if (
+        not local.is_dir()
+        and filename.endswith(".json")
+        and (shipped := shipped_config(path, filename))
+    ):
         return shipped  # a known checkpoint's configs ship with the package: plan and check before any download
     if local.is_dir():
         target = local / filename
         if not target.is_file():
-            raise UserError(f"model.path '{path}' has no {filename}; point it at a diffusers FLUX.2 folder")
+            raise UserError(
+                f"model.path '{path}' has no {filename}; point it at a diffusers FLUX.2 folder"
+            )
         return target
     looks_local = path.startswith((".", "/", "~")) or Path(path.split("/")[0]).is_dir()
     if looks_local and not local.exists():
         near = _close_folders(local)
-        raise UserError(f"model.path '{path}': no such folder{f' (did you mean {near}?)' if near else ''}; "
-                        "fix the path (hub ids look like owner/name)")
+        raise UserError(
+            f"model.path '{path}': no such folder{f' (did you mean {near}?)' if near else ''}; "
+            "fix the path (hub ids look like owner/name)"
+        )
     if local.exists() or path.count("/") != 1:
-        raise UserError(f"model.path '{path}' is not a folder or a hub id (owner/name); fix the path")
+        raise UserError(
+            f"model.path '{path}' is not a folder or a hub id (owner/name); fix the path"
+        )
     try:
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(path, filename, revision=revision))
     except Exception as exc:  # network, auth, offline mode: all one user-facing message
         reason = str(exc).splitlines()[0][:200]
-        raise UserError(f"model.path '{path}': could not fetch {filename} from the hub ({reason}); "
-                        "use a local folder or check the id, token and network") from None
+        raise UserError(
+            f"model.path '{path}': could not fetch {filename} from the hub ({reason}); "
+            "use a local folder or check the id, token and network"
+        ) from None
 
 
 def _close_folders(path: Path) -> str:
@@ -161,28 +198,49 @@ def resolve_base_model(cfg: ModelConfig) -> BaseModel:
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.path '{cfg.path}': model_index.json is unreadable ({exc}); re-download the model") from None
+        raise UserError(
+            f"model.path '{cfg.path}': model_index.json is unreadable ({exc}); re-download the model"
+        ) from None
     class_name = index.get("_class_name", "")
     family = family_for_pipeline_class(class_name)
     if family is None:
-        raise UserError(f"model.path '{cfg.path}' holds a {class_name or 'non-diffusers'} model, not FLUX.2 "
-                        f"(expected {' or '.join(f.pipeline_class_name for f in FAMILIES.values())})")
+        raise UserError(
+            f"model.path '{cfg.path}' holds a {class_name or 'non-diffusers'} model, not FLUX.2 "
+            f"(expected {' or '.join(f.pipeline_class_name for f in FAMILIES.values())})"
+        )
     if cfg.family != "auto" and cfg.family != family.name:
-        raise UserError(f"model.family is '{cfg.family}' but model.path '{cfg.path}' is a {family.name} model "
-                        f"({class_name}); set model.family: {family.name} (or auto)")
+        raise UserError(
+            f"model.family is '{cfg.family}' but model.path '{cfg.path}' is a {family.name} model "
+            f"({class_name}); set model.family: {family.name} (or auto)"
+        )
     return BaseModel(path=cfg.path, family=family, index=index, revision=cfg.revision)
 
 
-def load_pipeline(base: BaseModel, dtype: str = "float32", *, text_encoder: bool = True, vae: bool = True,
-                  transformer: bool = True, quantize: Quantize = "none", text_encoder_quantize: Quantize = "none",
-                  device_map: str | None = None):
+def load_pipeline(
+    base: BaseModel,
+    dtype: str = "float32",
+    *,
+    text_encoder: bool = True,
+    vae: bool = True,
+    transformer: bool = True,
+    quantize: Quantize = "none",
+    text_encoder_quantize: Quantize = "none",
+    device_map: str | None = None,
+):
     """Load the family's stock pipeline; components switched off are not read from disk at all. Quantised
     components are converted layer by layer as their weights are read (diffusers' and transformers' loaders).
     `device_map` ("cuda", "cpu"): weights go to that device as they are read, so RAM holds one checkpoint shard
     at a time instead of the whole model."""
-    skip = {name: None for name, keep in
-            (("text_encoder", text_encoder), ("tokenizer", text_encoder), ("vae", vae), ("transformer", transformer))
-            if not keep}
+    skip = {
+        name: None
+        for name, keep in (
+            ("text_encoder", text_encoder),
+            ("tokenizer", text_encoder),
+            ("vae", vae),
+            ("transformer", transformer),
+        )
+        if not keep
+    }
     mapping = {}
     if transformer and quantize != "none":
         mapping["transformer"] = diffusers_config(quantize, DTYPES[dtype])
@@ -202,7 +260,9 @@ def load_pipeline(base: BaseModel, dtype: str = "float32", *, text_encoder: bool
         raise
     except (OSError, ValueError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model.path '{base.path}': could not load the {base.family.name} pipeline ({reason})") from None
+        raise UserError(
+            f"model.path '{base.path}': could not load the {base.family.name} pipeline ({reason})"
+        ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

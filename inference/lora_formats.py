@@ -45,9 +45,12 @@ _FIXED = {
 }
 SWAPPED = "final_layer.adaLN_modulation.1"  # (shift, scale) in BFL, (scale, shift) in diffusers
 _DOUBLE = {
-    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
-    "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
-    "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.linear_in": "img_mlp.0",
+    "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0",
+    "ff_context.linear_out": "txt_mlp.2",
 }
 _SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
 
@@ -73,7 +76,11 @@ def diffusers_names(bfl: str) -> list[str]:
     if bfl in fixed:
         return [fixed[bfl]]
     if m := re.fullmatch(r"double_blocks\.(\d+)\.(img|txt)_attn\.qkv", bfl):
-        names = ("to_q", "to_k", "to_v") if m[2] == "img" else ("add_q_proj", "add_k_proj", "add_v_proj")
+        names = (
+            ("to_q", "to_k", "to_v")
+            if m[2] == "img"
+            else ("add_q_proj", "add_k_proj", "add_v_proj")
+        )
         return [f"transformer_blocks.{m[1]}.attn.{n}" for n in names]
     double = {v: k for k, v in _DOUBLE.items()}
     if (m := re.fullmatch(r"double_blocks\.(\d+)\.(.+)", bfl)) and m[2] in double:
@@ -90,7 +97,9 @@ def _swap_halves(up: torch.Tensor) -> torch.Tensor:
 
 
 # ---- out: diffusers pairs -> BFL pairs ------------------------------------------------------------------------
-def to_bfl(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def to_bfl(
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{diffusers module: (A, B at scale 1)} -> {BFL module: (down, up)}, fusing q/k/v; unmapped modules are errors."""
     grouped: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
     unmapped = []
@@ -102,8 +111,10 @@ def to_bfl(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tup
             continue
         grouped.setdefault(name, {})[part] = pair
     if unmapped:
-        raise UserError(f"{len(unmapped)} LoRA module(s) have no BFL name, so the export would drop them "
-                        f"(e.g. {', '.join(sorted(unmapped)[:3])}); export as diffusers instead")
+        raise UserError(
+            f"{len(unmapped)} LoRA module(s) have no BFL name, so the export would drop them "
+            f"(e.g. {', '.join(sorted(unmapped)[:3])}); export as diffusers instead"
+        )
     out = {}
     for name, parts in grouped.items():
         if None in parts:
@@ -111,19 +122,25 @@ def to_bfl(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tup
             out[name] = (down, _swap_halves(up) if name == SWAPPED else up)
             continue
         a0, b0 = next(iter(parts.values()))
-        thirds = [parts.get(i, (torch.zeros_like(a0), torch.zeros_like(b0))) for i in range(3)]  # absent: no change
+        thirds = [
+            parts.get(i, (torch.zeros_like(a0), torch.zeros_like(b0))) for i in range(3)
+        ]  # absent: no change
         out[name] = (torch.cat([a for a, _ in thirds]), torch.block_diag(*[b for _, b in thirds]))
     return out
 
 
-def write_layout(bfl_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], fmt: Format) -> dict[str, torch.Tensor]:
+def write_layout(
+    bfl_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], fmt: Format
+) -> dict[str, torch.Tensor]:
     """{BFL module: (down, up)} -> the tensors of `fmt` (bfl, comfyui or kohya), scale 1 everywhere."""
     tensors = {}
     for name, (down, up) in sorted(bfl_pairs.items()):
         rank = torch.tensor(float(down.shape[0]))
         if fmt == "kohya":
             key = "lora_unet_" + name.replace(".", "_")
-            tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": rank})
+            tensors.update(
+                {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": rank}
+            )
         else:
             key = f"diffusion_model.{name}"
             tensors.update({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up})
@@ -134,9 +151,11 @@ def write_layout(bfl_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], fmt: F
 
 # ---- in: BFL / kohya layouts -> diffusers pairs ---------------------------------------------------------------
 _KOHYA = re.compile(r"^lora_unet_(.+)\.(lora_down|lora_up)\.weight$")
-_BFL = re.compile(r"^(?:diffusion_model\.)?((?:double_blocks|single_blocks|final_layer|img_in|txt_in|time_in|"
-                  r"guidance_in|double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)"
-                  r"[\w.]*?)\.(lora_A|lora_B|lora_down|lora_up)\.weight$")
+_BFL = re.compile(
+    r"^(?:diffusion_model\.)?((?:double_blocks|single_blocks|final_layer|img_in|txt_in|time_in|"
+    r"guidance_in|double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)"
+    r"[\w.]*?)\.(lora_A|lora_B|lora_down|lora_up)\.weight$"
+)
 
 
 # some tools write diffusers module names under the BFL prefix
@@ -147,9 +166,18 @@ def _kohya_to_bfl(flat: str) -> str | None:
     """'double_blocks_0_img_attn_qkv' -> 'double_blocks.0.img_attn.qkv', by trying the known BFL names' shapes."""
     m = re.fullmatch(r"(double_blocks|single_blocks)_(\d+)_(.+)", flat)
     if m:
-        rest = {"img_attn_qkv": "img_attn.qkv", "txt_attn_qkv": "txt_attn.qkv", "img_attn_proj": "img_attn.proj",
-                "txt_attn_proj": "txt_attn.proj", "img_mlp_0": "img_mlp.0", "img_mlp_2": "img_mlp.2",
-                "txt_mlp_0": "txt_mlp.0", "txt_mlp_2": "txt_mlp.2", "linear1": "linear1", "linear2": "linear2"}
+        rest = {
+            "img_attn_qkv": "img_attn.qkv",
+            "txt_attn_qkv": "txt_attn.qkv",
+            "img_attn_proj": "img_attn.proj",
+            "txt_attn_proj": "txt_attn.proj",
+            "img_mlp_0": "img_mlp.0",
+            "img_mlp_2": "img_mlp.2",
+            "txt_mlp_0": "txt_mlp.0",
+            "txt_mlp_2": "txt_mlp.2",
+            "linear1": "linear1",
+            "linear2": "linear2",
+        }
         return f"{m[1]}.{m[2]}.{rest[m[3]]}" if m[3] in rest else None
     known = {v.replace(".", "_"): v for v in _FIXED.values()}
     return known.get(flat)
@@ -180,13 +208,17 @@ def from_foreign(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             prefix = key[: key.rindex(f".{role}.")]
         elif not m and (d := _HYBRID.match(key)) and _is_diffusers_module(d[1]):
             name, role, prefix = bfl_name(d[1])[0] if bfl_name(d[1])[1] is None else None, d[2], key
-            if name is None:  # a diffusers q/k/v under the BFL prefix: already split, place it as it is
+            if (
+                name is None
+            ):  # a diffusers q/k/v under the BFL prefix: already split, place it as it is
                 direct.setdefault(d[1], {})["down" if d[2] == "lora_A" else "up"] = tensor
                 continue
         if name is None:
             unplaced.append(re.sub(r"\.(lora_A|lora_B|lora_down|lora_up)\.weight$", "", key))
             continue
-        pairs.setdefault(name, {"prefix": prefix})["down" if role in ("lora_A", "lora_down") else "up"] = tensor
+        pairs.setdefault(name, {"prefix": prefix})[
+            "down" if role in ("lora_A", "lora_down") else "up"
+        ] = tensor
     out = {}
     for name, p in pairs.items():
         if "down" not in p or "up" not in p:
@@ -206,7 +238,10 @@ def from_foreign(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             out[f"transformer.{target}.lora_A.weight"] = down
             out[f"transformer.{target}.lora_B.weight"] = part.to(p["up"].dtype).contiguous()
     for module, p in direct.items():
-        out[f"transformer.{module}.lora_A.weight"], out[f"transformer.{module}.lora_B.weight"] = p["down"], p["up"]
+        out[f"transformer.{module}.lora_A.weight"], out[f"transformer.{module}.lora_B.weight"] = (
+            p["down"],
+            p["up"],
+        )
     return out, list(dict.fromkeys(unplaced))
 
 
@@ -224,11 +259,15 @@ def _is_diffusers_module(name: str) -> bool:
 # dim = the inner rank (1 when nothing is decomposed). A Kronecker or Hadamard factorisation of q, k and v does not
 # fuse into one for BFL's qkv, so those modules keep their diffusers names, which ComfyUI (v0.11+) maps onto their
 # rows of the fused weight; every other module takes its BFL name.
-LYCORIS = {"lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
-           "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+LYCORIS = {
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+}
 
 
-def lycoris_layout(modules: dict[str, dict[str, torch.Tensor]], kind: str, scale: float) -> dict[str, torch.Tensor]:
+def lycoris_layout(
+    modules: dict[str, dict[str, torch.Tensor]], kind: str, scale: float
+) -> dict[str, torch.Tensor]:
     """{diffusers module: {factor: tensor}} of a peft LoKr/LoHa at scale `scale` -> LyCORIS-layout tensors at the
     same change. The scale goes into the first factor and `.alpha` equals the inner rank, so alpha / dim = 1."""
     tensors, unmapped = {}, []
@@ -239,7 +278,9 @@ def lycoris_layout(modules: dict[str, dict[str, torch.Tensor]], kind: str, scale
             unmapped.append(module)
             continue
         factors = dict(factors)
-        first = "lokr_w1" if "lokr_w1" in factors else ("lokr_w1_a" if kind == "lokr" else "hada_w1_a")
+        first = (
+            "lokr_w1" if "lokr_w1" in factors else ("lokr_w1_a" if kind == "lokr" else "hada_w1_a")
+        )
         factors[first] = factors[first] * scale
         if name == SWAPPED:
             factors = _swap_lycoris_rows(module, factors, kind)
@@ -249,16 +290,26 @@ def lycoris_layout(modules: dict[str, dict[str, torch.Tensor]], kind: str, scale
         if inner is not None:
             tensors[f"{prefix}.alpha"] = torch.tensor(float(inner.shape[0]))
     if unmapped:
-        raise UserError(f"{len(unmapped)} {kind} module(s) have no BFL name, so the export would drop them "
-                        f"(e.g. {', '.join(unmapped[:3])}); export as diffusers instead")
+        raise UserError(
+            f"{len(unmapped)} {kind} module(s) have no BFL name, so the export would drop them "
+            f"(e.g. {', '.join(unmapped[:3])}); export as diffusers instead"
+        )
     return tensors
 
 
-def _swap_lycoris_rows(module: str, factors: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+def _swap_lycoris_rows(
+    module: str, factors: dict[str, torch.Tensor], kind: str
+) -> dict[str, torch.Tensor]:
     """Swap the output halves of dW (BFL's adaLN order). LoHa: the rows of both left factors. LoKr: the rows of w1,
     which permutes whole blocks of kron(w1, w2), so w1 needs an even number of rows."""
-    left = ("hada_w1_a", "hada_w2_a") if kind == "loha" else ("lokr_w1" if "lokr_w1" in factors else "lokr_w1_a",)
+    left = (
+        ("hada_w1_a", "hada_w2_a")
+        if kind == "loha"
+        else ("lokr_w1" if "lokr_w1" in factors else "lokr_w1_a",)
+    )
     if kind == "lokr" and factors[left[0]].shape[0] % 2:
-        raise UserError(f"the lokr module {module} cannot be written in BFL's row order (its Kronecker factor has "
-                        f"an odd row count); train without it (lora.targets) or export as diffusers")
+        raise UserError(
+            f"the lokr module {module} cannot be written in BFL's row order (its Kronecker factor has "
+            f"an odd row count); train without it (lora.targets) or export as diffusers"
+        )
     return {**factors, **{k: _swap_halves(factors[k]) for k in left}}

@@ -24,8 +24,14 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 META_PREFIX = "flux2_lora."
 
 
-def save_lora(target: str | Path, transformer, family: Family, info: dict[str, Any], bake_alpha: bool = True,
-              layers: dict[str, torch.Tensor] | None = None) -> Path:
+def save_lora(
+    target: str | Path,
+    transformer,
+    family: Family,
+    info: dict[str, Any],
+    bake_alpha: bool = True,
+    layers: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save the transformer's active peft LoRA to `target` (a .safetensors path), atomically.
 
     `bake_alpha`: a LoRA's scale alpha/r goes into lora_B and the metadata says alpha = r. ComfyUI reads alpha only
@@ -43,7 +49,12 @@ def save_lora(target: str | Path, transformer, family: Family, info: dict[str, A
     metadata = _collate_lora_metadata({"transformer": transformer})
     config = metadata.get("transformer_lora_adapter_metadata") or {}
     scale = alpha_scale(config)
-    if bake_alpha and scale != 1.0 and not config.get("alpha_pattern") and not config.get("rank_pattern"):
+    if (
+        bake_alpha
+        and scale != 1.0
+        and not config.get("alpha_pattern")
+        and not config.get("rank_pattern")
+    ):
         layers = {k: v * scale if ".lora_B." in k else v for k, v in layers.items()}
         metadata["transformer_lora_adapter_metadata"] = baked_config(config)
         info = {**info, "alpha_baked": scale}
@@ -53,7 +64,9 @@ def save_lora(target: str | Path, transformer, family: Family, info: dict[str, A
         with safe_open(written, "pt") as fh:
             header = dict(fh.metadata() or {})
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    header.update({META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
+    header.update(
+        {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
+    )
     with atomic_path(target) as tmp_file:
         save_file(tensors, str(tmp_file), metadata=header)
     return target
@@ -61,7 +74,9 @@ def save_lora(target: str | Path, transformer, family: Family, info: dict[str, A
 
 def alpha_scale(config: dict[str, Any]) -> float:
     """A peft LoRA config's scale alpha/r (1 when either is absent: other adapter types, foreign files)."""
-    return config["lora_alpha"] / config["r"] if config.get("r") and config.get("lora_alpha") else 1.0
+    return (
+        config["lora_alpha"] / config["r"] if config.get("r") and config.get("lora_alpha") else 1.0
+    )
 
 
 def baked_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -82,12 +97,16 @@ def read_header(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise UserError(f"LoRA '{path}' does not exist")
     if path.suffix.lower() != ".safetensors":
-        raise UserError(f"LoRA '{path}' is not a .safetensors file; only safetensors are loaded (pickles can run code)")
+        raise UserError(
+            f"LoRA '{path}' is not a .safetensors file; only safetensors are loaded (pickles can run code)"
+        )
     try:
         with safe_open(path, "pt") as fh:
             return dict(fh.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise UserError(f"LoRA '{path}' is not a valid safetensors file ({str(exc)[:120]})") from None
+        raise UserError(
+            f"LoRA '{path}' is not a valid safetensors file ({str(exc)[:120]})"
+        ) from None
 
 
 def our_info(header: dict[str, str]) -> dict[str, Any]:
@@ -95,9 +114,9 @@ def our_info(header: dict[str, str]) -> dict[str, Any]:
     for key, value in header.items():
         if key.startswith(META_PREFIX):
             try:
-                info[key[len(META_PREFIX):]] = json.loads(value)
+                info[key[len(META_PREFIX) :]] = json.loads(value)
             except ValueError:
-                info[key[len(META_PREFIX):]] = value
+                info[key[len(META_PREFIX) :]] = value
     return info
 
 

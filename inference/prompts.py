@@ -14,9 +14,17 @@ def hex_prompt(subject: str, colours: dict[str, str]) -> str:
     return ", ".join([subject, *parts])
 
 
-def json_prompt(scene: str, *, subjects: list[dict[str, Any]] | None = None, style: str | None = None,
-                colour_palette: list[str] | None = None, lighting: str | None = None, camera: dict[str, Any] | None = None,
-                text: list[str] | None = None, **extra: Any) -> str:
+def json_prompt(
+    scene: str,
+    *,
+    subjects: list[dict[str, Any]] | None = None,
+    style: str | None = None,
+    colour_palette: list[str] | None = None,
+    lighting: str | None = None,
+    camera: dict[str, Any] | None = None,
+    text: list[str] | None = None,
+    **extra: Any,
+) -> str:
     """A JSON-structured prompt in the shape FLUX.2's prompting guide uses; hex codes are validated."""
     doc: dict[str, Any] = {"scene": scene}
     if subjects:

@@ -15,13 +15,21 @@ from typing import Literal
 import torch
 
 Quantize = Literal["none", "fp8", "int8", "nf4"]
-QUANTIZE_HELP = ("none; fp8 / int8 (torchao weight-only with per-row scales, any device); nf4 (bitsandbytes 4-bit, "
-                 "CUDA only). Applied while loading: the full-precision model is never whole in RAM")
+QUANTIZE_HELP = (
+    "none; fp8 / int8 (torchao weight-only with per-row scales, any device); nf4 (bitsandbytes 4-bit, "
+    "CUDA only). Applied while loading: the full-precision model is never whole in RAM"
+)
 
 # Small layers at the model's edges stay in full precision, as every trainer keeps them: they carry the
 # input/output scale and quantising them costs quality for a few MB. Everything else that is a Linear is converted.
 # Matched as the loaders match modules_to_not_convert: a name, or a dotted part of one (FLUX.2 has each once).
-TRANSFORMER_KEEP_FULL = ("x_embedder", "context_embedder", "proj_out", "norm_out", "time_guidance_embed")
+TRANSFORMER_KEEP_FULL = (
+    "x_embedder",
+    "context_embedder",
+    "proj_out",
+    "norm_out",
+    "time_guidance_embed",
+)
 TEXT_ENCODER_KEEP_FULL = ("lm_head",)  # never run: encoding reads hidden states
 
 # Bytes per weight of a converted Linear, and the per-output-row scale bytes (torchao keeps one bf16 scale a row;
@@ -35,7 +43,9 @@ def converted(name: str, keep_full: tuple[str, ...]) -> bool:
     return not any(f".{k}." in f".{name}." for k in keep_full)
 
 
-def quantized_bytes(model: torch.nn.Module, kind: Quantize, dtype_bytes: int, keep_full: tuple[str, ...]) -> int:
+def quantized_bytes(
+    model: torch.nn.Module, kind: Quantize, dtype_bytes: int, keep_full: tuple[str, ...]
+) -> int:
     """Bytes of `model`'s weights (meta or real) after quantisation `kind`: the loaders' rule, counted."""
     total, linear_ids = 0, set()
     if kind != "none":
@@ -43,7 +53,10 @@ def quantized_bytes(model: torch.nn.Module, kind: Quantize, dtype_bytes: int, ke
             if isinstance(module, torch.nn.Linear) and converted(name, keep_full):
                 weight = module.weight
                 linear_ids.add(id(weight))
-                total += int(weight.numel() * WEIGHT_BYTES[kind]) + weight.shape[0] * ROW_SCALE_BYTES[kind]
+                total += (
+                    int(weight.numel() * WEIGHT_BYTES[kind])
+                    + weight.shape[0] * ROW_SCALE_BYTES[kind]
+                )
     seen = set(linear_ids)
     for p in model.parameters():
         if id(p) not in seen:
@@ -58,10 +71,14 @@ def quantize_problem(kind: Quantize, key: str, device_type: str) -> str | None:
         return None
     if kind == "nf4":
         if device_type != "cuda":
-            return (f"{key}: nf4 (bitsandbytes) runs on a CUDA GPU only; on this machine use {key}: int8 or fp8 "
-                    "(torchao), or none")
+            return (
+                f"{key}: nf4 (bitsandbytes) runs on a CUDA GPU only; on this machine use {key}: int8 or fp8 "
+                "(torchao), or none"
+            )
         if importlib.util.find_spec("bitsandbytes") is None:
-            return f"{key}: nf4 needs bitsandbytes: pip install 'flux2-lora[bnb]', or use {key}: int8"
+            return (
+                f"{key}: nf4 needs bitsandbytes: pip install 'flux2-lora[bnb]', or use {key}: int8"
+            )
         return None
     if importlib.util.find_spec("torchao") is None:
         return f"{key}: {kind} needs torchao: pip install 'flux2-lora[quant]', or use {key}: none"
@@ -91,6 +108,11 @@ def _config(library: str, kind: Quantize, compute_dtype: torch.dtype, keep_full:
         return None
     module = importlib.import_module(library)
     if kind == "nf4":
-        return module.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                         bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=list(keep_full))
+        return module.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=list(keep_full),
+        )
     return module.TorchAoConfig(torchao_type(kind), modules_to_not_convert=list(keep_full))

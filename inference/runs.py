@@ -1,9 +1,9 @@
 """The run folder a training run writes, and the one reader that generate, evaluate and the scripts use.
 
-    RUN/pytorch_lora_weights.safetensors    the final LoRA (its header's flux2_lora.step says at which step)
-    RUN/pytorch_lora_weights_ema.safetensors  its exponential moving average (with ema.decay)
-    RUN/config.yaml, RUN/README.md          the resolved config, the model card
-    RUN/checkpoints/step-N/                 accelerate state, the LoRA at step N, trainer_state.json
+RUN/pytorch_lora_weights.safetensors    the final LoRA (its header's flux2_lora.step says at which step)
+RUN/pytorch_lora_weights_ema.safetensors  its exponential moving average (with ema.decay)
+RUN/config.yaml, RUN/README.md          the resolved config, the model card
+RUN/checkpoints/step-N/                 accelerate state, the LoRA at step N, trainer_state.json
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 from common.errors import UserError
 from inference.lora_io import WEIGHT_NAME, our_info, read_header
 
-EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"  # with ema.decay: the moving average of the weights
+EMA_WEIGHT_NAME = (
+    "pytorch_lora_weights_ema.safetensors"  # with ema.decay: the moving average of the weights
+)
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
 CONFIG_FILE = "config.yaml"
@@ -27,7 +29,11 @@ def checkpoint_dir(run: str | Path, step: int) -> Path:
 
 
 def _folder_step(folder: Path) -> int | None:
-    return int(folder.name[5:]) if folder.name.startswith("step-") and folder.name[5:].isdigit() else None
+    return (
+        int(folder.name[5:])
+        if folder.name.startswith("step-") and folder.name[5:].isdigit()
+        else None
+    )
 
 
 def list_checkpoints(run: str | Path) -> list[Path]:
@@ -35,7 +41,9 @@ def list_checkpoints(run: str | Path) -> list[Path]:
     root = Path(run) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _folder_step(p) is not None and (p / STATE_FILE).is_file()]
+    found = [
+        p for p in root.iterdir() if _folder_step(p) is not None and (p / STATE_FILE).is_file()
+    ]
     return sorted(found, key=_folder_step)
 
 
@@ -58,15 +66,20 @@ def run_loras(run: str | Path) -> list[RunLora]:
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run '{run}' is not a folder; pass a training output.dir")
-    found = [RunLora(ckpt.name, ckpt / WEIGHT_NAME, lora_step(ckpt / WEIGHT_NAME) or _folder_step(ckpt))
-             for ckpt in list_checkpoints(run) if (ckpt / WEIGHT_NAME).is_file()]
+    found = [
+        RunLora(ckpt.name, ckpt / WEIGHT_NAME, lora_step(ckpt / WEIGHT_NAME) or _folder_step(ckpt))
+        for ckpt in list_checkpoints(run)
+        if (ckpt / WEIGHT_NAME).is_file()
+    ]
     final = run / WEIGHT_NAME
     if final.is_file():
         step = lora_step(final)
         if step is None or step not in {f.step for f in found}:
             found.append(RunLora("final", final, step))
     if not found:
-        raise UserError(f"run '{run}' holds no LoRA (neither {WEIGHT_NAME} nor {CHECKPOINTS}/step-N/{WEIGHT_NAME})")
+        raise UserError(
+            f"run '{run}' holds no LoRA (neither {WEIGHT_NAME} nor {CHECKPOINTS}/step-N/{WEIGHT_NAME})"
+        )
     return found
 
 
@@ -75,7 +88,9 @@ def lora_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         if not (path / WEIGHT_NAME).is_file():
-            raise UserError(f"LoRA folder '{path}' holds no {WEIGHT_NAME}; pass the .safetensors file itself")
+            raise UserError(
+                f"LoRA folder '{path}' holds no {WEIGHT_NAME}; pass the .safetensors file itself"
+            )
         return path / WEIGHT_NAME
     return path
 

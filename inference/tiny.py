@@ -42,7 +42,8 @@ _DEV_TEMPLATE = (
     "{% else %}{% set parts = m['content'] %}{% endif %}"
     "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{% endif %}"
     "{% for p in parts %}{% if p['type'] == 'image' %}[IMG]{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
-    "{% if m['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[/INST]{% else %}{{ eos_token }}{% endif %}"
+    "{% if m['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[/INST]"
+    "{% else %}{{ eos_token }}{% endif %}"
     "{% endfor %}"
 )
 
@@ -75,10 +76,20 @@ def _train_bpe(special_tokens: list[str], vocab_size: int = 400):
 # colours, shapes and placement (2 + 2 blocks, 4 heads 32 wide: ~1.6 M parameters). Heads 32 wide give each RoPE
 # axis 4 frequencies (16 wide give 2, and tokens 6 apart look alike).
 ARCHITECTURES = {
-    "random": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
-               "axes_dims_rope": (4, 4, 4, 4)},
-    "pretrained": {"num_layers": 2, "num_single_layers": 2, "num_attention_heads": 4, "attention_head_dim": 32,
-                   "axes_dims_rope": (8, 8, 8, 8)},
+    "random": {
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "axes_dims_rope": (4, 4, 4, 4),
+    },
+    "pretrained": {
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "num_attention_heads": 4,
+        "attention_head_dim": 32,
+        "axes_dims_rope": (8, 8, 8, 8),
+    },
 }
 # The pretrained VAE downsamples 4x (three levels) instead of FLUX.2's 8x: a 64 px image is then 8 x 8 tokens and
 # the brand mark's ring and bar survive the latent (at 8x it is 2-3 tokens wide and comes back as a smudge).
@@ -148,11 +159,25 @@ def mistral3_text_stack():
         PreTrainedTokenizerFast,
     )
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    specials = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<pad>",
+        "[INST]",
+        "[/INST]",
+        "[SYSTEM_PROMPT]",
+        "[/SYSTEM_PROMPT]",
+        "[IMG]",
+        "[IMG_BREAK]",
+        "[IMG_END]",
+    ]
     fast = PreTrainedTokenizerFast(
         tokenizer_object=_train_bpe(specials),
-        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         model_max_length=2048,
     )
     fast.add_special_tokens({"additional_special_tokens": specials[4:]})
@@ -165,13 +190,26 @@ def mistral3_text_stack():
     )
     config = Mistral3Config(
         vision_config=PixtralVisionConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            head_dim=8, image_size=64, patch_size=16,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=8,
+            image_size=64,
+            patch_size=16,
         ).to_dict(),
         text_config=MistralConfig(
-            vocab_size=len(fast), hidden_size=TEXT_HIDDEN, intermediate_size=32, num_hidden_layers=30,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
-            pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+            vocab_size=len(fast),
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=32,
+            num_hidden_layers=30,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=2048,
+            pad_token_id=fast.pad_token_id,
+            bos_token_id=fast.bos_token_id,
+            eos_token_id=fast.eos_token_id,
         ).to_dict(),
         image_token_index=fast.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=2,
@@ -192,9 +230,16 @@ def qwen3_text_stack():
     tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
     tokenizer.chat_template = _KLEIN_TEMPLATE
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=32, num_hidden_layers=28,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
     )
     return _loud_embeddings(Qwen3ForCausalLM(config).eval()), tokenizer
 
@@ -208,8 +253,13 @@ def _loud_embeddings(model):
     return model
 
 
-def build_tiny_pipeline(family, seed: int = 0, distilled: bool = False, pretrained: bool = False,
-                        size: str | None = None):
+def build_tiny_pipeline(
+    family,
+    seed: int = 0,
+    distilled: bool = False,
+    pretrained: bool = False,
+    size: str | None = None,
+):
     """A stock pipeline of `family` (an inference.families.Family): random weights, or with `pretrained` the
     shipped weights (checked against their checksums). `size` overrides the architecture (the pretraining
     script builds the pretrained architecture with random weights)."""
@@ -217,15 +267,22 @@ def build_tiny_pipeline(family, seed: int = 0, distilled: bool = False, pretrain
     text_encoder, tokenizer = family.tiny_text_stack()
     size = size or ("pretrained" if pretrained else "random")
     transformer = _tiny_transformer(family.has_guidance_embedding, size)
-    pipe = family.pipeline_class(scheduler=_scheduler(), vae=_tiny_vae(size), text_encoder=text_encoder,
-                                 tokenizer=tokenizer, transformer=transformer, **family.pipeline_options(distilled))
+    pipe = family.pipeline_class(
+        scheduler=_scheduler(),
+        vae=_tiny_vae(size),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        **family.pipeline_options(distilled),
+    )
     if pretrained:
         _load_pretrained(pipe, family)
     return pipe
 
 
-def write_tiny_model(out_dir: str | Path, family, seed: int = 0, distilled: bool = False,
-                     pretrained: bool = True) -> Path:
+def write_tiny_model(
+    out_dir: str | Path, family, seed: int = 0, distilled: bool = False, pretrained: bool = True
+) -> Path:
     """Write a tiny pipeline folder (diffusers format, a few MB) atomically."""
     out_dir = Path(out_dir)
     pipe = build_tiny_pipeline(family, seed=seed, distilled=distilled, pretrained=pretrained)
@@ -244,9 +301,11 @@ def _load_pretrained(pipe, family) -> None:
         try:  # strict: every tensor of the component, tied embeddings included, is in the file (save_weights)
             getattr(pipe, component).load_state_dict(state)
         except RuntimeError as exc:
-            raise UserError(f"the shipped {component} weights do not fit the tiny {family.name} model "
-                            f"({str(exc).splitlines()[0][:120]}); rebuild them with `{REBUILD} --family "
-                            f"{family.name}`") from None
+            raise UserError(
+                f"the shipped {component} weights do not fit the tiny {family.name} model "
+                f"({str(exc).splitlines()[0][:120]}); rebuild them with `{REBUILD} --family "
+                f"{family.name}`"
+            ) from None
 
 
 def _sha256(path: Path) -> str:
@@ -261,8 +320,10 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file() or path.name not in sums:
         raise UserError(f"{path} is missing; rebuild the tiny model's weights with `{REBUILD}`")
     if _sha256(path) != sums[path.name]:
-        raise UserError(f"{path} is damaged (checksum mismatch with {path.parent / CHECKSUMS}); rebuild it with "
-                        f"`{REBUILD}` or restore it with `git checkout -- {path.name}`")
+        raise UserError(
+            f"{path} is damaged (checksum mismatch with {path.parent / CHECKSUMS}); rebuild it with "
+            f"`{REBUILD}` or restore it with `git checkout -- {path.name}`"
+        )
     return load_file(path)
 
 
@@ -284,4 +345,7 @@ def _read_checksums(folder: Path) -> dict[str, str]:
     path = folder / CHECKSUMS
     if not path.is_file():
         return {}
-    return {name: digest for digest, name in (line.split() for line in path.read_text().splitlines() if line.strip())}
+    return {
+        name: digest
+        for digest, name in (line.split() for line in path.read_text().splitlines() if line.strip())
+    }

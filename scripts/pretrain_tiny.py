@@ -23,18 +23,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
 
-from common.atomic import atomic_path, write_text  # noqa: E402
-from common.errors import run_guarded  # noqa: E402
-from common.synthetic import COLOURS, SHAPES, colour_counts, mark_scene, random_scene  # noqa: E402
-from inference import tiny  # noqa: E402
-from inference.conditioning import build_inputs, predict_velocity  # noqa: E402
-from inference.families import FAMILIES  # noqa: E402
-from trainer.flow import FlowConfig, interpolate, training_sigmas, velocity_target  # noqa: E402
+from common.atomic import atomic_path, write_text
+from common.errors import run_guarded
+from common.synthetic import COLOURS, SHAPES, colour_counts, mark_scene, random_scene
+from inference import tiny
+from inference.conditioning import build_inputs, predict_velocity
+from inference.families import FAMILIES
+from trainer.flow import FlowConfig, interpolate, training_sigmas, velocity_target
 
 LR = 2e-3
 VAE_LR = 3e-3
@@ -87,9 +87,11 @@ def pretrain_vae(vae, steps: int, seed: int) -> dict[str, float]:
         vae.bn.running_mean.copy_(z.mean(1))
         vae.bn.running_var.copy_(z.var(1))
         quality = {}
-        for name, images in (("scenes 64 px", [random_scene(rng, 64, 64)[0] for _ in range(64)]),
-                             ("scenes 128 px", [random_scene(rng, 128, 128)[0] for _ in range(32)]),
-                             ("brand mark 64 px", [mark_scene(64, 64, b, 32, 32, 20)[0] for b in COLOURS])):
+        for name, images in (
+            ("scenes 64 px", [random_scene(rng, 64, 64)[0] for _ in range(64)]),
+            ("scenes 128 px", [random_scene(rng, 128, 128)[0] for _ in range(32)]),
+            ("brand mark 64 px", [mark_scene(64, 64, b, 32, 32, 20)[0] for b in COLOURS]),
+        ):
             x = _pixels(images)
             recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
             quality[name] = round(10 * math.log10(4.0 / ((recon - x) ** 2).mean().item()), 1)
@@ -98,10 +100,14 @@ def pretrain_vae(vae, steps: int, seed: int) -> dict[str, float]:
 
 
 def _captions() -> list[str]:
-    return sorted(f"a {c} {s} on a {b} background" for c in COLOURS for s in SHAPES for b in COLOURS if c != b)
+    return sorted(
+        f"a {c} {s} on a {b} background" for c in COLOURS for s in SHAPES for b in COLOURS if c != b
+    )
 
 
-def _scene_pool(pipe, rng: random.Random) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Size, list[str]]]:
+def _scene_pool(
+    pipe, rng: random.Random
+) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Size, list[str]]]:
     """Per size: packed normalised latents (N, tokens, 128), the unpacked shape, and the captions."""
     pool = {}
     with torch.no_grad():
@@ -116,7 +122,9 @@ def _scene_pool(pipe, rng: random.Random) -> dict[tuple[int, int], tuple[torch.T
     return pool
 
 
-def pretrain_transformer(pipe, family, steps: int, long_steps: int, batch: int, seed: int, shift: str) -> None:
+def pretrain_transformer(
+    pipe, family, steps: int, long_steps: int, batch: int, seed: int, shift: str
+) -> None:
     """Flow matching on a pool of encoded random scenes: a fast phase on the prompts' first text tokens, then a
     phase on all 512 (padding included) so the model copes with the full sequence the pipelines feed it."""
     rng = random.Random(seed)
@@ -126,11 +134,12 @@ def pretrain_transformer(pipe, family, steps: int, long_steps: int, batch: int, 
     print(f"{family.name}: encoding {len(captions)} captions and the empty prompt ...")
     lengths = []  # real (unpadded) text tokens, read from the attention mask the pipeline gives its encoder
     hook = pipe.text_encoder.register_forward_pre_hook(
-        lambda _m, _a, kw: lengths.append(int(kw["attention_mask"].sum(1).max())), with_kwargs=True)
+        lambda _m, _a, kw: lengths.append(int(kw["attention_mask"].sum(1).max())), with_kwargs=True
+    )
     with torch.no_grad():
         embeds = {}
         for i in range(0, len(captions), 64):
-            chunk = captions[i:i + 64]
+            chunk = captions[i : i + 64]
             out, _ = pipe.encode_prompt(prompt=chunk, device="cpu")
             embeds.update(zip(chunk, out))
         embeds[""] = pipe.encode_prompt(prompt=[""], device="cpu")[0][0]
@@ -138,7 +147,9 @@ def pretrain_transformer(pipe, family, steps: int, long_steps: int, batch: int, 
     # the fast phase keeps the prompts' own tokens and a few padding ones (causal encoders: the prefix of the
     # 512-token embedding is exactly what a shorter padding would give)
     short = -(-max(lengths) // 16) * 16 + 16
-    print(f"{family.name}: prompts take up to {max(lengths)} text tokens; fast phase on the first {short}")
+    print(
+        f"{family.name}: prompts take up to {max(lengths)} text tokens; fast phase on the first {short}"
+    )
     pool = _scene_pool(pipe, rng)
     transformer = pipe.transformer
     transformer.train()
@@ -152,9 +163,13 @@ def pretrain_transformer(pipe, family, steps: int, long_steps: int, batch: int, 
     for step in tqdm(range(total), desc=family.name, mininterval=5):
         w, h = SIZE_ODDS[rng.randrange(len(SIZE_ODDS))]
         latents, shape, names = pool[(w, h)]
-        pick = [rng.randrange(len(names)) for _ in range(max(1, batch * 64 * 64 // (w * h)))]  # same pixels a step
+        pick = [
+            rng.randrange(len(names)) for _ in range(max(1, batch * 64 * 64 // (w * h)))
+        ]  # same pixels a step
         tokens = latents[pick]
-        prompts = [names[i] if rng.random() > 0.1 else "" for i in pick]  # dropout: the empty prompt CFG runs against
+        prompts = [
+            names[i] if rng.random() > 0.1 else "" for i in pick
+        ]  # dropout: the empty prompt CFG runs against
         text = torch.stack([embeds[p] for p in prompts])
         if step < steps:
             text = text[:, :short]
@@ -162,13 +177,22 @@ def pretrain_transformer(pipe, family, steps: int, long_steps: int, batch: int, 
         sigma = training_sigmas(flow, len(pick), tokens.shape[1], gen)
         noisy = interpolate(tokens, noise, sigma)
         target = velocity_target(tokens, noise)
-        guidance = rng.uniform(1.0, 5.0)  # drawn for every family, so one seed draws the same scenes for all
+        guidance = rng.uniform(
+            1.0, 5.0
+        )  # drawn for every family, so one seed draws the same scenes for all
         if family.has_guidance_embedding:
             # plain targets on even steps and in the long phase (a guided 512-token step costs as much as four)
             guidance = guidance if steps // 4 <= step < steps and step % 2 else 1.0
-            target = _self_guided(transformer, family, noisy, shape, text, embeds[""], sigma, target, guidance)
-        pred = predict_velocity(transformer, family, build_inputs(family, noisy, (len(pick), *shape), text), sigma,
-                                guidance=guidance)
+            target = _self_guided(
+                transformer, family, noisy, shape, text, embeds[""], sigma, target, guidance
+            )
+        pred = predict_velocity(
+            transformer,
+            family,
+            build_inputs(family, noisy, (len(pick), *shape), text),
+            sigma,
+            guidance=guidance,
+        )
         loss = ((pred - target) ** 2).mean()
         for group in opt.param_groups:
             group["lr"] = LR * (0.1 + 0.9 * _cosine(step, total))
@@ -192,12 +216,16 @@ def _self_guided(transformer, family, noisy, shape, text, empty, sigma, target, 
         return target
     batch = noisy.shape[0]
     with torch.no_grad():
-        inputs = build_inputs(family, noisy, (batch, *shape), empty[: text.shape[1]].expand(batch, -1, -1))
+        inputs = build_inputs(
+            family, noisy, (batch, *shape), empty[: text.shape[1]].expand(batch, -1, -1)
+        )
         uncond = predict_velocity(transformer, family, inputs, sigma, guidance=1.0)
     return target + (guidance - 1.0) * (target - uncond)
 
 
-def prompt_following(pipe, family, count: int, seed: int, sheet: Path) -> tuple[float, float, list[str]]:
+def prompt_following(
+    pipe, family, count: int, seed: int, sheet: Path
+) -> tuple[float, float, list[str]]:
     """Share of generated images whose background / shape colour is the nearest named colour to what was asked;
     the first 16 images are written to `sheet` (4 x 4, row by row, in the order of the returned prompts)."""
     rng = random.Random(seed)
@@ -208,8 +236,13 @@ def prompt_following(pipe, family, count: int, seed: int, sheet: Path) -> tuple[
     for _ in range(count):
         colour, background = rng.sample(names, 2)
         prompt = f"a {colour} {rng.choice(SHAPES)} on a {background} background"
-        image = pipe(prompt=prompt, height=64, width=64, num_inference_steps=SAMPLE_STEPS,
-                     generator=torch.Generator().manual_seed(rng.randrange(10**6))).images[0]
+        image = pipe(
+            prompt=prompt,
+            height=64,
+            width=64,
+            num_inference_steps=SAMPLE_STEPS,
+            generator=torch.Generator().manual_seed(rng.randrange(10**6)),
+        ).images[0]
         images.append(image)
         prompts.append(prompt)
         present = list(colour_counts(np.asarray(image)))
@@ -229,37 +262,73 @@ def _record(weights: Path, arguments: dict, since: float, quality: dict) -> None
     import diffusers
     import transformers
 
-    record = {"file": weights.name, "arguments": arguments, "python": platform.python_version(),
-              "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-              "seconds": round(time.perf_counter() - since), "quality": quality}
+    record = {
+        "file": weights.name,
+        "arguments": arguments,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "seconds": round(time.perf_counter() - since),
+        "quality": quality,
+    }
     write_text(weights.with_name(weights.stem + ".build.json"), json.dumps(record, indent=2) + "\n")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=["all", "vae", *FAMILIES], default="all",
-                    help="all: the VAE, then every family's transformer; vae: the VAE only")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--family",
+        choices=["all", "vae", *FAMILIES],
+        default="all",
+        help="all: the VAE, then every family's transformer; vae: the VAE only",
+    )
     ap.add_argument("--out", default=str(tiny.WEIGHTS_DIR))
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (results are bit-identical at the same count)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (results are bit-identical at the same count)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=2500)
-    ap.add_argument("--steps", type=int, help=f"transformer steps on the prompts' own text tokens (default {STEPS})")
-    ap.add_argument("--long-steps", type=int, default=100, help="transformer steps on all 512 text tokens")
-    ap.add_argument("--shift", choices=["empirical", "dynamic", "none"], default="empirical",
-                    help="training sigma shift (trainer/flow.py)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        help=f"transformer steps on the prompts' own text tokens (default {STEPS})",
+    )
+    ap.add_argument(
+        "--long-steps", type=int, default=100, help="transformer steps on all 512 text tokens"
+    )
+    ap.add_argument(
+        "--shift",
+        choices=["empirical", "dynamic", "none"],
+        default="empirical",
+        help="training sigma shift (trainer/flow.py)",
+    )
     ap.add_argument("--batch", type=int, default=16, help="64 px scenes a step (fewer larger ones)")
-    ap.add_argument("--check", type=int, default=40, help="prompts generated to measure prompt following")
+    ap.add_argument(
+        "--check", type=int, default=40, help="prompts generated to measure prompt following"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     out = Path(args.out)
     start = time.perf_counter()
-    families = list(FAMILIES.values()) if args.family == "all" else [FAMILIES[args.family]] \
-        if args.family in FAMILIES else []
+    families = (
+        list(FAMILIES.values())
+        if args.family == "all"
+        else [FAMILIES[args.family]]
+        if args.family in FAMILIES
+        else []
+    )
     vae_weights = None
     if args.family in ("all", "vae"):
-        pipe = tiny.build_tiny_pipeline(FAMILIES["klein"], seed=args.seed, pretrained=False, size="pretrained")
+        pipe = tiny.build_tiny_pipeline(
+            FAMILIES["klein"], seed=args.seed, pretrained=False, size="pretrained"
+        )
         quality = pretrain_vae(pipe.vae, args.vae_steps, args.seed)
         vae_weights = pipe.vae.state_dict()
         tiny.save_weights(out / "vae.safetensors", vae_weights)
@@ -275,18 +344,34 @@ def main() -> int:
             vae_weights = tiny.load_weights(vae_file)
         pipe.vae.load_state_dict(vae_weights)
         steps = args.steps or STEPS[family.name]
-        pretrain_transformer(pipe, family, steps, args.long_steps, args.batch, args.seed, args.shift)
+        pretrain_transformer(
+            pipe, family, steps, args.long_steps, args.batch, args.seed, args.shift
+        )
         weights = {f"transformer.{k}": v for k, v in pipe.transformer.state_dict().items()}
         weights |= {f"text_encoder.{k}": v for k, v in pipe.text_encoder.state_dict().items()}
         tiny.save_weights(out / f"{family.name}.safetensors", weights)
-        bg, fg, shown = prompt_following(pipe, family, args.check, args.seed + 1, out / f"{family.name}.samples.png")
-        _record(out / f"{family.name}.safetensors", vars(args) | {"steps": steps}, t0,
-                {"background_colour_right": bg, "shape_colour_right": fg, "prompts": args.check,
-                 "samples.png": shown})
-        print(f"{family.name}: {time.perf_counter() - t0:.0f} s; prompt following on {args.check} prompts: "
-              f"background colour {bg:.0%}, shape colour {fg:.0%}")
+        bg, fg, shown = prompt_following(
+            pipe, family, args.check, args.seed + 1, out / f"{family.name}.samples.png"
+        )
+        _record(
+            out / f"{family.name}.safetensors",
+            vars(args) | {"steps": steps},
+            t0,
+            {
+                "background_colour_right": bg,
+                "shape_colour_right": fg,
+                "prompts": args.check,
+                "samples.png": shown,
+            },
+        )
+        print(
+            f"{family.name}: {time.perf_counter() - t0:.0f} s; prompt following on {args.check} prompts: "
+            f"background colour {bg:.0%}, shape colour {fg:.0%}"
+        )
     tiny.write_checksums(out)
-    print(f"total {time.perf_counter() - start:.0f} s at {args.threads} threads; weights and SHA256SUMS in {out}")
+    print(
+        f"total {time.perf_counter() - start:.0f} s at {args.threads} threads; weights and SHA256SUMS in {out}"
+    )
     return 0
 
 

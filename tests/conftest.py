@@ -11,22 +11,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingf
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from data_tools.sample_data import write_sample_data  # noqa: E402
-from inference.families import FAMILIES  # noqa: E402
-from inference.tiny import write_tiny_model  # noqa: E402
+from data_tools.sample_data import write_sample_data
+from inference.families import FAMILIES
+from inference.tiny import write_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {name: write_tiny_model(root / f"tiny-{name}", family, pretrained=False) for name, family in FAMILIES.items()}
+    return {
+        name: write_tiny_model(root / f"tiny-{name}", family, pretrained=False)
+        for name, family in FAMILIES.items()
+    }
 
 
 @pytest.fixture(scope="session")
 def pretrained_models(tmp_path_factory) -> dict[str, Path]:
     """The shipped tiny models pretrained on the shapes world: the ones a LoRA visibly teaches something."""
     root = tmp_path_factory.mktemp("pretrained")
-    return {name: write_tiny_model(root / f"tiny-{name}", family) for name, family in FAMILIES.items()}
+    return {
+        name: write_tiny_model(root / f"tiny-{name}", family) for name, family in FAMILIES.items()
+    }
 
 
 @pytest.fixture(scope="session")

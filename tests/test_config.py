@@ -1,10 +1,9 @@
 """The config tree: strict keys with hints, types, checks, overrides, and every shipped preset."""
 
-
 import pytest
-from helpers import REPO
 
 from common.errors import UserError
+from helpers import REPO
 from trainer.config import dump_config, load_config
 
 BASE = ["model.path=m", "data.path=d"]
@@ -17,10 +16,25 @@ def _error(overrides, path=None) -> str:
 
 
 def test_overrides_reach_the_typed_tree():
-    cfg = load_config(None, BASE + ["optim.lr=5e-5", "train.steps=200", "lora.rank=32", "resume=latest",
-                                    "data.trigger=sks", "train.mixed_precision=bf16"])
+    cfg = load_config(
+        None,
+        BASE
+        + [
+            "optim.lr=5e-5",
+            "train.steps=200",
+            "lora.rank=32",
+            "resume=latest",
+            "data.trigger=sks",
+            "train.mixed_precision=bf16",
+        ],
+    )
     assert cfg.optim.lr == 5e-5 and isinstance(cfg.optim.lr, float)
-    assert (cfg.train.steps, cfg.lora.rank, cfg.resume, cfg.data.trigger) == (200, 32, "latest", "sks")
+    assert (cfg.train.steps, cfg.lora.rank, cfg.resume, cfg.data.trigger) == (
+        200,
+        32,
+        "latest",
+        "sks",
+    )
     assert "lr: 5.0e-05" in dump_config(cfg)
 
 
@@ -30,19 +44,25 @@ def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
     assert load_config(f).optim.lr == 5e-5
 
 
-@pytest.mark.parametrize("override, expected", [
-    (["optim.lrr=1"], "config key 'optim.lrr' is unknown; did you mean 'optim.lr'?"),
-    (["trian.steps=1"], "config key 'trian' is unknown; did you mean 'train'?"),
-    (["train.steps=many"], "config key 'train.steps' must be int, got 'many'"),
-    (["optim.lr=0"], "config key 'optim.lr' must be > 0, got 0.0"),
-    (["optim.lr=-1e-4"], "config key 'optim.lr' must be > 0"),
-    (["lora.rank=0"], "config key 'lora.rank' must be > 0, got 0"),
-    (["train.resolution=1000"], "config key 'train.resolution' must be a positive multiple of 16, got 1000 (try 992)"),
-    (["train.mixed_precision=bf61"], "did you mean 'bf16'?"),
-    (["model.family=flux"], "config key 'model.family' must be one of 'auto', 'dev', 'klein'"),
-    (["train.caption_dropout=1.5"], "must be between 0 and 1"),
-    (["train=3"], "config key 'train' must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["optim.lrr=1"], "config key 'optim.lrr' is unknown; did you mean 'optim.lr'?"),
+        (["trian.steps=1"], "config key 'trian' is unknown; did you mean 'train'?"),
+        (["train.steps=many"], "config key 'train.steps' must be int, got 'many'"),
+        (["optim.lr=0"], "config key 'optim.lr' must be > 0, got 0.0"),
+        (["optim.lr=-1e-4"], "config key 'optim.lr' must be > 0"),
+        (["lora.rank=0"], "config key 'lora.rank' must be > 0, got 0"),
+        (
+            ["train.resolution=1000"],
+            "config key 'train.resolution' must be a positive multiple of 16, got 1000 (try 992)",
+        ),
+        (["train.mixed_precision=bf61"], "did you mean 'bf16'?"),
+        (["model.family=flux"], "config key 'model.family' must be one of 'auto', 'dev', 'klein'"),
+        (["train.caption_dropout=1.5"], "must be between 0 and 1"),
+        (["train=3"], "config key 'train' must be a mapping"),
+    ],
+)
 def test_bad_values_name_the_key_and_the_fix(override, expected):
     assert expected in _error(override)
 
@@ -67,34 +87,68 @@ def test_bad_yaml_files(tmp_path):
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_validates(preset):
-    header = "".join(line for line in (REPO / "configs" / preset).read_text().splitlines(True) if line.startswith("#"))
-    assert "launch" in header.lower() and "target" in header.lower() and "train.py --config configs/" in header
+    header = "".join(
+        line
+        for line in (REPO / "configs" / preset).read_text().splitlines(True)
+        if line.startswith("#")
+    )
+    assert (
+        "launch" in header.lower()
+        and "target" in header.lower()
+        and "train.py --config configs/" in header
+    )
     load_config(REPO / "configs" / preset)  # raises UserError on any bad key or value
 
 
 def test_config_reference_doc_is_current():
     from trainer.config import config_reference
 
-    assert (REPO / "docs" / "config.md").read_text() == config_reference() + "\n", "run: flux2-lora config-reference > docs/config.md"
+    assert (REPO / "docs" / "config.md").read_text() == config_reference() + "\n", (
+        "run: flux2-lora config-reference > docs/config.md"
+    )
 
 
 def test_show_config_prints_the_resolved_tree(capsys):
     from flux2_lora import main
 
-    assert main(["show-config", "--config", str(REPO / "configs" / "quickstart.yaml"), "train.steps=250"]) == 0
+    assert (
+        main(
+            [
+                "show-config",
+                "--config",
+                str(REPO / "configs" / "quickstart.yaml"),
+                "train.steps=250",
+            ]
+        )
+        == 0
+    )
     assert "steps: 250" in capsys.readouterr().out
 
 
 def test_cross_section_problems_are_reported_together():
-    message = _error(["train.steps=10", "optim.warmup_steps=20", "sample.every=50", "sample.prompts=[a]",
-                      "model.family=klein", "train.guidance=3.5"])
-    assert message.startswith("3 problems: (1) optim.warmup_steps (20) must be below train.steps (10)")
+    message = _error(
+        [
+            "train.steps=10",
+            "optim.warmup_steps=20",
+            "sample.every=50",
+            "sample.prompts=[a]",
+            "model.family=klein",
+            "train.guidance=3.5",
+        ]
+    )
+    assert message.startswith(
+        "3 problems: (1) optim.warmup_steps (20) must be below train.steps (10)"
+    )
     assert "(2) train.guidance is set, but FLUX.2 klein has no guidance embedding" in message
     assert "(3) sample.every (50) is beyond train.steps (10)" in message and "\n" not in message
 
 
 def test_a_hex_colour_that_yaml_would_cut_is_refused(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text('sample:\n  prompts:\n    - "zxq mug, #E4572E quoted"\n    - zxq mug, a #E4572E ring\n')
-    assert _error([], cfg) == (f"config file '{cfg}' line 4: #E4572E starts a YAML comment there, so the rest of the "
-                               "line is dropped; put the value in quotes")
+    cfg.write_text(
+        'sample:\n  prompts:\n    - "zxq mug, #E4572E quoted"\n    - zxq mug, a #E4572E ring\n'
+    )
+    assert _error([], cfg) == (
+        f"config file '{cfg}' line 4: #E4572E starts a YAML comment there, so the rest of the "
+        "line is dropped; put the value in quotes"
+    )

@@ -17,11 +17,17 @@ def test_captions_from_sidecars_and_metadata_with_trigger(tmp_path):
     for name in ("a", "b", "c"):
         Image.new("RGB", (96, 64), "blue").save(tmp_path / f"{name}.png")
     (tmp_path / "a.txt").write_text("  a blue card  \n")
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": "sks, blue"}) + "\n"
-                                             + json.dumps({"file_name": "a.png", "text": "ignored"}) + "\n")
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "b.png", "text": "sks, blue"})
+        + "\n"
+        + json.dumps({"file_name": "a.png", "text": "ignored"})
+        + "\n"
+    )
     with pytest.raises(UserError, match="c.png' has no caption"):
         load_samples(DataConfig(path=str(tmp_path), trigger="sks"), 64)
-    samples = load_samples(DataConfig(path=str(tmp_path), trigger="sks", missing_caption="trigger"), 64)
+    samples = load_samples(
+        DataConfig(path=str(tmp_path), trigger="sks", missing_caption="trigger"), 64
+    )
     assert [s.caption for s in samples] == ["sks, a blue card", "sks, blue", "sks"]
 
 
@@ -51,7 +57,9 @@ def test_exif_orientation_is_applied(tmp_path):
     assert sample.bucket[1] > sample.bucket[0]  # portrait bucket
     upright = open_rgb(sample.path)
     assert upright.size == (48, 96)
-    assert upright.getpixel((24, 10))[0] > 200 and upright.getpixel((24, 10))[1] < 60  # red now on top
+    assert (
+        upright.getpixel((24, 10))[0] > 200 and upright.getpixel((24, 10))[1] < 60
+    )  # red now on top
 
 
 def test_alpha_is_composited_on_white(tmp_path):
@@ -72,15 +80,29 @@ def test_buckets_lie_on_a_grid_of_a_sixteenth_of_the_resolution_with_bounded_are
 
 def test_real_photo_sizes_form_full_batches(tmp_path):
     """Phone and camera photos of slightly different sizes must share buckets, so batch_size 4 means 4."""
-    sizes = [(4032, 3024), (4000, 3000), (3024, 4032), (3000, 4000), (4080, 3060), (1920, 1080), (1080, 1920),
-             (2048, 1536), (3264, 2448), (2448, 3264), (1600, 1200), (4032, 2268)]
+    sizes = [
+        (4032, 3024),
+        (4000, 3000),
+        (3024, 4032),
+        (3000, 4000),
+        (4080, 3060),
+        (1920, 1080),
+        (1080, 1920),
+        (2048, 1536),
+        (3264, 2448),
+        (2448, 3264),
+        (1600, 1200),
+        (4032, 2268),
+    ]
     for i, (w, h) in enumerate(sizes):
         Image.new("RGB", (w // 8, h // 8), "gray").save(tmp_path / f"p{i:02d}.jpg")
         (tmp_path / f"p{i:02d}.txt").write_text("a photo")
     samples = load_samples(DataConfig(path=str(tmp_path)), 128, batch_size=4)
     plan = BatchPlan([s.bucket for s in samples], 4, seed=0)
     assert plan.batch_sizes() == {4: 3}  # 12 images in 3 full batches
-    alone = load_samples(DataConfig(path=str(tmp_path)), 128)  # without merging, the 16-px-era problem shows
+    alone = load_samples(
+        DataConfig(path=str(tmp_path)), 128
+    )  # without merging, the 16-px-era problem shows
     assert len({s.bucket for s in alone}) > 3
 
 
@@ -89,7 +111,9 @@ def test_multi_resolution_trains_every_image_at_each_size(tmp_path):
         Image.new("RGB", (96, 64), "blue").save(tmp_path / f"{i}.png")
         (tmp_path / f"{i}.txt").write_text("x")
     samples = load_samples(DataConfig(path=str(tmp_path)), [64, 128])
-    assert len(samples) == 6 and {s.bucket[0] * s.bucket[1] <= 64 * 64 for s in samples[:3]} == {True}
+    assert len(samples) == 6 and {s.bucket[0] * s.bucket[1] <= 64 * 64 for s in samples[:3]} == {
+        True
+    }
     assert all(64 * 64 < s.bucket[0] * s.bucket[1] <= 128 * 128 for s in samples[3:])
 
 
@@ -99,7 +123,9 @@ def test_batch_plan_keeps_buckets_apart_and_is_deterministic():
     epoch = plan.epoch(0)
     assert sorted(i for b in epoch for i in b) == list(range(8))
     assert all(len({buckets[i] for i in b}) == 1 for b in epoch)
-    assert [plan.micro_batch(n) for n in range(10)] == [BatchPlan(buckets, 2, 1).micro_batch(n) for n in range(10)]
+    assert [plan.micro_batch(n) for n in range(10)] == [
+        BatchPlan(buckets, 2, 1).micro_batch(n) for n in range(10)
+    ]
     assert plan.epoch(1) != plan.epoch(0) or plan.epoch(2) != plan.epoch(0)
     # two ranks see disjoint batches that together cover the single-process stream
     r0, r1 = BatchPlan(buckets, 2, 1, 2, 0), BatchPlan(buckets, 2, 1, 2, 1)

@@ -15,11 +15,20 @@ from trainer.samples import SampleConfig, SampleRenderer
 
 def _render_on_meta(tiny_models, family: str, renderer_device: str) -> BaseException:
     base = resolve_base_model(ModelConfig(path=str(tiny_models[family])))
-    transformer = load_pipeline(base, text_encoder=False, vae=False).transformer.to("meta")  # "the GPU"
+    transformer = load_pipeline(base, text_encoder=False, vae=False).transformer.to(
+        "meta"
+    )  # "the GPU"
     width = 3 * 16  # the tiny models' joint_attention_dim
     embeds = {"a zxq logo": torch.zeros(1, 512, width), "": torch.zeros(1, 512, width)}
-    renderer = SampleRenderer(base, "float32", SampleConfig(prompts=["a zxq logo"], steps=2), embeds, 64,
-                              Path("unused"), device=renderer_device)
+    renderer = SampleRenderer(
+        base,
+        "float32",
+        SampleConfig(prompts=["a zxq logo"], steps=2),
+        embeds,
+        64,
+        Path("unused"),
+        device=renderer_device,
+    )
     with pytest.raises(Exception) as info:
         renderer.render(transformer)
     return info.value
@@ -31,8 +40,10 @@ def test_training_samples_run_every_model_call_on_the_training_device(family, ti
     frames = "".join(traceback.format_tb(error.__traceback__))
     # Where a shapes-only run has to stop, after every transformer call: klein gets through VAE decoding to the
     # copy into a PIL image; dev's pipeline first reads position ids as numbers to unpack the latents (`.item()`)
-    stops = {"klein": ("Cannot copy out of meta tensor", "postprocess"),
-             "dev": ("Tensor.item() cannot be called on meta tensors", "_unpack_latents_with_ids")}[family]
+    stops = {
+        "klein": ("Cannot copy out of meta tensor", "postprocess"),
+        "dev": ("Tensor.item() cannot be called on meta tensors", "_unpack_latents_with_ids"),
+    }[family]
     assert stops[0] in str(error) and stops[1] in frames, frames[-2000:]
 
 
@@ -57,7 +68,10 @@ def _stops_where_pixels_are_copied_out(error: BaseException, family: str) -> boo
     frames = "".join(traceback.format_tb(error.__traceback__))
     if family == "klein":
         return "Cannot copy out of meta tensor" in str(error) and "postprocess" in frames
-    return "Tensor.item() cannot be called on meta tensors" in str(error) and "_unpack_latents_with_ids" in frames
+    return (
+        "Tensor.item() cannot be called on meta tensors" in str(error)
+        and "_unpack_latents_with_ids" in frames
+    )
 
 
 def _meta_embeds(monkeypatch):
@@ -65,12 +79,16 @@ def _meta_embeds(monkeypatch):
     itself cannot run shapes-only)."""
     from inference.generate import Generator
 
-    monkeypatch.setattr(Generator, "prompt_embeds", lambda self, prompt: torch.zeros(1, 512, 48, device="meta"))
+    monkeypatch.setattr(
+        Generator, "prompt_embeds", lambda self, prompt: torch.zeros(1, 512, 48, device="meta")
+    )
 
 
 @pytest.mark.parametrize("family", ["klein", "dev"])
 @pytest.mark.parametrize("mode", ["t2i", "edit", "references"])
-def test_generate_runs_every_model_call_on_the_declared_device(family, mode, tiny_models, monkeypatch):
+def test_generate_runs_every_model_call_on_the_declared_device(
+    family, mode, tiny_models, monkeypatch
+):
     from PIL import Image
 
     from inference.generate import Generator
@@ -78,7 +96,9 @@ def test_generate_runs_every_model_call_on_the_declared_device(family, mode, tin
     _meta_embeds(monkeypatch)
     gen = Generator(str(tiny_models[family]), device="meta", dtype="float32")
     photo = Image.new("RGB", (64, 64), "#E4572E")
-    extra = {"t2i": {}, "edit": {"image": photo}, "references": {"references": [photo, photo]}}[mode]
+    extra = {"t2i": {}, "edit": {"image": photo}, "references": {"references": [photo, photo]}}[
+        mode
+    ]
     with pytest.raises(Exception) as info:
         gen.generate("a zxq logo", width=64, height=64, steps=2, **extra)
     assert _stops_where_pixels_are_copied_out(info.value, family), info.value
@@ -94,11 +114,25 @@ def test_evaluate_places_its_generator_on_the_declared_device(tiny_models, monke
 
     transformer = build_tiny_pipeline(FAMILIES["klein"]).transformer
     add_lora(transformer, LoraSettings(rank=4, alpha=4), seed=0)
-    save_lora(tmp_path / "l.safetensors", transformer, FAMILIES["klein"], {"family": "klein", "trigger": "zxq"})
+    save_lora(
+        tmp_path / "l.safetensors",
+        transformer,
+        FAMILIES["klein"],
+        {"family": "klein", "trigger": "zxq"},
+    )
     _meta_embeds(monkeypatch)
     with pytest.raises(Exception) as info:
-        evaluate(str(tiny_models["klein"]), [Adapter("l", tmp_path / "l.safetensors")], load_suite("quickstart"),
-                 tmp_path / "eval", show_progress=False, device="meta", dtype="float32", steps=2, seeds=1)
+        evaluate(
+            str(tiny_models["klein"]),
+            [Adapter("l", tmp_path / "l.safetensors")],
+            load_suite("quickstart"),
+            tmp_path / "eval",
+            show_progress=False,
+            device="meta",
+            dtype="float32",
+            steps=2,
+            seeds=1,
+        )
     assert _stops_where_pixels_are_copied_out(info.value, "klein"), info.value
     assert not (tmp_path / "eval").exists()
 
@@ -112,8 +146,15 @@ def test_before_after_grid_runs_on_the_training_device(family, tiny_models):
     add_lora(transformer, LoraSettings(rank=4, alpha=4), seed=0)
     transformer.to("meta")
     embeds = {"a zxq logo": torch.zeros(1, 512, 48), "": torch.zeros(1, 512, 48)}
-    renderer = SampleRenderer(base, "float32", SampleConfig(prompts=["a zxq logo"], steps=2), embeds, 64,
-                              Path("unused"), device="meta")
+    renderer = SampleRenderer(
+        base,
+        "float32",
+        SampleConfig(prompts=["a zxq logo"], steps=2),
+        embeds,
+        64,
+        Path("unused"),
+        device="meta",
+    )
     with pytest.raises(Exception) as info:
         renderer.before_after(transformer, 5)
     assert _stops_where_pixels_are_copied_out(info.value, family), info.value

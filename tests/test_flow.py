@@ -1,5 +1,6 @@
 """The flow-matching maths, checked against the diffusers scheduler the pipelines use."""
 
+import itertools
 import math
 
 import pytest
@@ -50,14 +51,16 @@ def test_euler_step_with_true_velocity_lands_on_data():
     scheduler.set_timesteps(sigmas=[0.6], device="cpu")
     x0, noise = torch.randn(1, 4, 16), torch.randn(1, 4, 16)
     xt = interpolate(x0, noise, torch.tensor([0.6]))
-    stepped = scheduler.step(velocity_target(x0, noise), scheduler.timesteps[0], xt, return_dict=False)[0]
+    stepped = scheduler.step(
+        velocity_target(x0, noise), scheduler.timesteps[0], xt, return_dict=False
+    )[0]
     torch.testing.assert_close(stepped, x0, rtol=1e-5, atol=1e-5)
 
 
 def test_sigma_samplers_stay_in_range_and_have_the_right_centre():
     g = torch.Generator().manual_seed(0)
     uniform = sample_sigmas("uniform", 20000, g)
-    assert 0 <= uniform.min() and uniform.max() < 1
+    assert uniform.min() >= 0 and uniform.max() < 1
     assert abs(uniform.mean().item() - 0.5) < 0.01
     logit = sample_sigmas("logit_normal", 20000, g, mean=1.0, std=0.5)
     assert abs(logit.median().item() - 1 / (1 + math.exp(-1.0))) < 0.01
@@ -66,7 +69,9 @@ def test_sigma_samplers_stay_in_range_and_have_the_right_centre():
 
 
 def test_time_shift_matches_the_scheduler_exponential_shift():
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, time_shift_type="exponential"
+    )
     sigma = torch.linspace(0.05, 0.95, 10)
     mu = 1.3
     theirs = scheduler.time_shift(mu, 1.0, sigma)
@@ -88,39 +93,55 @@ def test_dynamic_shift_grows_monotonically_over_bucket_sizes():
     """The empirical (sampling) mu is not monotonic; the training shift must be, over every bucket of every size."""
     sizes = sorted({w * h // 256 for res in range(256, 1601, 32) for w, h in make_buckets(res)})
     shifts = [shift_factor(FlowConfig(), n) for n in sizes]
-    assert all(a < b for a, b in zip(shifts, shifts[1:]))
+    assert all(a < b for a, b in itertools.pairwise(shifts))
     empirical = [shift_factor(FlowConfig(shift="empirical"), n) for n in sizes]
-    assert any(a > b for a, b in zip(empirical, empirical[1:]))  # why it is not the default
+    assert any(a > b for a, b in itertools.pairwise(empirical))  # why it is not the default
 
 
 def test_sigma_distribution_at_1024():
     g = torch.Generator().manual_seed(0)
     sigmas = training_sigmas(FlowConfig(), 200_000, 4096, g)
     s = math.exp(1.15)
-    assert abs(sigmas.median().item() - s / (1 + s)) < 0.005  # 0.76: the median of logit-normal(0, 1) shifted
+    assert (
+        abs(sigmas.median().item() - s / (1 + s)) < 0.005
+    )  # 0.76: the median of logit-normal(0, 1) shifted
     assert abs(sigmas.median().item() - 0.76) < 0.01
-    old = training_sigmas(FlowConfig(shift="empirical"), 200_000, 4096, torch.Generator().manual_seed(0))
+    old = training_sigmas(
+        FlowConfig(shift="empirical"), 200_000, 4096, torch.Generator().manual_seed(0)
+    )
     below, old_below = (sigmas < 0.5).float().mean().item(), (old < 0.5).float().mean().item()
-    assert 0.11 < below < 0.14 and old_below < 0.03  # 12.6 % of samples below 0.5 now, 2.2 % with the old default
+    assert (
+        0.11 < below < 0.14 and old_below < 0.03
+    )  # 12.6 % of samples below 0.5 now, 2.2 % with the old default
 
 
 def test_other_shifts_and_the_sigma_range():
     assert shift_factor(FlowConfig(shift="none"), 4096) == 1.0
     assert shift_factor(FlowConfig(shift="fixed", shift_value=3.0), 10) == 3.0
-    assert math.isclose(math.log(shift_factor(FlowConfig(shift="empirical"), 4096)), empirical_mu(4096, 50))
+    assert math.isclose(
+        math.log(shift_factor(FlowConfig(shift="empirical"), 4096)), empirical_mu(4096, 50)
+    )
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     plain = training_sigmas(FlowConfig(shift="none"), 1000, 4096, g1)
     shifted = training_sigmas(FlowConfig(), 1000, 4096, g2)
-    assert torch.all(shifted >= plain) and shifted.mean() > plain.mean()  # a shift > 1 means noisier sigmas
-    ranged = training_sigmas(FlowConfig(sigma_min=0.2, sigma_max=0.6), 1000, 4096, torch.Generator().manual_seed(1))
-    assert 0.2 <= ranged.min() and ranged.max() <= 0.6
+    assert (
+        torch.all(shifted >= plain) and shifted.mean() > plain.mean()
+    )  # a shift > 1 means noisier sigmas
+    ranged = training_sigmas(
+        FlowConfig(sigma_min=0.2, sigma_max=0.6), 1000, 4096, torch.Generator().manual_seed(1)
+    )
+    assert ranged.min() >= 0.2 and ranged.max() <= 0.6
 
 
 def test_the_retired_shift_value_says_what_to_write():
-    with pytest.raises(UserError, match="config key 'flow.shift': 'resolution' .* is now called 'empirical'"):
+    with pytest.raises(
+        UserError, match="config key 'flow.shift': 'resolution' .* is now called 'empirical'"
+    ):
         load_config(None, ["model.path=m", "data.path=d", "flow.shift=resolution"])
     with pytest.raises(UserError, match="flow.sigma_min .* must be below flow.sigma_max"):
-        load_config(None, ["model.path=m", "data.path=d", "flow.sigma_min=0.5", "flow.sigma_max=0.5"])
+        load_config(
+            None, ["model.path=m", "data.path=d", "flow.sigma_min=0.5", "flow.sigma_max=0.5"]
+        )
 
 
 def test_loss_weights_and_loss():
@@ -141,7 +162,9 @@ def test_an_image_in_a_short_batch_weighs_what_any_other_does():
     target = torch.ones(1, 3, 4)
     full = flow_loss(torch.zeros(2, 3, 4), torch.ones(2, 3, 4), torch.ones(2), batch_size=2)
     short = flow_loss(pred, target, torch.ones(1), batch_size=2)
-    assert short.item() == pytest.approx(full.item() / 2)  # per image: the same share of the gradient
+    assert short.item() == pytest.approx(
+        full.item() / 2
+    )  # per image: the same share of the gradient
     mask = torch.tensor([[1.0, 0.0, 0.0]])
     target[0, 1:] = 5.0  # errors only where the mask is 0
     assert flow_loss(pred, target, torch.ones(1), token_weights=mask).item() == pytest.approx(1.0)

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TRIGGER_CASES, train_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from common.errors import UserError
 from common.images import hex_to_rgb, normalise_hex
 from flux2_lora import main
+from helpers import TRIGGER_CASES, train_args
 from inference.families import FAMILIES
 from inference.generate import Generator
 from inference.prompts import hex_prompt, json_prompt
@@ -25,8 +25,18 @@ def loras(tiny_models, sample_data, shared_cache, tmp_path_factory):
     out = {}
     for family in ("klein", "dev"):
         run_dir = tmp_path_factory.mktemp(f"lora-{family}")
-        cfg = load_config(None, train_args(tiny_models[family], sample_data, run_dir / "run", shared_cache,
-                                           train__steps=20, optim__lr=3e-3, lora__alpha=6))
+        cfg = load_config(
+            None,
+            train_args(
+                tiny_models[family],
+                sample_data,
+                run_dir / "run",
+                shared_cache,
+                train__steps=20,
+                optim__lr=3e-3,
+                lora__alpha=6,
+            ),
+        )
         out[family] = run(cfg, show_progress=False).lora_path
     return out
 
@@ -50,8 +60,14 @@ def test_generator_matches_stock_pipeline_and_scales_behave(family, tiny_models,
     stock.set_progress_bar_config(disable=True)
     stock.load_lora_weights(str(loras[family].parent))
     defaults = gen.defaults
-    ref = stock(prompt="zxq logo", width=64, height=64, num_inference_steps=3, guidance_scale=defaults.guidance,
-                generator=[torch.Generator().manual_seed(11)]).images[0]
+    ref = stock(
+        prompt="zxq logo",
+        width=64,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=defaults.guidance,
+        generator=[torch.Generator().manual_seed(11)],
+    ).images[0]
     assert np.array_equal(np.array(ref), with_lora)
 
     gen.set_scales({info.name: 0.0})
@@ -63,11 +79,15 @@ def test_fused_equals_unfused_and_hot_swap(tiny_models, loras):
     info = gen.add_adapter(loras["klein"], scale=0.7)
     transformer = gen.pipe.transformer
     g = torch.Generator().manual_seed(0)
-    kwargs = dict(hidden_states=torch.randn(1, 16, 128, generator=g), timestep=torch.tensor([0.5]), guidance=None,
-                  encoder_hidden_states=torch.randn(1, 512, 48, generator=g),
-                  txt_ids=FAMILIES["klein"].pipeline_class._prepare_text_ids(torch.zeros(1, 512, 48)),
-                  img_ids=FAMILIES["klein"].pipeline_class._prepare_latent_ids(torch.zeros(1, 128, 4, 4)),
-                  return_dict=False)
+    kwargs = dict(
+        hidden_states=torch.randn(1, 16, 128, generator=g),
+        timestep=torch.tensor([0.5]),
+        guidance=None,
+        encoder_hidden_states=torch.randn(1, 512, 48, generator=g),
+        txt_ids=FAMILIES["klein"].pipeline_class._prepare_text_ids(torch.zeros(1, 512, 48)),
+        img_ids=FAMILIES["klein"].pipeline_class._prepare_latent_ids(torch.zeros(1, 128, 4, 4)),
+        return_dict=False,
+    )
     with torch.no_grad():
         unfused = transformer(**kwargs)[0]
         gen.fuse()
@@ -86,11 +106,15 @@ def test_fused_equals_unfused_and_hot_swap(tiny_models, loras):
         assert torch.allclose(transformer(**kwargs)[0], unfused, atol=1e-6)
     # permanent fusing: same numbers, plain Linear layers (no per-step LoRA cost), provenance keeps the LoRA
     gen.fuse(permanent=True)
-    assert type(transformer.transformer_blocks[0].attn.to_q) is torch.nn.Linear and gen.adapters == {}
+    assert (
+        type(transformer.transformer_blocks[0].attn.to_q) is torch.nn.Linear and gen.adapters == {}
+    )
     with torch.no_grad():
         assert (transformer(**kwargs)[0] - unfused).abs().max() < 1e-5
     record = gen.generate("zxq", width=64, height=64, steps=1)[0].record
-    assert [(r["name"], r["scale"], r["fused"]) for r in record["loras"]] == [(info.name, 0.7, True)]
+    assert [(r["name"], r["scale"], r["fused"]) for r in record["loras"]] == [
+        (info.name, 0.7, True)
+    ]
 
 
 @pytest.mark.parametrize("family", ["klein", "dev"])
@@ -98,7 +122,9 @@ def test_edit_and_multi_reference(family, tiny_models):
     gen = Generator(str(tiny_models[family]))
     photo = Image.new("RGB", (96, 64), "#E4572E")
     logo = Image.new("RGB", (64, 64), "#1B2A49")
-    edited = gen.generate("make the background blue", image=photo, references=[logo, logo], steps=2, seed=1)
+    edited = gen.generate(
+        "make the background blue", image=photo, references=[logo, logo], steps=2, seed=1
+    )
     assert edited[0].image.size == (96, 64)  # edits default to the edit image's size
     assert edited[0].record["references"] == 3 and edited[0].record["edit"]
     with pytest.raises(UserError, match="at most 10"):
@@ -138,11 +164,30 @@ def test_prompt_helpers():
 
 def test_generate_cli_writes_provenance_results_and_grid(tiny_models, loras, tmp_path, capsys):
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text('{"prompt": "zxq logo", "seed": 4}\n{"prompt": 3}\n'
-                    '{"prompt": "zxq mug", "width": 72, "height": 64, "num_images": 2}\n{"prompt": "x", "sede": 1}\n')
+    jobs.write_text(
+        '{"prompt": "zxq logo", "seed": 4}\n{"prompt": 3}\n'
+        '{"prompt": "zxq mug", "width": 72, "height": 64, "num_images": 2}\n{"prompt": "x", "sede": 1}\n'
+    )
     out = tmp_path / "out"
-    code = main(["generate", "--model", str(tiny_models["klein"]), "--lora", f"{loras['klein']}:0.8",
-                 "--prompts", str(jobs), "--steps", "2", "--width", "64", "--height", "64", "--out", str(out)])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_models["klein"]),
+            "--lora",
+            f"{loras['klein']}:0.8",
+            "--prompts",
+            str(jobs),
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1  # two bad lines, reported with their numbers; the others ran
     assert "jobs.jsonl line 2:" in err and "jobs.jsonl line 4: unknown key(s) sede" in err
@@ -150,23 +195,65 @@ def test_generate_cli_writes_provenance_results_and_grid(tiny_models, loras, tmp
     assert [r["seed"] for r in results] == [4, 0, 1]
     assert results[1]["width"] == 64  # 72 rounded to a multiple of 16
     record = read_record(out / results[0]["file"])
-    assert record["ai_generated"] and record["loras"][0]["scale"] == 0.8 and len(record["loras"][0]["sha256"]) == 64
-    assert json.loads((out / results[0]["file"]).with_suffix(".json").read_text())["prompt"] == "zxq logo"
+    assert (
+        record["ai_generated"]
+        and record["loras"][0]["scale"] == 0.8
+        and len(record["loras"][0]["sha256"]) == 64
+    )
+    assert (
+        json.loads((out / results[0]["file"]).with_suffix(".json").read_text())["prompt"]
+        == "zxq logo"
+    )
     assert (out / "grid.png").is_file()
 
     single = tmp_path / "single"
-    assert main(["generate", "--model", str(tiny_models["klein"]), "--prompt", "zxq", "--steps", "2",
-                 "--width", "64", "--height", "64", "--seed", "9", "--out", str(single)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_models["klein"]),
+                "--prompt",
+                "zxq",
+                "--steps",
+                "2",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--seed",
+                "9",
+                "--out",
+                str(single),
+            ]
+        )
+        == 0
+    )
     assert read_record(single / "0000_seed9.png")["seed"] == 9
 
 
-@pytest.mark.parametrize("argv_tail, message", [
-    (["--lora", "missing.safetensors"], "missing.safetensors' does not exist"),
-    (["--ref", "nope.png"], "nope.png' cannot be read"),
-])
+@pytest.mark.parametrize(
+    "argv_tail, message",
+    [
+        (["--lora", "missing.safetensors"], "missing.safetensors' does not exist"),
+        (["--ref", "nope.png"], "nope.png' cannot be read"),
+    ],
+)
 def test_generate_cli_bad_input_is_one_line(argv_tail, message, tiny_models, tmp_path, capsys):
-    code = main(["generate", "--model", str(tiny_models["klein"]), "--prompt", "x", "--steps", "1",
-                 "--out", str(tmp_path / "o"), *argv_tail])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_models["klein"]),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+            *argv_tail,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()  # nothing written
@@ -174,11 +261,20 @@ def test_generate_cli_bad_input_is_one_line(argv_tail, message, tiny_models, tmp
 
 def test_memory_options_generate_close_to_plain(tiny_models):
     plain = Generator(str(tiny_models["dev"]))
-    low = Generator(str(tiny_models["dev"]), quantize="int8", group_offload="block", vae_tiling=True)
+    low = Generator(
+        str(tiny_models["dev"]), quantize="int8", group_offload="block", vae_tiling=True
+    )
     kw = dict(width=64, height=64, steps=2, seed=3)
-    a, b = _arr(plain.generate("zxq", **kw)).astype(int), _arr(low.generate("zxq", **kw)).astype(int)
-    assert np.abs(a - b).mean() < 8  # int8 with per-row scales rounds weights; the picture stays the same
-    assert type(low.pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
+    a, b = (
+        _arr(plain.generate("zxq", **kw)).astype(int),
+        _arr(low.generate("zxq", **kw)).astype(int),
+    )
+    assert (
+        np.abs(a - b).mean() < 8
+    )  # int8 with per-row scales rounds weights; the picture stays the same
+    assert (
+        type(low.pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
+    )
     with pytest.raises(UserError, match="needs a GPU"):
         Generator(str(tiny_models["dev"]), cpu_offload=True)
 
@@ -193,8 +289,13 @@ def test_other_tools_lora_format_loads_through_diffusers_converters(tiny_models,
     for key, tensor in ours.items():
         name = key.removeprefix("transformer.")
         name = name.replace("single_transformer_blocks.", "single_blocks.")
-        name = name.replace(".attn.to_qkv_mlp_proj.", ".linear1.").replace(".attn.to_out.", ".linear2.") \
-            if name.startswith("single_blocks.") else name
+        name = (
+            name.replace(".attn.to_qkv_mlp_proj.", ".linear1.").replace(
+                ".attn.to_out.", ".linear2."
+            )
+            if name.startswith("single_blocks.")
+            else name
+        )
         converted["diffusion_model." + name] = tensor * scale if ".lora_B." in key else tensor
     save_file(converted, str(tmp_path / "comfy_style.safetensors"))
 
@@ -202,7 +303,12 @@ def test_other_tools_lora_format_loads_through_diffusers_converters(tiny_models,
     a.add_adapter(loras["dev"])
     b.add_adapter(tmp_path / "comfy_style.safetensors")
     kw = dict(width=64, height=64, steps=2, seed=2)
-    assert np.abs(_arr(a.generate("zxq", **kw)).astype(int) - _arr(b.generate("zxq", **kw)).astype(int)).max() <= 1
+    assert (
+        np.abs(
+            _arr(a.generate("zxq", **kw)).astype(int) - _arr(b.generate("zxq", **kw)).astype(int)
+        ).max()
+        <= 1
+    )
 
 
 def test_invisible_watermark_when_installed(tmp_path):
@@ -214,10 +320,14 @@ def test_invisible_watermark_when_installed(tmp_path):
     photo = Image.fromarray((np.random.default_rng(0).random((320, 320, 3)) * 255).astype(np.uint8))
     save_png(photo, tmp_path / "a.png", {"prompt": "x"})
     assert read_record(tmp_path / "a.png")["invisible_watermark"] is True
-    decoded = WatermarkDecoder("bytes", len(WATERMARK) * 8).decode(np.array(Image.open(tmp_path / "a.png"))[:, :, ::-1], "dwtDct")
+    decoded = WatermarkDecoder("bytes", len(WATERMARK) * 8).decode(
+        np.array(Image.open(tmp_path / "a.png"))[:, :, ::-1], "dwtDct"
+    )
     assert decoded == WATERMARK
     save_png(Image.new("RGB", (64, 64)), tmp_path / "small.png", {"prompt": "x"})
-    assert read_record(tmp_path / "small.png")["invisible_watermark"] is False  # too small to carry it
+    assert (
+        read_record(tmp_path / "small.png")["invisible_watermark"] is False
+    )  # too small to carry it
 
 
 def test_add_trigger_follows_the_one_rule_fused_or_not(tiny_models, loras, tmp_path, capsys):
@@ -231,22 +341,58 @@ def test_add_trigger_follows_the_one_rule_fused_or_not(tiny_models, loras, tmp_p
     assert gen.generate("a red mug", add_trigger=True, **kw)[0].record["prompt"] == "zxq, a red mug"
 
     out = tmp_path / "fused"
-    assert main(["generate", "--model", str(tiny_models["klein"]), "--lora", str(loras["klein"].parent), "--fuse",
-                 "--add-trigger", "--prompt", "a red mug", "--steps", "1", "--width", "64", "--height", "64",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_models["klein"]),
+                "--lora",
+                str(loras["klein"].parent),
+                "--fuse",
+                "--add-trigger",
+                "--prompt",
+                "a red mug",
+                "--steps",
+                "1",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "results.jsonl").read_text())["prompt"] == "zxq, a red mug"
 
 
 def test_lora_scale_that_is_not_a_number_is_named(tiny_models, loras, tmp_path, capsys):
-    code = main(["generate", "--model", str(tiny_models["klein"]), "--lora", f"{loras['klein'].parent}:high",
-                 "--prompt", "x", "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_models["klein"]),
+            "--lora",
+            f"{loras['klein'].parent}:high",
+            "--prompt",
+            "x",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == (f"error: --lora '{loras['klein'].parent}:high': the scale 'high' is not a number; "
-                                 "write FILE:0.8, or FILE alone for scale 1")
+    assert code == 2 and err == (
+        f"error: --lora '{loras['klein'].parent}:high': the scale 'high' is not a number; "
+        "write FILE:0.8, or FILE alone for scale 1"
+    )
 
 
 def test_generator_options_are_checked_like_the_cli(tiny_models):
-    with pytest.raises(UserError, match="Generator argument 'dtype' must be one of .*did you mean 'bfloat16'"):
+    with pytest.raises(
+        UserError, match="Generator argument 'dtype' must be one of .*did you mean 'bfloat16'"
+    ):
         Generator(str(tiny_models["klein"]), dtype="bf16")
     with pytest.raises(UserError, match="Generator argument 'group_offload' must be one of"):
         Generator(str(tiny_models["klein"]), group_offload="leaves")

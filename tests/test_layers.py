@@ -1,6 +1,6 @@
 """The layer rule, checked on the source: imports flow one way and no module imports itself in a circle.
 
-    flux2_lora.py, train.py  ->  trainer/, evaluation/  ->  inference/, data_tools/  ->  common/
+flux2_lora.py, train.py  ->  trainer/, evaluation/  ->  inference/, data_tools/  ->  common/
 """
 
 import ast
@@ -32,8 +32,11 @@ def _imports(path: Path) -> set[str]:
 
 
 def _modules() -> dict[str, Path]:
-    return {".".join(p.relative_to(REPO).with_suffix("").parts): p
-            for package in PACKAGES for p in (REPO / package).glob("*.py")}
+    return {
+        ".".join(p.relative_to(REPO).with_suffix("").parts): p
+        for package in PACKAGES
+        for p in (REPO / package).glob("*.py")
+    }
 
 
 def test_every_package_imports_only_the_layers_below_it():
@@ -49,15 +52,19 @@ def test_every_package_imports_only_the_layers_below_it():
 
 def test_no_import_cycles_between_modules():
     modules = _modules()
-    graph = {m: {n for n in _imports(p) if n in modules} | {n.rsplit(".", 1)[0] for n in _imports(p)
-                                                             if n.rsplit(".", 1)[0] in modules}
-             for m, p in modules.items()}
+    graph = {
+        m: {n for n in _imports(p) if n in modules}
+        | {n.rsplit(".", 1)[0] for n in _imports(p) if n.rsplit(".", 1)[0] in modules}
+        for m, p in modules.items()
+    }
     graph = {m: deps - {m} for m, deps in graph.items()}
     state: dict[str, int] = {}
 
     def visit(node, trail):
         if state.get(node) == 1:
-            raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(node):] + [node]))
+            raise AssertionError(
+                "import cycle: " + " -> ".join(trail[trail.index(node) :] + [node])
+            )
         if state.get(node) == 2:
             return
         state[node] = 1

@@ -24,7 +24,11 @@ def brand_set(tmp_path_factory):
 
 def _train_and_measure(model, family, data, out, cache, *more, scale=1.0):
     """The quickstart's run (configs/quickstart.yaml: recipe and steps), on `model`, without its sample grids."""
-    overrides = [*quickstart_overrides(model, family, data, out, cache), "checkpoint.every=0", *more]
+    overrides = [
+        *quickstart_overrides(model, family, data, out, cache),
+        "checkpoint.every=0",
+        *more,
+    ]
     result = run(load_config(QUICKSTART, overrides), show_progress=False)
     gen = Generator(str(model))
     gen.add_adapter(result.lora_path, name="mark")
@@ -33,20 +37,36 @@ def _train_and_measure(model, family, data, out, cache, *more, scale=1.0):
 
 
 # the quickstart's 400 steps: klein ΔE 43 -> 22, dev 41 -> 13 (README, The tiny model)
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["klein", "dev"])
 def test_a_short_run_learns_the_mark(family, pretrained_models, brand_set, tmp_path):
-    learned, (gen, training) = _train_and_measure(pretrained_models[family], family, brand_set, tmp_path / "run",
-                                                  tmp_path / "cache")
+    learned, (gen, training) = _train_and_measure(
+        pretrained_models[family], family, brand_set, tmp_path / "run", tmp_path / "cache"
+    )
     assert learned.problems() == [], learned.summary()
     # the same LoRA with its scale forced to 0 at inference is the base: no colour, no mark, no shape
     unscaled = measure(gen, "mark", "zxq", training, scale=0.0).problems()
-    assert [p.split(":")[0] for p in unscaled] == ["mark colour not learned", "no mark drawn",
-                                                   "mark shape not drawn"], unscaled
+    assert [p.split(":")[0] for p in unscaled] == [
+        "mark colour not learned",
+        "no mark drawn",
+        "mark shape not drawn",
+    ], unscaled
 
 
-def test_the_guard_fails_when_the_target_sign_is_flipped(pretrained_models, brand_set, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_the_guard_fails_when_the_target_sign_is_flipped(
+    pretrained_models, brand_set, tmp_path, monkeypatch
+):
     monkeypatch.setattr(trainer.step, "velocity_target", lambda x0, noise: x0 - noise)
-    learned, _ = _train_and_measure(pretrained_models["klein"], "klein", brand_set, tmp_path / "run",
-                                    tmp_path / "cache", "train.steps=200")
+    learned, _ = _train_and_measure(
+        pretrained_models["klein"],
+        "klein",
+        brand_set,
+        tmp_path / "run",
+        tmp_path / "cache",
+        "train.steps=200",
+    )
     problems = learned.problems()
-    assert any(p.startswith("images moved away from the training images") for p in problems), learned.summary()
+    assert any(p.startswith("images moved away from the training images") for p in problems), (
+        learned.summary()
+    )

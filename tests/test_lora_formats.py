@@ -29,10 +29,15 @@ def _random_lora(family: str, preset: str, out, rank=4, alpha=6.0):
     add_lora(transformer, LoraSettings(rank=rank, alpha=alpha, targets=preset), seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for n, p in transformer.named_parameters():
+        for _n, p in transformer.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    save_lora(out, transformer, FAMILIES[family], {"family": family, "type": "lora", "rank": rank, "alpha": alpha})
+    save_lora(
+        out,
+        transformer,
+        FAMILIES[family],
+        {"family": family, "type": "lora", "rank": rank, "alpha": alpha},
+    )
     return transformer
 
 
@@ -40,8 +45,11 @@ def _deltas(transformer, adapter="default") -> dict[str, torch.Tensor]:
     """Every LoRA module's merged change to its weight, as peft applies it (scale included)."""
     from peft.tuners.lora import LoraLayer
 
-    return {n: m.get_delta_weight(adapter).detach() for n, m in transformer.named_modules()
-            if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    return {
+        n: m.get_delta_weight(adapter).detach()
+        for n, m in transformer.named_modules()
+        if isinstance(m, LoraLayer) and adapter in m.lora_A
+    }
 
 
 def test_alpha_is_baked_so_every_loader_applies_the_intended_change(tmp_path):
@@ -49,9 +57,16 @@ def test_alpha_is_baked_so_every_loader_applies_the_intended_change(tmp_path):
     intended = _deltas(trained)  # 1.5 * B @ A
     file = load_file(tmp_path / "a.safetensors")
     for module, delta in intended.items():
-        a, b = file[f"transformer.{module}.lora_A.weight"], file[f"transformer.{module}.lora_B.weight"]
-        torch.testing.assert_close(b @ a, delta)  # what ComfyUI applies with no .alpha tensor: scale 1
-    pipe = build_tiny_pipeline(FAMILIES["klein"])  # the stock diffusers loader gives the same change
+        a, b = (
+            file[f"transformer.{module}.lora_A.weight"],
+            file[f"transformer.{module}.lora_B.weight"],
+        )
+        torch.testing.assert_close(
+            b @ a, delta
+        )  # what ComfyUI applies with no .alpha tensor: scale 1
+    pipe = build_tiny_pipeline(
+        FAMILIES["klein"]
+    )  # the stock diffusers loader gives the same change
     pipe.load_lora_weights(str(tmp_path), weight_name="a.safetensors", adapter_name="x")
     for module, delta in _deltas(pipe.transformer, "x").items():
         torch.testing.assert_close(delta, intended[module])
@@ -66,15 +81,25 @@ def test_exports_round_trip_exactly(family, preset, fmt, tmp_path):
     counts = export_lora(tmp_path / "ours.safetensors", fmt, tmp_path / f"{fmt}.safetensors")
     assert counts["modules"] == len(intended)  # every module of every preset maps: nothing dropped
     exported = load_file(tmp_path / f"{fmt}.safetensors")
-    assert all(k.startswith("lora_unet_" if fmt == "kohya" else "diffusion_model.") for k in exported)
+    assert all(
+        k.startswith("lora_unet_" if fmt == "kohya" else "diffusion_model.") for k in exported
+    )
     if fmt != "bfl":
         assert sum(k.endswith(".alpha") for k in exported) == counts["written_modules"]
     converted, unplaced = from_foreign(exported)
     assert not unplaced
-    for module, delta in intended.items():  # the independent inverse: ΔW from the file's own tensors
-        b, a = converted[f"transformer.{module}.lora_B.weight"], converted[f"transformer.{module}.lora_A.weight"]
+    for (
+        module,
+        delta,
+    ) in intended.items():  # the independent inverse: ΔW from the file's own tensors
+        b, a = (
+            converted[f"transformer.{module}.lora_B.weight"],
+            converted[f"transformer.{module}.lora_A.weight"],
+        )
         torch.testing.assert_close(b @ a, delta, atol=1e-6, rtol=1e-5)
-    pipe = build_tiny_pipeline(FAMILIES[family])  # and as generate loads it: every module, the same change
+    pipe = build_tiny_pipeline(
+        FAMILIES[family]
+    )  # and as generate loads it: every module, the same change
     load_adapter(pipe, family, tmp_path / f"{fmt}.safetensors", "x")
     loaded = _deltas(pipe.transformer, "x")
     assert loaded.keys() == intended.keys()
@@ -93,7 +118,11 @@ def test_diffusers_own_converters_agree_on_the_blocks(fmt, tmp_path):
     trained = _random_lora("klein", "attention_mlp", tmp_path / "ours.safetensors")
     export_lora(tmp_path / "ours.safetensors", fmt, tmp_path / "out.safetensors")
     exported = load_file(tmp_path / "out.safetensors")
-    convert = _convert_kohya_flux2_lora_to_diffusers if fmt == "kohya" else _convert_non_diffusers_flux2_lora_to_diffusers
+    convert = (
+        _convert_kohya_flux2_lora_to_diffusers
+        if fmt == "kohya"
+        else _convert_non_diffusers_flux2_lora_to_diffusers
+    )
     theirs = convert(dict(exported))
     pairs = {k[: -len(".lora_A.weight")]: k for k in theirs if k.endswith(".lora_A.weight")}
     assert len(pairs) == len(_deltas(trained))
@@ -109,7 +138,9 @@ def test_foreign_fixtures_with_alpha_load_exactly(tmp_path):
     intended = _deltas(trained)
     export_lora(tmp_path / "ours.safetensors", "kohya", tmp_path / "k.safetensors")
     kohya = load_file(tmp_path / "k.safetensors")
-    for key in [k for k in kohya if k.endswith(".alpha")]:  # alpha = rank/2: the up weights twice as large
+    for key in [
+        k for k in kohya if k.endswith(".alpha")
+    ]:  # alpha = rank/2: the up weights twice as large
         kohya[key] = kohya[key] / 2
         kohya[key.replace(".alpha", ".lora_up.weight")] *= 2
     save_file(kohya, str(tmp_path / "musubi.safetensors"))
@@ -127,24 +158,36 @@ def test_a_file_with_modules_nobody_can_place_is_refused_unless_partial(tmp_path
     state["diffusion_model.vision_tower.proj.lora_B.weight"] = torch.zeros(8, 4)
     save_file(state, str(tmp_path / "odd.safetensors"))
     pipe = build_tiny_pipeline(FAMILIES["klein"])
-    with pytest.raises(UserError, match="1 of its modules have no place in FLUX.2 .* pass --allow-partial"):
+    with pytest.raises(
+        UserError, match="1 of its modules have no place in FLUX.2 .* pass --allow-partial"
+    ):
         load_adapter(pipe, "klein", tmp_path / "odd.safetensors", "x")
     load_adapter(pipe, "klein", tmp_path / "odd.safetensors", "x", allow_partial=True)
 
 
 def test_names_map_both_ways():
-    assert diffusers_names("double_blocks.3.img_attn.qkv") == [f"transformer_blocks.3.attn.to_{c}" for c in "qkv"]
+    assert diffusers_names("double_blocks.3.img_attn.qkv") == [
+        f"transformer_blocks.3.attn.to_{c}" for c in "qkv"
+    ]
     assert diffusers_names("final_layer.adaLN_modulation.1") == ["norm_out.linear"]
     a, b = torch.randn(2, 8), torch.randn(6, 2)
     fused = to_bfl({"norm_out.linear": (a, b)})["final_layer.adaLN_modulation.1"][1]
-    assert torch.equal(fused[:3], b[3:]) and torch.equal(fused[3:], b[:3])  # (scale, shift) -> (shift, scale)
+    assert torch.equal(fused[:3], b[3:]) and torch.equal(
+        fused[3:], b[:3]
+    )  # (scale, shift) -> (shift, scale)
 
 
-@pytest.mark.parametrize("argv_tail, message", [
-    (["--format", "onnx"], "--format 'onnx' is unknown; use one of diffusers, bfl, comfyui, kohya"),
-    (["--format", "kohya", "--out", "SAME"], "would overwrite or sit inside the input"),
-    (["--format", "kohya", "--out", "x.bin"], "must end in .safetensors"),
-])
+@pytest.mark.parametrize(
+    "argv_tail, message",
+    [
+        (
+            ["--format", "onnx"],
+            "--format 'onnx' is unknown; use one of diffusers, bfl, comfyui, kohya",
+        ),
+        (["--format", "kohya", "--out", "SAME"], "would overwrite or sit inside the input"),
+        (["--format", "kohya", "--out", "x.bin"], "must end in .safetensors"),
+    ],
+)
 def test_export_bad_input_is_one_line(argv_tail, message, tmp_path, capsys):
     _random_lora("klein", "attention", tmp_path / "ours.safetensors")
     argv = ["export", str(tmp_path / "ours.safetensors"), *argv_tail]
@@ -161,9 +204,15 @@ def test_export_refuses_files_it_cannot_represent(tmp_path):
     save_file({"unet.x.weight": torch.zeros(2)}, str(tmp_path / "sd.safetensors"))
     with pytest.raises(UserError, match="holds no FLUX.2 transformer LoRA weights"):
         export_lora(tmp_path / "sd.safetensors", "kohya", tmp_path / "o.safetensors")
-    for kind, fmt, message in [("lokr", "kohya", "a lokr adapter cannot be exported as kohya: musubi-tuner"),
-                               ("loha", "bfl", "a loha adapter cannot be exported as bfl: ai-toolkit reads plain LoRA only"),
-                               ("dora", "comfyui", "a dora adapter cannot be exported as comfyui: ComfyUI normalises")]:
+    for kind, fmt, message in [
+        ("lokr", "kohya", "a lokr adapter cannot be exported as kohya: musubi-tuner"),
+        (
+            "loha",
+            "bfl",
+            "a loha adapter cannot be exported as bfl: ai-toolkit reads plain LoRA only",
+        ),
+        ("dora", "comfyui", "a dora adapter cannot be exported as comfyui: ComfyUI normalises"),
+    ]:
         _random_adapter("klein", "attention", kind, tmp_path / f"{kind}.safetensors")
         with pytest.raises(UserError, match=message):
             export_lora(tmp_path / f"{kind}.safetensors", fmt, tmp_path / "o.safetensors")
@@ -185,6 +234,7 @@ def _random_adapter(family: str, preset: str, kind: str, out, rank=4, alpha=6.0)
 
 def _lycoris_delta(t: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     """ΔW of one LyCORIS module as ComfyUI's LoKr / LoHa adapters compute it (alpha / dim, dim = inner rank)."""
+
     def get(name):
         return t.get(f"{prefix}.{name}")
 
@@ -209,21 +259,30 @@ def test_lycoris_exports_apply_exactly_the_trained_change(family, preset, kind, 
     from peft.tuners.lycoris_utils import LycorisLayer
 
     trained = _random_adapter(family, preset, kind, tmp_path / "ours.safetensors")
-    intended = {n: m.get_delta_weight("default").detach() for n, m in trained.named_modules()
-                if isinstance(m, LycorisLayer) and "default" in m.active_adapters}
+    intended = {
+        n: m.get_delta_weight("default").detach()
+        for n, m in trained.named_modules()
+        if isinstance(m, LycorisLayer) and "default" in m.active_adapters
+    }
     counts = export_lora(tmp_path / "ours.safetensors", "comfyui", tmp_path / "c.safetensors")
     exported = load_file(tmp_path / "c.safetensors")
     prefixes = {k.rsplit(".", 1)[0] for k in exported}
     assert counts["modules"] == len(intended) == len(prefixes)  # nothing dropped
     applied = {}
-    for prefix in prefixes:  # the independent inverse: names back to diffusers, ΔW from the file's own tensors
+    for prefix in (
+        prefixes
+    ):  # the independent inverse: names back to diffusers, ΔW from the file's own tensors
         delta = _lycoris_delta(exported, prefix)
-        if prefix.startswith("transformer."):  # q / k / v: ComfyUI maps them onto their rows of BFL's qkv
+        if prefix.startswith(
+            "transformer."
+        ):  # q / k / v: ComfyUI maps them onto their rows of BFL's qkv
             applied[prefix.removeprefix("transformer.")] = delta
         else:
             bfl = prefix.removeprefix("diffusion_model.")
             assert bfl_name(diffusers_names(bfl)[0])[1] is None
-            applied[diffusers_names(bfl)[0]] = torch.cat(delta.chunk(2)[::-1]) if bfl == SWAPPED else delta
+            applied[diffusers_names(bfl)[0]] = (
+                torch.cat(delta.chunk(2)[::-1]) if bfl == SWAPPED else delta
+            )
     assert applied.keys() == intended.keys()
     for module, delta in intended.items():
         torch.testing.assert_close(applied[module], delta, atol=1e-5, rtol=1e-4)
@@ -231,20 +290,41 @@ def test_lycoris_exports_apply_exactly_the_trained_change(family, preset, kind, 
 
 def test_training_can_write_the_other_layouts_too(tiny_models, sample_data, shared_cache, tmp_path):
     from helpers import train_args
-
     from trainer.config import load_config
     from trainer.recipe import run
 
-    cfg = load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache,
-                                       train__steps=2) + ["output.export=[comfyui, kohya]"])
+    cfg = load_config(
+        None,
+        train_args(tiny_models["klein"], sample_data, tmp_path / "r", shared_cache, train__steps=2)
+        + ["output.export=[comfyui, kohya]"],
+    )
     run(cfg, show_progress=False)
     assert (tmp_path / "r" / "pytorch_lora_weights_comfyui.safetensors").is_file()
     assert (tmp_path / "r" / "pytorch_lora_weights_kohya.safetensors").is_file()
-    with pytest.raises(UserError, match="output.export: a dora adapter cannot be exported as kohya"):
-        load_config(None, ["model.path=m", "data.path=d", "lora.type=dora", "output.export=[kohya]"])
+    with pytest.raises(
+        UserError, match="output.export: a dora adapter cannot be exported as kohya"
+    ):
+        load_config(
+            None, ["model.path=m", "data.path=d", "lora.type=dora", "output.export=[kohya]"]
+        )
     with pytest.raises(UserError, match="output.export: a lokr adapter cannot be exported as bfl"):
-        load_config(None, ["model.path=m", "data.path=d", "lora.type=lokr", "output.export=[comfyui, bfl]"])
-    cfg = load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "l", shared_cache, train__steps=2,
-                                       lora__type="loha") + ["output.export=[comfyui]"])
+        load_config(
+            None, ["model.path=m", "data.path=d", "lora.type=lokr", "output.export=[comfyui, bfl]"]
+        )
+    cfg = load_config(
+        None,
+        train_args(
+            tiny_models["klein"],
+            sample_data,
+            tmp_path / "l",
+            shared_cache,
+            train__steps=2,
+            lora__type="loha",
+        )
+        + ["output.export=[comfyui]"],
+    )
     run(cfg, show_progress=False)
-    assert any(k.endswith(".hada_w1_a") for k in load_file(tmp_path / "l" / "pytorch_lora_weights_comfyui.safetensors"))
+    assert any(
+        k.endswith(".hada_w1_a")
+        for k in load_file(tmp_path / "l" / "pytorch_lora_weights_comfyui.safetensors")
+    )

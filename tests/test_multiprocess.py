@@ -5,22 +5,45 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
-from helpers import HANG, REPO, train_args
 from safetensors.torch import load_file
 
+from helpers import HANG, REPO, train_args
 
+
+@pytest.mark.slow
 def test_two_process_run_agrees_across_ranks(tiny_models, sample_data, shared_cache, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("{}\n")
     out = tmp_path / "ddp"
     env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    with socket.socket() as probe:  # a free port: a fixed one collides with any other run on the machine
+    with (
+        socket.socket() as probe
+    ):  # a free port: a fixed one collides with any other run on the machine
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(REPO / "train.py"), "--config", str(config), "--no-progress",
-           *train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=8, checkpoint__every=4)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(REPO / "train.py"),
+        "--config",
+        str(config),
+        "--no-progress",
+        *train_args(
+            tiny_models["klein"],
+            sample_data,
+            out,
+            shared_cache,
+            train__steps=8,
+            checkpoint__every=4,
+        ),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = proc.stderr + proc.stdout
@@ -31,5 +54,8 @@ def test_two_process_run_agrees_across_ranks(tiny_models, sample_data, shared_ca
     assert any(torch.count_nonzero(v) for k, v in lora.items() if "lora_B" in k)  # it trained
     # one checkpoint with both ranks' RNG states, written once
     step4 = out / "checkpoints" / "step-4"
-    assert sorted(p.name for p in step4.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in step4.glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     assert not list((out / "checkpoints").glob(".tmp-*"))

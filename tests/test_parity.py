@@ -31,8 +31,15 @@ def _capture_pipeline_call(pipe, image, guidance):
 
     handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
     try:
-        pipe(prompt=CAPTION, image=[image], height=image.height, width=image.width, num_inference_steps=2,
-             guidance_scale=guidance, generator=torch.Generator().manual_seed(0))
+        pipe(
+            prompt=CAPTION,
+            image=[image],
+            height=image.height,
+            width=image.width,
+            num_inference_steps=2,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(0),
+        )
     finally:
         handle.remove()
     return captured
@@ -42,7 +49,8 @@ def _capture_pipeline_call(pipe, image, guidance):
 def test_trainer_inputs_equal_pipeline_inputs(family, tiny_models, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    # 112x80 is a bucket at resolution 96 (the pipeline wants references >= 64 px a side), so neither side resizes and both see the same pixels
+    # 112x80 is a bucket at resolution 96 (the pipeline wants references >= 64 px a side), so neither side
+    # resizes and both see the same pixels
     rng = torch.Generator().manual_seed(3)
     pixels = (torch.rand(80, 112, 3, generator=rng) * 255).to(torch.uint8).numpy()
     image = Image.fromarray(pixels)
@@ -52,10 +60,18 @@ def test_trainer_inputs_equal_pipeline_inputs(family, tiny_models, tmp_path):
     base = resolve_base_model(ModelConfig(path=str(tiny_models[family])))
     samples = load_samples(DataConfig(path=str(data)), resolution=96)
     assert samples[0].bucket == (112, 80)
-    features = build_features(samples, base, ModelConfig(path=base.path), CacheConfig(dir=str(tmp_path / "cache")), show_progress=False)
+    features = build_features(
+        samples,
+        base,
+        ModelConfig(path=base.path),
+        CacheConfig(dir=str(tmp_path / "cache")),
+        show_progress=False,
+    )
 
     pipe = load_pipeline(base)
-    guidance = 2.5  # dev embeds it; klein runs CFG when > 1, whose first (conditional) call we capture
+    guidance = (
+        2.5  # dev embeds it; klein runs CFG when > 1, whose first (conditional) call we capture
+    )
     seen = _capture_pipeline_call(pipe, image, guidance)
 
     # prompt embeddings: same text-encoder path (template, layers, 512 padding)
@@ -68,7 +84,9 @@ def test_trainer_inputs_equal_pipeline_inputs(family, tiny_models, tmp_path):
     assert torch.equal(seen["hidden_states"][:, n:], x0_tokens)
     # position ids (target at T=0, reference at T=10) and guidance input
     noisy = seen["hidden_states"][:, :n]
-    ours = build_inputs(base.family, noisy, features.latents[0].shape, embeds, references=[features.latents[0]])
+    ours = build_inputs(
+        base.family, noisy, features.latents[0].shape, embeds, references=[features.latents[0]]
+    )
     assert torch.equal(ours.img_ids, seen["img_ids"])
     assert torch.equal(ours.txt_ids, seen["txt_ids"])
     assert torch.equal(ours.hidden_states, seen["hidden_states"])
@@ -89,18 +107,30 @@ def test_batched_references_share_one_id_layout(family, tiny_models):
     fam = FAMILIES[family]
     target = torch.randn(3, 128, 2, 3)
     refs = [torch.randn(3, 128, 2, 2), torch.randn(3, 128, 1, 2)]
-    inputs = build_inputs(fam, fam.pipeline_class._pack_latents(target), target.shape, torch.randn(3, 7, 48), references=refs)
+    inputs = build_inputs(
+        fam,
+        fam.pipeline_class._pack_latents(target),
+        target.shape,
+        torch.randn(3, 7, 48),
+        references=refs,
+    )
     single = fam.pipeline_class._prepare_image_ids([r[:1] for r in refs])[0]
     for b in range(3):
         assert torch.equal(inputs.img_ids[b, 6:], single)
-        assert torch.equal(inputs.hidden_states[b, 6:10], fam.pipeline_class._pack_latents(refs[0])[b])
+        assert torch.equal(
+            inputs.hidden_states[b, 6:10], fam.pipeline_class._pack_latents(refs[0])[b]
+        )
     assert inputs.img_ids[0, 6:10, 0].unique().tolist() == [10]
     assert inputs.img_ids[0, 10:, 0].unique().tolist() == [20]
 
 
 def test_family_layers_are_the_pipelines_defaults():
     for fam in FAMILIES.values():
-        default = inspect.signature(fam.pipeline_class.encode_prompt).parameters["text_encoder_out_layers"].default
+        default = (
+            inspect.signature(fam.pipeline_class.encode_prompt)
+            .parameters["text_encoder_out_layers"]
+            .default
+        )
         assert tuple(default) == fam.text_encoder_layers
 
 
@@ -121,8 +151,15 @@ def test_reference_images_are_prepared_as_the_pipeline_does(family, tiny_models)
         seen.setdefault("img_ids", kwargs["img_ids"].clone())
 
     handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    pipe(prompt="x", image=[target, ref], height=64, width=64, num_inference_steps=1, guidance_scale=1.0,
-         generator=torch.Generator().manual_seed(0))
+    pipe(
+        prompt="x",
+        image=[target, ref],
+        height=64,
+        width=64,
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     handle.remove()
     encoder = Encoder(pipe)
     ours = [encoder.encode_reference(target), encoder.encode_reference(ref)]
@@ -130,6 +167,11 @@ def test_reference_images_are_prepared_as_the_pipeline_does(family, tiny_models)
     n = 16  # the 64x64 target's tokens come first
     tokens = torch.cat([base.family.pipeline_class._pack_latents(r) for r in ours], dim=1)
     assert torch.equal(seen["hidden_states"][:, n:], tokens)
-    ids = build_inputs(base.family, seen["hidden_states"][:, :n], torch.Size([1, 128, 4, 4]), torch.zeros(1, 512, 48),
-                       references=ours).img_ids
+    ids = build_inputs(
+        base.family,
+        seen["hidden_states"][:, :n],
+        torch.Size([1, 128, 4, 4]),
+        torch.zeros(1, 512, 48),
+        references=ours,
+    ).img_ids
     assert torch.equal(ids, seen["img_ids"])

@@ -11,7 +11,9 @@ def test_grid_keeps_each_image_readable_whatever_its_size_and_aspect():
     grid = make_grid([tiny, strip], labels=["a 64 px render", "a banner"], height=256)
     pixels = np.asarray(grid)
     reds = int(np.all(pixels == (255, 0, 0), axis=-1).sum())
-    assert reds >= 250 * 250  # the 64 px render is shown at the row height (nearest neighbour), not as a stamp
+    assert (
+        reds >= 250 * 250
+    )  # the 64 px render is shown at the row height (nearest neighbour), not as a stamp
     blues = int(np.all(pixels == (0, 0, 255), axis=-1).sum())
     assert blues >= 768 * 49  # the strip gets up to 3x the row height in width, not a square cell
     assert grid.width <= 1800
@@ -20,8 +22,14 @@ def test_grid_keeps_each_image_readable_whatever_its_size_and_aspect():
 def test_labels_wrap_instead_of_being_cut():
     prompt = "zxq logo, a #E4572E ring mark with a bar, centred, on a white background"
     lines = wrap(prompt + "\nseed 3", _font(), 256)
-    assert " ".join(lines).replace(" seed 3", "") == prompt and lines[-1] == "seed 3" and len(lines) >= 3
-    assert len(wrap("word " * 200, _font(), 256)) == 4 and wrap("word " * 200, _font(), 256)[-1].endswith("…")
+    assert (
+        " ".join(lines).replace(" seed 3", "") == prompt
+        and lines[-1] == "seed 3"
+        and len(lines) >= 3
+    )
+    assert len(wrap("word " * 200, _font(), 256)) == 4 and wrap("word " * 200, _font(), 256)[
+        -1
+    ].endswith("…")
 
 
 def test_plots_show_at_least_a_noticeable_colour_difference():

@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
-from helpers import HANG, REPO, train_args
 from safetensors.torch import load_file
 
+from helpers import HANG, REPO, train_args
 from trainer.checkpoints import list_checkpoints
 from trainer.config import load_config
 from trainer.recipe import run
@@ -22,16 +23,33 @@ STEPS = 80
 def _args(tiny_models, sample_data, cache, out):
     # logit-normal sampling, caption dropout, accumulation and a cosine schedule all draw on state that resume
     # has to restore or re-derive exactly
-    return train_args(tiny_models["klein"], sample_data, out, cache, train__steps=STEPS, checkpoint__every=10,
-                      checkpoint__keep_last=2, train__gradient_accumulation=2, train__caption_dropout=0.3,
-                      optim__scheduler="cosine", optim__warmup_steps=5, lora__dropout=0.1)
+    return train_args(
+        tiny_models["klein"],
+        sample_data,
+        out,
+        cache,
+        train__steps=STEPS,
+        checkpoint__every=10,
+        checkpoint__keep_last=2,
+        train__gradient_accumulation=2,
+        train__caption_dropout=0.3,
+        optim__scheduler="cosine",
+        optim__warmup_steps=5,
+        lora__dropout=0.1,
+    )
 
 
 def _launch(args):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     config = args[0]
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", config, "--no-progress", *args[1:]],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "--config", config, "--no-progress", *args[1:]],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_checkpoint(out, proc, at_least, timeout=HANG):
@@ -46,11 +64,14 @@ def _wait_for_checkpoint(out, proc, at_least, timeout=HANG):
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tiny_models, sample_data, shared_cache, tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("{}\n")
-    straight = run(load_config(None, _args(tiny_models, sample_data, shared_cache, tmp_path / "straight")),
-                   show_progress=False)
+    straight = run(
+        load_config(None, _args(tiny_models, sample_data, shared_cache, tmp_path / "straight")),
+        show_progress=False,
+    )
 
     out = tmp_path / "killed"
     proc = _launch([str(empty), *_args(tiny_models, sample_data, shared_cache, out)])
@@ -59,14 +80,17 @@ def test_sigkill_then_resume_is_bit_identical(tiny_models, sample_data, shared_c
     proc.wait()
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     assert len(list_checkpoints(out)) <= 2  # keep_last
-    resumed = run(load_config(None, [*_args(tiny_models, sample_data, shared_cache, out), "resume=latest"]),
-                  show_progress=False)
+    resumed = run(
+        load_config(None, [*_args(tiny_models, sample_data, shared_cache, out), "resume=latest"]),
+        show_progress=False,
+    )
 
     a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(tiny_models, sample_data, shared_cache, tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("{}\n")
@@ -74,7 +98,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_models, sample_data, shared_c
     args = train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=100000)
     proc = _launch([str(empty), *args])
     deadline = time.time() + HANG
-    while not (out / "config.yaml").exists() and time.time() < deadline:  # written just before the loop
+    while (
+        not (out / "config.yaml").exists() and time.time() < deadline
+    ):  # written just before the loop
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.05)
     time.sleep(0.5)
@@ -91,7 +117,9 @@ def _children(pid: int) -> list[int]:
     found = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
         except OSError:
             continue
         if int(fields.get("PPid", "0").strip()) == pid:
@@ -107,20 +135,38 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_sigterm_to_the_launcher_stops_the_trainer_with_a_checkpoint(tiny_models, sample_data, shared_cache,
-                                                                     tmp_path):
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_the_trainer_with_a_checkpoint(
+    tiny_models, sample_data, shared_cache, tmp_path
+):
     """A scheduler's SIGTERM reaches `accelerate launch`, which exits at once: the trainer must not run on alone."""
     empty = tmp_path / "empty.yaml"
     empty.write_text("{}\n")
     out = tmp_path / "run"
     args = train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=100000)
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
-         str(REPO / "configs" / "accelerate" / "default.yaml"), str(REPO / "train.py"), "--config", str(empty),
-         "--no-progress", *args], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "-q",
+            "--config_file",
+            str(REPO / "configs" / "accelerate" / "default.yaml"),
+            str(REPO / "train.py"),
+            "--config",
+            str(empty),
+            "--no-progress",
+            *args,
+        ],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + HANG
-    while not (out / "config.yaml").exists() and time.time() < deadline:  # written just before the loop
+    while (
+        not (out / "config.yaml").exists() and time.time() < deadline
+    ):  # written just before the loop
         assert launcher.poll() is None
         time.sleep(0.05)
     [trainer] = _children(launcher.pid)

@@ -14,10 +14,10 @@ import sys
 
 import pytest
 import torch
-from helpers import HANG, REPO, train_args
 from safetensors.torch import load_file
 
 from common.errors import UserError
+from helpers import HANG, REPO, train_args
 from inference.families import FAMILIES
 from inference.tiny import build_tiny_pipeline
 from trainer.config import load_config
@@ -32,48 +32,118 @@ def _torchrun(args: list[str], cwd) -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(REPO / "train.py"), "--config", str(cwd / "empty.yaml"), "--no-progress", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(REPO / "train.py"),
+        "--config",
+        str(cwd / "empty.yaml"),
+        "--no-progress",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr + proc.stdout
 
 
-def test_two_sharded_ranks_train_what_one_process_does(tiny_models, sample_data, shared_cache, tmp_path):
+@pytest.mark.slow
+def test_two_sharded_ranks_train_what_one_process_does(
+    tiny_models, sample_data, shared_cache, tmp_path
+):
     model = tiny_models["klein"]
-    said = _torchrun([*train_args(model, sample_data, tmp_path / "fsdp", shared_cache, **STEPS),
-                      "train.sharding=fsdp", "sample.prompts=[zxq logo]", "sample.every=3", "sample.steps=2"], tmp_path)
-    shares = [float(x) for x in re.search(r"the ranks hold ([\d.]+)%, ([\d.]+)% of the frozen weights", said).groups()]
+    said = _torchrun(
+        [
+            *train_args(model, sample_data, tmp_path / "fsdp", shared_cache, **STEPS),
+            "train.sharding=fsdp",
+            "sample.prompts=[zxq logo]",
+            "sample.every=3",
+            "sample.steps=2",
+        ],
+        tmp_path,
+    )
+    shares = [
+        float(x)
+        for x in re.search(
+            r"the ranks hold ([\d.]+)%, ([\d.]+)% of the frozen weights", said
+        ).groups()
+    ]
     assert all(45 <= s <= 55 for s in shares), said[-2000:]  # each holds half, not a replica
     assert "all 2 ranks hold identical LoRA weights" in said
     sharded = load_file(tmp_path / "fsdp" / "pytorch_lora_weights.safetensors")
     # samples render on every rank (each forward gathers blocks from all) and rank 0 writes them
-    assert {p.name for p in (tmp_path / "fsdp" / "samples").iterdir()} == {"step-000003.png", "step-000006.png", "before_after.png"}
+    assert {p.name for p in (tmp_path / "fsdp" / "samples").iterdir()} == {
+        "step-000003.png",
+        "step-000006.png",
+        "before_after.png",
+    }
 
     # resume from the step-3 checkpoint (LoRA and optimizer state gathered whole, then sharded again): exact
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "fsdp" / "checkpoints", resumed_dir / "checkpoints")
     shutil.rmtree(resumed_dir / "checkpoints" / "step-6", ignore_errors=True)
-    _torchrun([*train_args(model, sample_data, resumed_dir, shared_cache, **STEPS), "train.sharding=fsdp",
-               "resume=latest", "output.overwrite=true"], tmp_path)
+    _torchrun(
+        [
+            *train_args(model, sample_data, resumed_dir, shared_cache, **STEPS),
+            "train.sharding=fsdp",
+            "resume=latest",
+            "output.overwrite=true",
+        ],
+        tmp_path,
+    )
     resumed = load_file(resumed_dir / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(resumed[k], v) for k, v in sharded.items())
 
     # one process, the same global batches: 2-step accumulation
-    single = run(load_config(None, train_args(model, sample_data, tmp_path / "one", shared_cache,
-                                              **STEPS, train__gradient_accumulation=2)), show_progress=False)
+    single = run(
+        load_config(
+            None,
+            train_args(
+                model,
+                sample_data,
+                tmp_path / "one",
+                shared_cache,
+                **STEPS,
+                train__gradient_accumulation=2,
+            ),
+        ),
+        show_progress=False,
+    )
     alone = load_file(single.lora_path)
     assert alone.keys() == sharded.keys()
     for key, value in sharded.items():
         torch.testing.assert_close(value, alone[key], atol=1e-5, rtol=1e-4)
 
-    pipe = build_tiny_pipeline(FAMILIES["klein"])  # the stock loader takes the gathered file as it is
-    pipe.load_lora_weights(str(tmp_path / "fsdp"), weight_name="pytorch_lora_weights.safetensors", adapter_name="z")
-    assert sum("lora_A" in n for n, _ in pipe.transformer.named_parameters()) == sum("lora_A" in k for k in sharded)
+    pipe = build_tiny_pipeline(
+        FAMILIES["klein"]
+    )  # the stock loader takes the gathered file as it is
+    pipe.load_lora_weights(
+        str(tmp_path / "fsdp"), weight_name="pytorch_lora_weights.safetensors", adapter_name="z"
+    )
+    assert sum("lora_A" in n for n, _ in pipe.transformer.named_parameters()) == sum(
+        "lora_A" in k for k in sharded
+    )
 
 
 def test_sharding_asked_of_one_process_is_refused(tiny_models, sample_data, shared_cache, tmp_path):
-    with pytest.raises(UserError, match="train.sharding: fsdp needs 2 or more processes and this run has 1"):
-        run(load_config(None, train_args(tiny_models["klein"], sample_data, tmp_path / "x", shared_cache,
-                                         train__sharding="fsdp")), show_progress=False)
+    with pytest.raises(
+        UserError, match="train.sharding: fsdp needs 2 or more processes and this run has 1"
+    ):
+        run(
+            load_config(
+                None,
+                train_args(
+                    tiny_models["klein"],
+                    sample_data,
+                    tmp_path / "x",
+                    shared_cache,
+                    train__sharding="fsdp",
+                ),
+            ),
+            show_progress=False,
+        )
     assert not (tmp_path / "x" / "pytorch_lora_weights.safetensors").exists()

@@ -12,7 +12,9 @@ EPOCH_STRIDE = 1_000_003  # a prime: distinct (seed, epoch) pairs give distinct 
 
 
 class BatchPlan:
-    def __init__(self, layouts: list, batch_size: int, seed: int, world_size: int = 1, rank: int = 0):
+    def __init__(
+        self, layouts: list, batch_size: int, seed: int, world_size: int = 1, rank: int = 0
+    ):
         """`layouts[i]`: what sample i must share with its batch mates (its bucket, and its reference sizes)."""
         self.groups: dict = {}
         for index, layout in enumerate(layouts):
@@ -33,7 +35,9 @@ class BatchPlan:
         for layout in sorted(self.groups):
             members = self.groups[layout]
             order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
-            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            batches += [
+                order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)
+            ]
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         self._epoch_cache = (epoch, batches)
         return batches

@@ -37,10 +37,16 @@ def _default_cache_dir() -> str:
 
 @dataclasses.dataclass
 class CacheConfig:
-    dir: str = option(factory=_default_cache_dir, help="where cached latents and embeddings live",
-                      shown_default="$XDG_CACHE_HOME/flux2-lora or ~/.cache/flux2-lora")
-    device: Literal["auto", "cpu"] = option("auto", help="where the encoders run: the training device, or cpu "
-                                                         "when the text encoder does not fit on the GPU")
+    dir: str = option(
+        factory=_default_cache_dir,
+        help="where cached latents and embeddings live",
+        shown_default="$XDG_CACHE_HOME/flux2-lora or ~/.cache/flux2-lora",
+    )
+    device: Literal["auto", "cpu"] = option(
+        "auto",
+        help="where the encoders run: the training device, or cpu "
+        "when the text encoder does not fit on the GPU",
+    )
 
 
 @dataclasses.dataclass
@@ -50,7 +56,9 @@ class Features:
     latents: list[torch.Tensor]  # per sample: (1, 128, h, w), normalised as the pipeline does
     references: list[list[torch.Tensor]]  # per sample, per reference image: (1, 128, h_i, w_i)
     embeds: dict[str, torch.Tensor]  # caption -> (1, L, D); "" is the caption-dropout embedding
-    masks: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per sample (1, h*w) in [0, 1], or empty
+    masks: list[torch.Tensor] = dataclasses.field(
+        default_factory=list
+    )  # per sample (1, h*w) in [0, 1], or empty
     text_encoder_calls: int = 0
     vae_calls: int = 0
 
@@ -75,7 +83,9 @@ def _load(path: Path) -> torch.Tensor:
 def _encode_reference(encoder: Encoder, path: Path) -> torch.Tensor:
     try:
         return encoder.encode_reference(open_rgb(path))
-    except ValueError as exc:  # the pipeline's own reference checks: too small, too extreme an aspect ratio
+    except (
+        ValueError
+    ) as exc:  # the pipeline's own reference checks: too small, too extreme an aspect ratio
         raise UserError(f"reference image '{path}': {str(exc).splitlines()[0]}") from None
 
 
@@ -88,9 +98,15 @@ def token_mask(sample: Sample) -> torch.Tensor:
     return torch.from_numpy(np.asarray(grid, dtype=np.float32).copy()).view(1, -1) / 255.0
 
 
-def build_features(samples: list[Sample], base: BaseModel, model: ModelConfig, cfg: CacheConfig,
-                   show_progress: bool = True, device: torch.device | str = "cpu",
-                   extra_prompts: tuple[str, ...] = ()) -> Features:
+def build_features(
+    samples: list[Sample],
+    base: BaseModel,
+    model: ModelConfig,
+    cfg: CacheConfig,
+    show_progress: bool = True,
+    device: torch.device | str = "cpu",
+    extra_prompts: tuple[str, ...] = (),
+) -> Features:
     """Encode what is not cached yet (captions, "", and `extra_prompts` such as sample prompts), then load all.
     The encoders load only when something is missing, and are freed before this returns."""
     device = torch.device("cpu" if cfg.device == "cpu" else device)
@@ -100,18 +116,30 @@ def build_features(samples: list[Sample], base: BaseModel, model: ModelConfig, c
     # a quantised text encoder gives other embeddings: they must never hit the full-precision ones
     quantized = "" if model.text_encoder_quantize == "none" else f"-{model.text_encoder_quantize}"
     text_dir = root / CACHE_FORMAT / "text" / f"{base.identity('text_encoder')}{quantized}"
-    file_sha = functools.cache(lambda path: _sha(path.read_bytes()))  # repeats and shared references: hash once
-    latent_paths = [latent_dir / f"{file_sha(s.path)}_{s.bucket[0]}x{s.bucket[1]}.safetensors" for s in samples]
+    file_sha = functools.cache(
+        lambda path: _sha(path.read_bytes())
+    )  # repeats and shared references: hash once
+    latent_paths = [
+        latent_dir / f"{file_sha(s.path)}_{s.bucket[0]}x{s.bucket[1]}.safetensors" for s in samples
+    ]
     # references keep their own size (as at inference), so their key is the file alone
-    ref_paths = [[latent_dir / f"ref_{file_sha(r)}.safetensors" for r in s.references] for s in samples]
+    ref_paths = [
+        [latent_dir / f"ref_{file_sha(r)}.safetensors" for r in s.references] for s in samples
+    ]
     captions = sorted({s.caption for s in samples} | {""} | set(extra_prompts))
     text_paths = {c: text_dir / f"{_sha(c.encode('utf-8'))}.safetensors" for c in captions}
     features = Features(latents=[], references=[], embeds={})
 
     missing_text = [c for c in captions if not text_paths[c].is_file()]
     if missing_text:
-        pipe = load_pipeline(base, dtype, vae=False, transformer=False, device_map=device.type,
-                             text_encoder_quantize=model.text_encoder_quantize)
+        pipe = load_pipeline(
+            base,
+            dtype,
+            vae=False,
+            transformer=False,
+            device_map=device.type,
+            text_encoder_quantize=model.text_encoder_quantize,
+        )
         encoder = Encoder(pipe)
         for caption in tqdm(missing_text, desc="encoding captions", disable=not show_progress):
             _save(text_paths[caption], encoder.encode_prompts([caption]))
@@ -120,14 +148,19 @@ def build_features(samples: list[Sample], base: BaseModel, model: ModelConfig, c
         gc.collect()
 
     # cache path -> how to compute it with an Encoder: targets are fit to their bucket, references are not
-    todo = {p: (lambda e, s=s: e.encode_image(fit(open_rgb(s.path), *s.bucket)))
-            for p, s in zip(latent_paths, samples) if not p.is_file()}
+    todo = {
+        p: (lambda e, s=s: e.encode_image(fit(open_rgb(s.path), *s.bucket)))
+        for p, s in zip(latent_paths, samples)
+        if not p.is_file()
+    }
     for paths, sample in zip(ref_paths, samples):
         for path, ref in zip(paths, sample.references):
             if not path.is_file():
                 todo[path] = lambda e, ref=ref: _encode_reference(e, ref)
     if todo:
-        encoder = Encoder(load_pipeline(base, dtype, text_encoder=False, transformer=False).to(device))
+        encoder = Encoder(
+            load_pipeline(base, dtype, text_encoder=False, transformer=False).to(device)
+        )
         for path, encode in tqdm(todo.items(), desc="encoding images", disable=not show_progress):
             _save(path, encode(encoder))
             features.vae_calls += 1

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from common.atomic import fsync_dir, fsync_tree
 from common.configtree import non_negative, option, positive
@@ -30,16 +30,22 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise UserError(f"resume: latest, but '{Path(output_dir) / CHECKPOINTS}' holds no checkpoint; "
-                            "remove resume to start fresh")
+            raise UserError(
+                f"resume: latest, but '{Path(output_dir) / CHECKPOINTS}' holds no checkpoint; "
+                "remove resume to start fresh"
+            )
         return found[-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise UserError(f"resume: '{resume}' is not a checkpoint folder (no {STATE_FILE}); use latest or a step-N folder")
+        raise UserError(
+            f"resume: '{resume}' is not a checkpoint folder (no {STATE_FILE}); use latest or a step-N folder"
+        )
     return path
 
 
-def register_lora_hooks(accelerator, family, lora_info: Callable[[], dict], transformer, sharded_optimizer=None) -> None:
+def register_lora_hooks(
+    accelerator, family, lora_info: Callable[[], dict], transformer, sharded_optimizer=None
+) -> None:
     """accelerate's save_state/load_state then write and read the LoRA alone (safetensors), never the frozen base.
     A sharded run's model and optimizer are not accelerate's (it would wrap them in DDP): the hooks gather their
     state whole on every rank and rank 0 writes it; resuming hands each rank its shard again."""
@@ -52,22 +58,36 @@ def register_lora_hooks(accelerator, family, lora_info: Callable[[], dict], tran
         layers = sharding.full_lora_state(model) if sharded_optimizer is not None else None
         if accelerator.is_main_process:
             # unbaked: resume must read back exactly the weights it trains (evaluate reads alpha from the metadata)
-            save_lora(Path(output_dir) / WEIGHT_NAME, model, family, lora_info(), bake_alpha=False, layers=layers)
+            save_lora(
+                Path(output_dir) / WEIGHT_NAME,
+                model,
+                family,
+                lora_info(),
+                bake_alpha=False,
+                layers=layers,
+            )
         if sharded_optimizer is not None:
-            sharding.save_optimizer(model, sharded_optimizer, Path(output_dir), accelerator.is_main_process)
+            sharding.save_optimizer(
+                model, sharded_optimizer, Path(output_dir), accelerator.is_main_process
+            )
         weights.clear()
 
     def load_hook(models, input_dir):
         model = accelerator.unwrap_model(transformer)
-        state = {k.removeprefix("transformer."): v for k, v in load_state(Path(input_dir) / WEIGHT_NAME).items()}
+        state = {
+            k.removeprefix("transformer."): v
+            for k, v in load_state(Path(input_dir) / WEIGHT_NAME).items()
+        }
         if sharded_optimizer is not None:
             sharding.load_full_lora_state(model, state)
             sharding.load_optimizer(model, sharded_optimizer, Path(input_dir))
         else:
             result = set_peft_model_state_dict(model, state)
             if result.unexpected_keys:
-                raise UserError(f"checkpoint '{input_dir}' holds a LoRA of another shape; resume it with its own "
-                                "lora settings")
+                raise UserError(
+                    f"checkpoint '{input_dir}' holds a LoRA of another shape; resume it with its own "
+                    "lora settings"
+                )
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -79,8 +99,10 @@ def load(accelerator, checkpoint: Path) -> int:
     try:
         accelerator.load_state(str(checkpoint))
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise UserError(f"checkpoint '{checkpoint}' does not fit this config ({str(exc).splitlines()[0][:160]}); "
-                        "resume with the config it was saved with") from None
+        raise UserError(
+            f"checkpoint '{checkpoint}' does not fit this config ({str(exc).splitlines()[0][:160]}); "
+            "resume with the config it was saved with"
+        ) from None
     return json.loads((checkpoint / STATE_FILE).read_text())["step"]
 
 

@@ -9,10 +9,15 @@ from common.commands import Command, quiet_libraries, rank
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML file (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-5 train.steps=200")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-5 train.steps=200"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--skip-memory-check", action="store_true",
-                   help="train even when the memory plan says it will not fit (same as memory.check=false)")
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="train even when the memory plan says it will not fit (same as memory.check=false)",
+    )
 
 
 def train(args: argparse.Namespace) -> int:
@@ -21,7 +26,9 @@ def train(args: argparse.Namespace) -> int:
 
     follow_launcher()  # before the slow part: a launcher killed while we load must not leave us behind
     overrides = [*args.overrides, *(["memory.check=false"] if args.skip_memory_check else [])]
-    cfg = load_config(args.config, overrides)  # validated before anything heavy is imported or loaded
+    cfg = load_config(
+        args.config, overrides
+    )  # validated before anything heavy is imported or loaded
     quiet_libraries()
     from trainer.recipe import run
 
@@ -52,15 +59,40 @@ def config_reference(args: argparse.Namespace) -> int:
 
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.resolution=768 model.quantize=nf4")
-    p.add_argument("--gpu-memory", type=float, metavar="GIB",
-                   help="GiB per GPU to plan for (default: memory.gpu_memory, else the detected GPU)")
-    p.add_argument("--ram", type=float, metavar="GIB", help="GiB of host RAM (default: memory.ram, else this machine's)")
-    p.add_argument("--gpus", type=int, help="GPUs (processes) the run uses; with train.sharding: fsdp each holds 1/N "
-                                            "(default: WORLD_SIZE, else 1)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON (peak_gpu_gib, peak_ram_gib, phases)")
-    p.add_argument("--table", action="store_true", help="print docs/memory.md's table (every family x quantisation x "
-                                                        "checkpointing x resolution) instead")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. train.resolution=768 model.quantize=nf4",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="GiB per GPU to plan for (default: memory.gpu_memory, else the detected GPU)",
+    )
+    p.add_argument(
+        "--ram",
+        type=float,
+        metavar="GIB",
+        help="GiB of host RAM (default: memory.ram, else this machine's)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="GPUs (processes) the run uses; with train.sharding: fsdp each holds 1/N "
+        "(default: WORLD_SIZE, else 1)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the plan as JSON (peak_gpu_gib, peak_ram_gib, phases)",
+    )
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="print docs/memory.md's table (every family x quantisation x "
+        "checkpointing x resolution) instead",
+    )
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -70,7 +102,11 @@ def plan(args: argparse.Namespace) -> int:
 
     from common.errors import UserError
 
-    for flag, value in (("--gpu-memory", args.gpu_memory), ("--ram", args.ram), ("--gpus", args.gpus)):
+    for flag, value in (
+        ("--gpu-memory", args.gpu_memory),
+        ("--ram", args.ram),
+        ("--gpus", args.gpus),
+    ):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be a positive number, got {value:g}")
     if args.table:
@@ -92,7 +128,9 @@ def plan(args: argparse.Namespace) -> int:
 
     base = resolve_base_model(cfg.model)
     gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    gpu, ram = planned_for(cfg, "cuda" if torch.cuda.is_available() else "cpu", args.gpu_memory, args.ram)
+    gpu, ram = planned_for(
+        cfg, "cuda" if torch.cuda.is_available() else "cpu", args.gpu_memory, args.ram
+    )
     result = plan_training(cfg, base, gpus, gpu, ram)
     fix = None if result.fits() else cheapest_fix(cfg, base, gpus, gpu, ram)
     if args.json:

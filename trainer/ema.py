@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -12,13 +12,21 @@ from common.configtree import option
 
 
 def _decay_problem(value: float) -> str | None:
-    return None if 0.0 <= value < 1.0 else f"must be in [0, 1) (0 turns EMA off; 0.99-0.999 is usual), got {value}"
+    return (
+        None
+        if 0.0 <= value < 1.0
+        else f"must be in [0, 1) (0 turns EMA off; 0.99-0.999 is usual), got {value}"
+    )
 
 
 @dataclasses.dataclass
 class EmaConfig:
-    decay: float = option(0.0, check=_decay_problem, help="EMA of the LoRA weights (0 = off; e.g. 0.999): saved as "
-                                                          "pytorch_lora_weights_ema.safetensors and used for samples")
+    decay: float = option(
+        0.0,
+        check=_decay_problem,
+        help="EMA of the LoRA weights (0 = off; e.g. 0.999): saved as "
+        "pytorch_lora_weights_ema.safetensors and used for samples",
+    )
 
 
 class LoraEMA:

@@ -15,35 +15,53 @@ import torch
 
 from common.configtree import option, positive, probability
 
-MIGRATED_RESOLUTION = ("'resolution' (FLUX.2's inference schedule) is now called 'empirical'; the new default, "
-                       "'dynamic', is the shift FLUX.2 was trained with: remove the key, or set empirical to keep the "
-                       "old behaviour")
+MIGRATED_RESOLUTION = (
+    "'resolution' (FLUX.2's inference schedule) is now called 'empirical'; the new default, "
+    "'dynamic', is the shift FLUX.2 was trained with: remove the key, or set empirical to keep the "
+    "old behaviour"
+)
 
 
 @dataclasses.dataclass
 class FlowConfig:
-    timestep_sampling: Literal["uniform", "logit_normal"] = option("logit_normal", help="how training sigmas are drawn")
+    timestep_sampling: Literal["uniform", "logit_normal"] = option(
+        "logit_normal", help="how training sigmas are drawn"
+    )
     logit_mean: float = option(0.0, help="logit-normal mean (> 0 favours noisier sigmas)")
     logit_std: float = option(1.0, check=positive, help="logit-normal spread")
     # Larger images need more noise to destroy their structure, so sigmas are shifted by image size. BFL confirmed
     # FLUX.2 was trained with FLUX.1's shift (OneTrainer PR #1516): "dynamic". The pipelines' compute_empirical_mu
     # is a *sampling* schedule (7.56 at 1024^2 against 3.16, and not monotonic in size): "empirical", on request only.
     shift: Literal["dynamic", "fixed", "none", "empirical"] = option(
-        "dynamic", migrations={"resolution": MIGRATED_RESOLUTION},
+        "dynamic",
+        migrations={"resolution": MIGRATED_RESOLUTION},
         help="time shift of the sampled sigmas, per bucket: dynamic = FLUX.1's resolution-dependent shift FLUX.2 was "
-             "trained with (mu linear in image tokens, 0.5 at 256 to 1.15 at 4096; shift e^mu = 3.16 at 1024^2); "
-             "fixed = shift_value; none; empirical = the pipelines' inference schedule (not how FLUX.2 was trained)")
+        "trained with (mu linear in image tokens, 0.5 at 256 to 1.15 at 4096; shift e^mu = 3.16 at 1024^2); "
+        "fixed = shift_value; none; empirical = the pipelines' inference schedule (not how FLUX.2 was trained)",
+    )
     shift_value: float = option(3.0, check=positive, help="the shift factor when shift: fixed")
-    shift_reference_steps: int = option(50, check=positive, help="sampling steps fed to compute_empirical_mu "
-                                                                 "(shift: empirical only)")
-    sigma_min: float = option(0.0, check=probability, help="lowest training sigma: shifted sigmas are rescaled into "
-                                                           "[sigma_min, sigma_max]")
-    sigma_max: float = option(1.0, check=probability, help="highest training sigma (1 = pure noise)")
-    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option("none", help="per-sample loss weight by sigma")
+    shift_reference_steps: int = option(
+        50,
+        check=positive,
+        help="sampling steps fed to compute_empirical_mu (shift: empirical only)",
+    )
+    sigma_min: float = option(
+        0.0,
+        check=probability,
+        help="lowest training sigma: shifted sigmas are rescaled into [sigma_min, sigma_max]",
+    )
+    sigma_max: float = option(
+        1.0, check=probability, help="highest training sigma (1 = pure noise)"
+    )
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(
+        "none", help="per-sample loss weight by sigma"
+    )
 
     def validate(self) -> list[str]:
         if self.sigma_min >= self.sigma_max:
-            return [f"flow.sigma_min ({self.sigma_min}) must be below flow.sigma_max ({self.sigma_max})"]
+            return [
+                f"flow.sigma_min ({self.sigma_min}) must be below flow.sigma_max ({self.sigma_max})"
+            ]
         return []
 
 
@@ -57,7 +75,9 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def sample_sigmas(kind: str, batch: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+def sample_sigmas(
+    kind: str, batch: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0
+) -> torch.Tensor:
     """Training sigmas in (0, 1): uniform, or logit-normal (sigmoid of N(mean, std)) which favours mid noise."""
     if kind == "uniform":
         return torch.rand(batch, generator=generator)
@@ -76,7 +96,9 @@ def dynamic_mu(image_seq_len: int) -> float:
     tokens, 1.15 at 4096, linear in between and beyond."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    return calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    return calculate_shift(
+        image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15
+    )
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -96,7 +118,9 @@ def shift_factor(cfg: FlowConfig, image_seq_len: int) -> float:
     return math.exp(empirical_mu(image_seq_len, cfg.shift_reference_steps))
 
 
-def training_sigmas(cfg: FlowConfig, batch: int, image_seq_len: int, generator: torch.Generator) -> torch.Tensor:
+def training_sigmas(
+    cfg: FlowConfig, batch: int, image_seq_len: int, generator: torch.Generator
+) -> torch.Tensor:
     sigmas = sample_sigmas(cfg.timestep_sampling, batch, generator, cfg.logit_mean, cfg.logit_std)
     shifted = time_shift(sigmas, shift_factor(cfg, image_seq_len))
     return cfg.sigma_min + (cfg.sigma_max - cfg.sigma_min) * shifted
@@ -113,8 +137,13 @@ def loss_weights(kind: str, sigma: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown loss weighting {kind!r}")
 
 
-def flow_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, batch_size: int | None = None,
-              token_weights: torch.Tensor | None = None) -> torch.Tensor:
+def flow_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    batch_size: int | None = None,
+    token_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Weighted MSE, averaged per sample first so every image counts the same whatever its size, then summed and
     divided by the *configured* batch size: an image in a short batch (a bucket's remainder) weighs what any
     other does, instead of double. `token_weights` (B, N) masks tokens (masked loss): the mean is over the

@@ -25,8 +25,10 @@ PRESETS = {
 @dataclasses.dataclass
 class LoraSettings:
     type: Literal["lora", "dora", "lokr", "loha"] = option(
-        "lora", help="lora; dora (weight-decomposed LoRA: a learned magnitude per output, often better likeness); "
-                     "lokr / loha (LyCORIS Kronecker / Hadamard products, through peft; files load in flux2-lora)")
+        "lora",
+        help="lora; dora (weight-decomposed LoRA: a learned magnitude per output, often better likeness); "
+        "lokr / loha (LyCORIS Kronecker / Hadamard products, through peft; files load in flux2-lora)",
+    )
     rank: int = option(16, check=positive, help="LoRA rank r")
     alpha: float = option(16.0, check=positive, help="scale = alpha / rank")
     dropout: float = option(0.0, check=probability, help="dropout on the LoRA branch")
@@ -37,7 +39,9 @@ class LoraSettings:
 
     def validate(self) -> list[str]:
         if self.type in ("lokr", "loha") and self.dropout:
-            return [f"lora.dropout applies to lora and dora; {self.type} has no dropout on its branch, remove it"]
+            return [
+                f"lora.dropout applies to lora and dora; {self.type} has no dropout on its branch, remove it"
+            ]
         return []
 
 
@@ -49,14 +53,24 @@ def peft_config(cfg: LoraSettings, targets):
         return LoKrConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=targets)
     if cfg.type == "loha":
         return LoHaConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=targets)
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights=True,
-                      use_dora=cfg.type == "dora", target_modules=targets)
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        init_lora_weights=True,
+        use_dora=cfg.type == "dora",
+        target_modules=targets,
+    )
 
 
 def targeted_layers(transformer: torch.nn.Module, preset: str) -> dict[str, torch.nn.Linear]:
     targets = target_modules(transformer, preset)
     if isinstance(targets, str):
-        return {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(targets, n)}
+        return {
+            n: m
+            for n, m in transformer.named_modules()
+            if isinstance(m, torch.nn.Linear) and re.fullmatch(targets, n)
+        }
     return {n: m for n, m in transformer.named_modules() if n in set(targets)}
 
 
@@ -66,15 +80,19 @@ def rank_problem(transformer: torch.nn.Module, cfg: LoraSettings) -> str | None:
     name, layer = min(layers.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
     smallest = min(layer.in_features, layer.out_features)
     if cfg.rank > smallest:
-        return (f"lora.rank {cfg.rank} does not fit this model: the {cfg.type} targets include {name} "
-                f"({layer.in_features} -> {layer.out_features}); use lora.rank <= {smallest}")
+        return (
+            f"lora.rank {cfg.rank} does not fit this model: the {cfg.type} targets include {name} "
+            f"({layer.in_features} -> {layer.out_features}); use lora.rank <= {smallest}"
+        )
     return None
 
 
 def target_modules(transformer: torch.nn.Module, preset: str) -> str | list[str]:
     if preset in PRESETS:
         return PRESETS[preset]
-    return sorted(name for name, mod in transformer.named_modules() if isinstance(mod, torch.nn.Linear))
+    return sorted(
+        name for name, mod in transformer.named_modules() if isinstance(mod, torch.nn.Linear)
+    )
 
 
 def add_lora(transformer: torch.nn.Module, cfg: LoraSettings, seed: int) -> None:

@@ -26,21 +26,35 @@ GIB = 1024**3
 # one extra shard being read while a model loads straight to its device; diffusers' default max_shard_size
 DEFAULT_SHARD_GIB = 10.0
 CUDA_CONTEXT_GIB = 0.75  # CUDA context, cuBLAS workspace and allocator slack on a fresh process
-FRAGMENTATION = 1.05  # the caching allocator's blocks round up: plan 5 % above the tensors' own bytes
+FRAGMENTATION = (
+    1.05  # the caching allocator's blocks round up: plan 5 % above the tensors' own bytes
+)
 PROCESS_RAM_GIB = 3.0  # Python, torch, CUDA libraries and the dataset in host RAM
-TEXT_TOKENS = 512  # the pipelines pad every prompt to 512 tokens, and the transformer attends to all of them
-VAE_PARAMS = 84_000_000  # when the VAE's config is not at hand (hub ids): FLUX.2's AutoencoderKLFlux2
-VAE_ACTIVATIONS = 192  # activation values per pixel of a VAE encode or decode at full resolution (no grad)
+TEXT_TOKENS = (
+    512  # the pipelines pad every prompt to 512 tokens, and the transformer attends to all of them
+)
+VAE_PARAMS = (
+    84_000_000  # when the VAE's config is not at hand (hub ids): FLUX.2's AutoencoderKLFlux2
+)
+VAE_ACTIVATIONS = (
+    192  # activation values per pixel of a VAE encode or decode at full resolution (no grad)
+)
 
 # Activations per token per block, in units of hidden x activation-bytes, measured on CPU at klein-4B's width
 # with bf16 autocast and a rank-16 LoRA (benchmarks/memory.py compares them with a measured step at each real width).
 # saved: kept for backward without checkpointing; transient: the extra at the worst moment of backward;
 # recompute: one checkpointed block recomputed in backward (its saved tensors and transient together).
 ACTIVATION = {
-    "double": {"saved": {"attention": 23.8, "attention_mlp": 28.5, "all_linear": 28.5}, "transient": 9.5,
-               "recompute": {"attention": 25.8, "attention_mlp": 29.3, "all_linear": 29.3}},
-    "single": {"saved": {"attention": 25.8, "attention_mlp": 25.8, "all_linear": 25.8}, "transient": 19.5,
-               "recompute": {"attention": 30.3, "attention_mlp": 30.3, "all_linear": 30.3}},
+    "double": {
+        "saved": {"attention": 23.8, "attention_mlp": 28.5, "all_linear": 28.5},
+        "transient": 9.5,
+        "recompute": {"attention": 25.8, "attention_mlp": 29.3, "all_linear": 29.3},
+    },
+    "single": {
+        "saved": {"attention": 25.8, "attention_mlp": 25.8, "all_linear": 25.8},
+        "transient": 19.5,
+        "recompute": {"attention": 30.3, "attention_mlp": 30.3, "all_linear": 30.3},
+    },
 }
 CHECKPOINT_INPUT = 1.0  # a checkpointed block keeps only its input
 OUTSIDE_BLOCKS = 1.0  # embedders, modulation and the final layer's saved tensors
@@ -50,11 +64,20 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}  # per train
 
 @dataclasses.dataclass
 class MemoryConfig:
-    check: bool = option(True, help="plan GPU memory and RAM before loading weights and refuse a config that "
-                                    "cannot fit (train.py --skip-memory-check turns it off)")
-    gpu_memory: float | None = option(None, check=positive, help="GiB of GPU memory to plan for (per GPU); "
-                                                                   "default: the detected GPU, no check without one")
-    ram: float | None = option(None, check=positive, help="GiB of host RAM to plan for; default: this machine's")
+    check: bool = option(
+        True,
+        help="plan GPU memory and RAM before loading weights and refuse a config that "
+        "cannot fit (train.py --skip-memory-check turns it off)",
+    )
+    gpu_memory: float | None = option(
+        None,
+        check=positive,
+        help="GiB of GPU memory to plan for (per GPU); "
+        "default: the detected GPU, no check without one",
+    )
+    ram: float | None = option(
+        None, check=positive, help="GiB of host RAM to plan for; default: this machine's"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +111,25 @@ class Plan:
         return gpu_ok and ram_ok
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.label, "processes": self.processes, "peak_gpu_gib": round(self.peak_gpu / GIB, 2),
-                "peak_ram_gib": round(self.peak_ram / GIB, 2), "gpu_memory_gib": self.gpu_memory,
-                "ram_gib": self.ram, "fits": self.fits(), "notes": self.notes,
-                "phases": [{"name": p.name, "gpu_gib": round(p.gpu / GIB, 2), "ram_gib": round(p.ram / GIB, 2),
-                            "gpu_parts_gib": {k: round(v / GIB, 3) for k, v in p.parts.items()}}
-                           for p in self.phases]}
+        return {
+            "model": self.label,
+            "processes": self.processes,
+            "peak_gpu_gib": round(self.peak_gpu / GIB, 2),
+            "peak_ram_gib": round(self.peak_ram / GIB, 2),
+            "gpu_memory_gib": self.gpu_memory,
+            "ram_gib": self.ram,
+            "fits": self.fits(),
+            "notes": self.notes,
+            "phases": [
+                {
+                    "name": p.name,
+                    "gpu_gib": round(p.gpu / GIB, 2),
+                    "ram_gib": round(p.ram / GIB, 2),
+                    "gpu_parts_gib": {k: round(v / GIB, 3) for k, v in p.parts.items()},
+                }
+                for p in self.phases
+            ],
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,15 +140,25 @@ class ModelShape:
     hidden: int
     double_blocks: int
     single_blocks: int
-    weight_bytes: dict[str, int]  # quantisation -> bytes of all weights (the rest at the compute dtype)
+    weight_bytes: dict[
+        str, int
+    ]  # quantisation -> bytes of all weights (the rest at the compute dtype)
     largest_block: dict[str, int]  # quantisation -> bytes of the largest block
-    largest_block_linear_full: int  # bytes of the largest block's Linear weights at the compute dtype
+    largest_block_linear_full: (
+        int  # bytes of the largest block's Linear weights at the compute dtype
+    )
     linear_full: int  # bytes at the compute dtype of the Linear weights a backward pass reads
     lora_params: int
 
 
-def transformer_shape(transformer, dtype_bytes: int, lora_rank: int, lora_kind: str, targets: str,
-                      keep_full: tuple[str, ...] | None = None) -> ModelShape:
+def transformer_shape(
+    transformer,
+    dtype_bytes: int,
+    lora_rank: int,
+    lora_kind: str,
+    targets: str,
+    keep_full: tuple[str, ...] | None = None,
+) -> ModelShape:
     """`keep_full`: Linear layers left unquantised (default: FLUX.2's, inference/quantize.py)."""
     import torch
 
@@ -124,36 +170,56 @@ def transformer_shape(transformer, dtype_bytes: int, lora_rank: int, lora_kind: 
     kinds = ("none", "fp8", "int8", "nf4")
     weight = {k: quantized_bytes(transformer, k, dtype_bytes, keep) for k in kinds}
     largest = {k: max(quantized_bytes(b, k, dtype_bytes, ()) for b in blocks) for k in kinds}
-    block_linear = max(sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in blocks)
+    block_linear = max(
+        sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in blocks
+    )
     # Linear layers whose inputs carry gradients keep their dequantised weight for backward: the blocks' layers,
     # except the first block's input projections (they read the embedders' outputs, which need no gradient); the
     # modulation layers read the timestep embedding, which needs none either.
     first_inputs = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
-    linear_full = sum(m.weight.numel() for i, b in enumerate(blocks) for n, m in b.named_modules()
-                      if isinstance(m, torch.nn.Linear) and not (i == 0 and n.split(".")[-1] in first_inputs))
+    linear_full = sum(
+        m.weight.numel()
+        for i, b in enumerate(blocks)
+        for n, m in b.named_modules()
+        if isinstance(m, torch.nn.Linear) and not (i == 0 and n.split(".")[-1] in first_inputs)
+    )
     layers = targeted_layers(transformer, targets)
     per_rank = sum(m.in_features + m.out_features for m in layers.values())
-    extra = sum(m.out_features for m in layers.values()) if lora_kind == "dora" else 0  # DoRA magnitudes
-    lora = {"lora": per_rank * lora_rank, "dora": per_rank * lora_rank, "loha": 2 * per_rank * lora_rank,
-            "lokr": per_rank * lora_rank // 2}[lora_kind] + extra
+    extra = (
+        sum(m.out_features for m in layers.values()) if lora_kind == "dora" else 0
+    )  # DoRA magnitudes
+    lora = {
+        "lora": per_rank * lora_rank,
+        "dora": per_rank * lora_rank,
+        "loha": 2 * per_rank * lora_rank,
+        "lokr": per_rank * lora_rank // 2,
+    }[lora_kind] + extra
     config = transformer.config
     return ModelShape(
         params=sum(p.numel() for p in transformer.parameters()),
         hidden=config.num_attention_heads * config.attention_head_dim,
-        double_blocks=len(transformer.transformer_blocks), single_blocks=len(transformer.single_transformer_blocks),
-        weight_bytes=weight, largest_block=largest, largest_block_linear_full=block_linear * dtype_bytes,
-        linear_full=linear_full * dtype_bytes, lora_params=lora)
+        double_blocks=len(transformer.transformer_blocks),
+        single_blocks=len(transformer.single_transformer_blocks),
+        weight_bytes=weight,
+        largest_block=largest,
+        largest_block_linear_full=block_linear * dtype_bytes,
+        linear_full=linear_full * dtype_bytes,
+        lora_params=lora,
+    )
 
 
-def activation_bytes(shape: ModelShape, tokens: int, batch: int, act_bytes: int, checkpointing: bool,
-                     targets: str) -> float:
+def activation_bytes(
+    shape: ModelShape, tokens: int, batch: int, act_bytes: int, checkpointing: bool, targets: str
+) -> float:
     """Peak activation memory of one training micro-batch (forward + backward), the LoRA gradients excluded."""
     unit = batch * tokens * shape.hidden * act_bytes
     kinds = [("double", shape.double_blocks), ("single", shape.single_blocks)]
     present = [k for k, n in kinds if n]
     if checkpointing:
         held = (shape.double_blocks + shape.single_blocks) * CHECKPOINT_INPUT
-        return unit * (held + OUTSIDE_BLOCKS + max(ACTIVATION[k]["recompute"][targets] for k in present))
+        return unit * (
+            held + OUTSIDE_BLOCKS + max(ACTIVATION[k]["recompute"][targets] for k in present)
+        )
     saved = sum(n * ACTIVATION[k]["saved"][targets] for k, n in kinds)
     return unit * (saved + OUTSIDE_BLOCKS + max(ACTIVATION[k]["transient"] for k in present))
 
@@ -173,30 +239,53 @@ def dequantized_copies(shape: ModelShape, quantize: str, checkpointing: bool) ->
     return shape.linear_full * DEQUANTIZED[quantize]["saved"]
 
 
-def train_step(shape: ModelShape, *, quantize: str, tokens: int, batch: int, act_bytes: int, checkpointing: bool,
-               targets: str, optimizer: str, ema: bool = False, processes: int = 1, offload: str = "none",
-               on_gpu: bool = True) -> Phase:
+def train_step(
+    shape: ModelShape,
+    *,
+    quantize: str,
+    tokens: int,
+    batch: int,
+    act_bytes: int,
+    checkpointing: bool,
+    targets: str,
+    optimizer: str,
+    ema: bool = False,
+    processes: int = 1,
+    offload: str = "none",
+    on_gpu: bool = True,
+) -> Phase:
     """GPU memory of a training step. `processes` > 1 shards weights, LoRA and optimizer (FSDP); `offload` keeps
     the frozen weights in RAM with one block (and the next) on the GPU."""
     weights = shape.weight_bytes[quantize]
     if offload != "none":
-        gpu_weights = 2 * shape.largest_block[quantize]  # the block in use and the next one being copied
+        gpu_weights = (
+            2 * shape.largest_block[quantize]
+        )  # the block in use and the next one being copied
     elif processes > 1:
-        gpu_weights = weights / processes + 2 * shape.largest_block[quantize]  # own shard + gathered blocks
+        gpu_weights = (
+            weights / processes + 2 * shape.largest_block[quantize]
+        )  # own shard + gathered blocks
     else:
         gpu_weights = weights
-    trainable = (shape.lora_params * (4 + 4 + OPTIMIZER_STATE_BYTES[optimizer] + (4 if ema else 0))) / processes
-    parts = {"weights": gpu_weights, "lora+grads+optimizer": trainable,
-             "activations": activation_bytes(shape, tokens, batch, act_bytes, checkpointing, targets),
-             "dequantised weights": dequantized_copies(shape, quantize, checkpointing),
-             "context": CUDA_CONTEXT_GIB * GIB if on_gpu else 0.0}
+    trainable = (
+        shape.lora_params * (4 + 4 + OPTIMIZER_STATE_BYTES[optimizer] + (4 if ema else 0))
+    ) / processes
+    parts = {
+        "weights": gpu_weights,
+        "lora+grads+optimizer": trainable,
+        "activations": activation_bytes(shape, tokens, batch, act_bytes, checkpointing, targets),
+        "dequantised weights": dequantized_copies(shape, quantize, checkpointing),
+        "context": CUDA_CONTEXT_GIB * GIB if on_gpu else 0.0,
+    }
     return Phase("train step", _device_bytes(parts, on_gpu), 0.0, parts)
 
 
 def _device_bytes(parts: dict[str, float], on_gpu: bool) -> float:
     """A phase's GPU figure from its parts: the tensors with the allocator's slack, plus the CUDA context."""
     tensors = sum(v for k, v in parts.items() if k != "context")
-    return tensors * (FRAGMENTATION if on_gpu else 1.0) + (CUDA_CONTEXT_GIB * GIB if on_gpu else 0.0)
+    return tensors * (FRAGMENTATION if on_gpu else 1.0) + (
+        CUDA_CONTEXT_GIB * GIB if on_gpu else 0.0
+    )
 
 
 def _vae_activations(pixels: int, act_bytes: int) -> float:
@@ -213,8 +302,11 @@ def text_encoder_bytes(text_encoder, kind: str, dtype_bytes: int) -> tuple[int, 
 
     config = text_encoder.config
     text = getattr(config, "text_config", None) or config
-    return (quantized_bytes(text_encoder, kind, dtype_bytes, TEXT_ENCODER_KEEP_FULL), text.hidden_size,
-            text.num_hidden_layers)
+    return (
+        quantized_bytes(text_encoder, kind, dtype_bytes, TEXT_ENCODER_KEEP_FULL),
+        text.hidden_size,
+        text.num_hidden_layers,
+    )
 
 
 def _shard_bytes(base, component: str) -> float:
@@ -228,8 +320,14 @@ def _shard_bytes(base, component: str) -> float:
     return DEFAULT_SHARD_GIB * GIB
 
 
-def plan_training(cfg, base, processes: int = 1, gpu_memory: float | None = None, ram: float | None = None,
-                  on_gpu: bool = True) -> Plan:
+def plan_training(
+    cfg,
+    base,
+    processes: int = 1,
+    gpu_memory: float | None = None,
+    ram: float | None = None,
+    on_gpu: bool = True,
+) -> Plan:
     """The memory plan of training config `cfg` on base model `base` (a BaseModel), per GPU of `processes`.
     `on_gpu`: plan for a CUDA device (adds its context); False plans tensor bytes alone, as measured on CPU."""
     from inference.loading import DTYPES
@@ -237,37 +335,67 @@ def plan_training(cfg, base, processes: int = 1, gpu_memory: float | None = None
     dtype_bytes = DTYPES[cfg.model.dtype].itemsize
     act_bytes = 2 if cfg.train.mixed_precision != "no" or dtype_bytes == 2 else 4
     quantize = cfg.model.quantize
-    shape = _cached(("transformer", base.path, base.revision, dtype_bytes, cfg.lora.rank, cfg.lora.type,
-                     cfg.lora.targets), lambda: transformer_shape(base.empty_transformer(), dtype_bytes, cfg.lora.rank,
-                                                                  cfg.lora.type, cfg.lora.targets))
+    shape = _cached(
+        (
+            "transformer",
+            base.path,
+            base.revision,
+            dtype_bytes,
+            cfg.lora.rank,
+            cfg.lora.type,
+            cfg.lora.targets,
+        ),
+        lambda: transformer_shape(
+            base.empty_transformer(), dtype_bytes, cfg.lora.rank, cfg.lora.type, cfg.lora.targets
+        ),
+    )
     sharded = cfg.train.sharding == "fsdp" and processes > 1
     offload = cfg.model.group_offload
     fixed = CUDA_CONTEXT_GIB * GIB if on_gpu else 0.0
     notes: list[str] = []
 
-    step = train_step(shape, quantize=quantize, tokens=image_tokens(max(cfg.train.resolutions)) + TEXT_TOKENS,
-                      batch=cfg.train.batch_size, act_bytes=act_bytes, checkpointing=cfg.train.gradient_checkpointing,
-                      targets=cfg.lora.targets, optimizer=cfg.optim.name, ema=bool(cfg.ema.decay),
-                      processes=processes if sharded else 1, offload=offload, on_gpu=on_gpu)
+    step = train_step(
+        shape,
+        quantize=quantize,
+        tokens=image_tokens(max(cfg.train.resolutions)) + TEXT_TOKENS,
+        batch=cfg.train.batch_size,
+        act_bytes=act_bytes,
+        checkpointing=cfg.train.gradient_checkpointing,
+        targets=cfg.lora.targets,
+        optimizer=cfg.optim.name,
+        ema=bool(cfg.ema.decay),
+        processes=processes if sharded else 1,
+        offload=offload,
+        on_gpu=on_gpu,
+    )
     gpu_weights, trainable = step.parts["weights"], step.parts["lora+grads+optimizer"]
     # RAM is per machine: every process holds its own. Offloaded weights live in RAM; without a direct load to one
     # device (offload, FSDP, CPU) a process reads the whole checkpoint into RAM first.
     ram_weights = shape.weight_bytes[quantize] if offload != "none" else 0.0
     direct = on_gpu and offload == "none" and not sharded
-    loading_ram = _shard_bytes(base, "transformer") + (0.0 if direct else shape.weight_bytes[quantize])
+    loading_ram = _shard_bytes(base, "transformer") + (
+        0.0 if direct else shape.weight_bytes[quantize]
+    )
     if step.parts["dequantised weights"] and not cfg.train.gradient_checkpointing:
-        notes.append(f"model.quantize: {quantize} without gradient checkpointing keeps every dequantised weight for "
-                     f"backward (+{step.parts['dequantised weights'] / GIB:.1f} GiB): pair it with "
-                     "train.gradient_checkpointing: true")
+        notes.append(
+            f"model.quantize: {quantize} without gradient checkpointing keeps every dequantised weight for "
+            f"backward (+{step.parts['dequantised weights'] / GIB:.1f} GiB): pair it with "
+            "train.gradient_checkpointing: true"
+        )
     process_ram = PROCESS_RAM_GIB * GIB if on_gpu else 0.0
 
     # the cache: text encoder, then VAE, each alone on the cache device, before the transformer loads
     te_weights, te_hidden, te_layers = _cached(
         ("text_encoder", base.path, base.revision, dtype_bytes, cfg.model.text_encoder_quantize),
-        lambda: text_encoder_bytes(base.empty_text_encoder(), cfg.model.text_encoder_quantize, dtype_bytes))
+        lambda: text_encoder_bytes(
+            base.empty_text_encoder(), cfg.model.text_encoder_quantize, dtype_bytes
+        ),
+    )
     te_act = (te_layers + 8) * TEXT_TOKENS * te_hidden * act_bytes
     cache_on_gpu = cfg.cache.device != "cpu" and on_gpu
-    te_ram = (_shard_bytes(base, "text_encoder") if cache_on_gpu else te_weights + te_act) + process_ram
+    te_ram = (
+        _shard_bytes(base, "text_encoder") if cache_on_gpu else te_weights + te_act
+    ) + process_ram
     vae_weights = _cached(("vae", base.path), lambda: _vae_params(base)) * dtype_bytes
     vae_act = _vae_activations(max(cfg.train.resolutions) ** 2, act_bytes)
     on_device = 1 if cache_on_gpu else 0  # a CPU cache puts nothing of the encoders on the GPU
@@ -275,23 +403,50 @@ def plan_training(cfg, base, processes: int = 1, gpu_memory: float | None = None
     vae_parts = {"vae": vae_weights * on_device, "activations": vae_act * on_device}
 
     phases = [
-        Phase("encode captions (text encoder)", _device_bytes(text_parts, on_gpu), te_ram, text_parts),
-        Phase("encode images (VAE)", _device_bytes(vae_parts, on_gpu),
-              process_ram + (0 if cache_on_gpu else vae_weights + vae_act), vae_parts),
-        Phase("load transformer", (gpu_weights if on_gpu else 0) + fixed, process_ram + loading_ram,
-              {"weights": gpu_weights}),
+        Phase(
+            "encode captions (text encoder)", _device_bytes(text_parts, on_gpu), te_ram, text_parts
+        ),
+        Phase(
+            "encode images (VAE)",
+            _device_bytes(vae_parts, on_gpu),
+            process_ram + (0 if cache_on_gpu else vae_weights + vae_act),
+            vae_parts,
+        ),
+        Phase(
+            "load transformer",
+            (gpu_weights if on_gpu else 0) + fixed,
+            process_ram + loading_ram,
+            {"weights": gpu_weights},
+        ),
         Phase("train step", step.gpu, process_ram + ram_weights, step.parts),
     ]
     if cfg.sample.prompts and (cfg.sample.every or cfg.sample.before_after):
         side = max(cfg.train.resolutions)
-        decode = _vae_activations((cfg.sample.width or side) * (cfg.sample.height or side), act_bytes)
-        sample_parts = {"weights": gpu_weights, "lora+grads+optimizer": trainable, "vae": vae_weights,
-                        "decode": decode, "context": fixed}
-        phases.append(Phase("render samples", _device_bytes(sample_parts, on_gpu), process_ram + ram_weights,
-                            sample_parts))
+        decode = _vae_activations(
+            (cfg.sample.width or side) * (cfg.sample.height or side), act_bytes
+        )
+        sample_parts = {
+            "weights": gpu_weights,
+            "lora+grads+optimizer": trainable,
+            "vae": vae_weights,
+            "decode": decode,
+            "context": fixed,
+        }
+        phases.append(
+            Phase(
+                "render samples",
+                _device_bytes(sample_parts, on_gpu),
+                process_ram + ram_weights,
+                sample_parts,
+            )
+        )
     if processes > 1:  # rank 0 fills the cache alone; every rank loads and trains
-        phases = [dataclasses.replace(p, ram=p.ram + (processes - 1) * process_ram if i < 2 else p.ram * processes)
-                  for i, p in enumerate(phases)]
+        phases = [
+            dataclasses.replace(
+                p, ram=p.ram + (processes - 1) * process_ram if i < 2 else p.ram * processes
+            )
+            for i, p in enumerate(phases)
+        ]
     label = f"{base.family.variant(base.transformer_config()).name} ({shape.params / 1e9:.2f} B parameters)"
     return Plan(label, phases, gpu_memory, ram, processes, notes)
 
@@ -333,15 +488,22 @@ def memory_problem(cfg, base, processes: int, device_type: str) -> str | None:
     plan = plan_training(cfg, base, processes, gpu, ram)
     if plan.fits():
         return None
-    return (f"memory: {verdict(plan, cheapest_fix(cfg, base, processes, gpu, ram))} (see `flux2-lora plan --config "
-            "...`; memory.check=false or --skip-memory-check trains anyway)")
+    return (
+        f"memory: {verdict(plan, cheapest_fix(cfg, base, processes, gpu, ram))} (see `flux2-lora plan --config "
+        "...`; memory.check=false or --skip-memory-check trains anyway)"
+    )
 
 
-def planned_for(cfg, device_type: str, gpu_memory: float | None = None,
-                ram: float | None = None) -> tuple[float | None, float]:
+def planned_for(
+    cfg, device_type: str, gpu_memory: float | None = None, ram: float | None = None
+) -> tuple[float | None, float]:
     """(GiB of GPU, GiB of RAM) to plan for: the values given, else memory.gpu_memory / memory.ram, else what this
     machine has (no GPU figure off CUDA)."""
-    gpu = gpu_memory or cfg.memory.gpu_memory or (detected_gpu_memory() if device_type == "cuda" else None)
+    gpu = (
+        gpu_memory
+        or cfg.memory.gpu_memory
+        or (detected_gpu_memory() if device_type == "cuda" else None)
+    )
     return gpu, ram or cfg.memory.ram or detected_ram()
 
 
@@ -364,8 +526,11 @@ def gib(value: float) -> str:
 
 def render(plan: Plan) -> str:
     """The plan as a table plus its verdict."""
-    lines = [f"memory plan: {plan.label}, {plan.processes} process{'es' if plan.processes > 1 else ''}", "",
-             f"{'phase':34s} {'GPU GiB':>8s} {'RAM GiB':>8s}  GPU made of"]
+    lines = [
+        f"memory plan: {plan.label}, {plan.processes} process{'es' if plan.processes > 1 else ''}",
+        "",
+        f"{'phase':34s} {'GPU GiB':>8s} {'RAM GiB':>8s}  GPU made of",
+    ]
     for p in plan.phases:
         parts = ", ".join(f"{k} {gib(v)}" for k, v in p.parts.items() if v >= 0.05 * GIB)
         lines.append(f"{p.name:34s} {gib(p.gpu):>8s} {gib(p.ram):>8s}  {parts}")
@@ -379,38 +544,56 @@ def verdict(plan: Plan, fix: str | None) -> str:
     ram = f"{plan.ram:.1f} GiB RAM" if plan.ram is not None else "RAM not checked"
     if plan.fits():
         return f"fits: peak {gib(plan.peak_gpu)} GiB GPU of {card.split(' GPU')[0]}, {gib(plan.peak_ram)} GiB of {ram}"
-    fix = fix or ("no listed change makes it fit: lower train.resolution, shard over more GPUs (train.sharding: "
-                  "fsdp), or use a bigger card or more RAM")
-    return (f"does not fit: planned peak {gib(plan.peak_gpu)} GiB GPU on a {card}, {gib(plan.peak_ram)} GiB of "
-            f"{ram}; {fix}")
+    fix = fix or (
+        "no listed change makes it fit: lower train.resolution, shard over more GPUs (train.sharding: "
+        "fsdp), or use a bigger card or more RAM"
+    )
+    return (
+        f"does not fit: planned peak {gib(plan.peak_gpu)} GiB GPU on a {card}, {gib(plan.peak_ram)} GiB of "
+        f"{ram}; {fix}"
+    )
 
 
 # Changes tried when a plan does not fit, cheapest first (quality, then speed): the first that fits is offered.
 FIXES = [
     ("train.gradient_checkpointing=true", {"train.gradient_checkpointing": True}),
-    ("train.batch_size=1 (raise train.gradient_accumulation to keep the batch)", {"train.batch_size": 1}),
+    (
+        "train.batch_size=1 (raise train.gradient_accumulation to keep the batch)",
+        {"train.batch_size": 1},
+    ),
     ("model.text_encoder_quantize=int8", {"model.text_encoder_quantize": "int8"}),
     ("cache.device=cpu", {"cache.device": "cpu"}),
-    ("model.quantize=fp8 with train.gradient_checkpointing=true",
-     {"model.quantize": "fp8", "train.gradient_checkpointing": True}),
+    (
+        "model.quantize=fp8 with train.gradient_checkpointing=true",
+        {"model.quantize": "fp8", "train.gradient_checkpointing": True},
+    ),
     ("optim.name=adamw8bit", {"optim.name": "adamw8bit"}),
-    ("model.quantize=nf4 with train.gradient_checkpointing=true",
-     {"model.quantize": "nf4", "train.gradient_checkpointing": True}),
-    ("model.group_offload=block with train.gradient_checkpointing=true",
-     {"model.group_offload": "block", "train.gradient_checkpointing": True}),
+    (
+        "model.quantize=nf4 with train.gradient_checkpointing=true",
+        {"model.quantize": "nf4", "train.gradient_checkpointing": True},
+    ),
+    (
+        "model.group_offload=block with train.gradient_checkpointing=true",
+        {"model.group_offload": "block", "train.gradient_checkpointing": True},
+    ),
 ]
 
 
 def cheapest_fix(cfg, base, processes: int, gpu_memory, ram, on_gpu: bool = True) -> str | None:
     """The cheapest change that makes the plan fit, as "cheapest fix: key=value, ...": the first of FIXES that fits
     alone, else the shortest run of them that fits together, with every change it does not need taken out again."""
+
     def fits(changes: dict[str, Any]) -> bool:
         trial = copy.deepcopy(cfg)
         for key, value in changes.items():
             _set(trial, key, value)
         return plan_training(trial, base, processes, gpu_memory, ram, on_gpu).fits()
 
-    useful = [(label, change) for label, change in FIXES if any(_get(cfg, k) != v for k, v in change.items())]
+    useful = [
+        (label, change)
+        for label, change in FIXES
+        if any(_get(cfg, k) != v for k, v in change.items())
+    ]
     for label, change in useful:
         if fits(change):
             return f"cheapest fix: {label}"
@@ -422,8 +605,9 @@ def cheapest_fix(cfg, base, processes: int, gpu_memory, ram, on_gpu: bool = True
                 without = {k: v for k, v in together.items() if k != key}
                 if fits(without):
                     together = without
-            return "cheapest fix: " + ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-                                                for k, v in together.items())
+            return "cheapest fix: " + ", ".join(
+                f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in together.items()
+            )
     if max(cfg.train.resolutions) > 512 and fits({"train.resolution": 512}):
         return "cheapest fix: train.resolution=512"
     return None

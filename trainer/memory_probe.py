@@ -19,14 +19,25 @@ def peak_bytes(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
-    for _, change in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.profiler.function_events):
+    for _, change in sorted(
+        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.profiler.function_events
+    ):
         live += change
         peak = max(peak, live)
     return peak
 
 
-def measure_step(double: int, single: int, image_tokens: int, text_tokens: int, quantize: str, checkpointing: bool,
-                 targets: str, rank: int = 16, width: str = "klein-4B") -> tuple[int, dict]:
+def measure_step(
+    double: int,
+    single: int,
+    image_tokens: int,
+    text_tokens: int,
+    quantize: str,
+    checkpointing: bool,
+    targets: str,
+    rank: int = 16,
+    width: str = "klein-4B",
+) -> tuple[int, dict]:
     """(bytes a second training step allocates on top of weights, LoRA, gradients and optimizer state, the
     slice's config). The first step runs unmeasured: it creates the gradients and the optimizer state."""
     from peft import LoraConfig
@@ -36,8 +47,15 @@ def measure_step(double: int, single: int, image_tokens: int, text_tokens: int, 
     from trainer.lora import PRESETS
 
     heads, joint = WIDTHS[width]
-    config = {"_class_name": "Flux2Transformer2DModel", "num_attention_heads": heads, "attention_head_dim": 128,
-              "joint_attention_dim": joint, "guidance_embeds": False, "num_layers": double, "num_single_layers": single}
+    config = {
+        "_class_name": "Flux2Transformer2DModel",
+        "num_attention_heads": heads,
+        "attention_head_dim": 128,
+        "joint_attention_dim": joint,
+        "guidance_embeds": False,
+        "num_layers": double,
+        "num_single_layers": single,
+    }
     model = empty_transformer(config).to_empty(device="cpu").to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():
@@ -45,8 +63,13 @@ def measure_step(double: int, single: int, image_tokens: int, text_tokens: int, 
     if quantize != "none":
         from torchao.quantization import quantize_
 
-        quantize_(model, torchao_type(quantize),
-                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and converted(name, TRANSFORMER_KEEP_FULL))
+        quantize_(
+            model,
+            torchao_type(quantize),
+            filter_fn=lambda m, name: (
+                isinstance(m, torch.nn.Linear) and converted(name, TRANSFORMER_KEEP_FULL)
+            ),
+        )
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=PRESETS[targets]))
     lora = [p for p in model.parameters() if p.requires_grad]
@@ -60,9 +83,14 @@ def measure_step(double: int, single: int, image_tokens: int, text_tokens: int, 
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(hidden_states=x, encoder_hidden_states=txt, timestep=torch.tensor([0.5]),
-                        img_ids=torch.zeros(1, image_tokens, 4), txt_ids=torch.zeros(1, text_tokens, 4),
-                        return_dict=False)[0]
+            out = model(
+                hidden_states=x,
+                encoder_hidden_states=txt,
+                timestep=torch.tensor([0.5]),
+                img_ids=torch.zeros(1, image_tokens, 4),
+                txt_ids=torch.zeros(1, text_tokens, 4),
+                return_dict=False,
+            )[0]
         out.float().pow(2).mean().backward()
         optimizer.step()
 

@@ -15,13 +15,19 @@ from common.configtree import non_negative, option, positive
 @dataclasses.dataclass
 class OptimConfig:
     name: Literal["adamw", "adamw8bit", "prodigy"] = option(
-        "adamw", help="adamw; adamw8bit (bitsandbytes, GPU only: optimizer state in 8 bits); prodigy (prodigyopt: "
-                      "estimates the step size itself; set optim.lr: 1.0, a multiplier on its estimate)")
-    lr: float = option(1e-4, check=positive, help="peak learning rate (with prodigy: 1.0 = its own estimate)")
+        "adamw",
+        help="adamw; adamw8bit (bitsandbytes, GPU only: optimizer state in 8 bits); prodigy (prodigyopt: "
+        "estimates the step size itself; set optim.lr: 1.0, a multiplier on its estimate)",
+    )
+    lr: float = option(
+        1e-4, check=positive, help="peak learning rate (with prodigy: 1.0 = its own estimate)"
+    )
     betas: tuple[float, ...] = option(factory=lambda: (0.9, 0.999), help="AdamW betas")
     weight_decay: float = option(1e-4, check=non_negative, help="AdamW weight decay")
     eps: float = option(1e-8, check=positive, help="AdamW epsilon")
-    scheduler: Literal["constant", "linear", "cosine"] = option("constant", help="decay after warmup")
+    scheduler: Literal["constant", "linear", "cosine"] = option(
+        "constant", help="decay after warmup"
+    )
     warmup_steps: int = option(0, check=non_negative, help="linear warmup steps")
 
     def validate(self) -> list[str]:
@@ -41,8 +47,10 @@ def optimizer_problem(cfg: OptimConfig) -> str | None:
         if importlib.util.find_spec("prodigyopt") is None:
             return "optim.name: prodigy needs prodigyopt: pip install 'flux2-lora[prodigy]', or use optim.name: adamw"
         if cfg.lr < 0.1:
-            return (f"optim.lr {cfg.lr:g} with prodigy scales its own step-size estimate down {1 / cfg.lr:.0f}x; "
-                    "prodigy wants optim.lr: 1.0 (or 0.5-2)")
+            return (
+                f"optim.lr {cfg.lr:g} with prodigy scales its own step-size estimate down {1 / cfg.lr:.0f}x; "
+                "prodigy wants optim.lr: 1.0 (or 0.5-2)"
+            )
     return None
 
 
@@ -56,7 +64,9 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
         from prodigyopt import Prodigy
 
         # safeguard_warmup keeps the estimate from running away during lr warmup; bias correction as in Adam
-        return Prodigy(params, **kwargs, use_bias_correction=True, safeguard_warmup=cfg.warmup_steps > 0)
+        return Prodigy(
+            params, **kwargs, use_bias_correction=True, safeguard_warmup=cfg.warmup_steps > 0
+        )
     return torch.optim.AdamW(params, **kwargs)
 
 
@@ -77,4 +87,6 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, total_steps)
+    )

@@ -18,14 +18,20 @@ from inference.runs import CARD_FILE, RUN_MARKERS
 
 @dataclasses.dataclass
 class OutputConfig:
-    dir: str = option("runs/lora", help="the run folder: LoRA, model card, config, checkpoints, logs")
+    dir: str = option(
+        "runs/lora", help="the run folder: LoRA, model card, config, checkpoints, logs"
+    )
     overwrite: bool = option(False, help="replace a finished or abandoned run in output.dir")
-    report_to: Literal["none", "wandb", "tensorboard"] = option("none", help="tracker for loss and lr (WANDB_MODE=offline works)")
+    report_to: Literal["none", "wandb", "tensorboard"] = option(
+        "none", help="tracker for loss and lr (WANDB_MODE=offline works)"
+    )
     project: str = option("flux2-lora", help="wandb/tensorboard project name")
     name: str | None = option(None, help="LoRA name in the model card; defaults to the folder name")
     export: list[Literal["comfyui", "kohya", "bfl"]] = option(
-        factory=list, help="also write the final LoRA in these layouts, as pytorch_lora_weights_<layout>.safetensors "
-                           "(comfyui: ComfyUI; kohya: musubi-tuner / kohya; bfl: ai-toolkit)")
+        factory=list,
+        help="also write the final LoRA in these layouts, as pytorch_lora_weights_<layout>.safetensors "
+        "(comfyui: ComfyUI; kohya: musubi-tuner / kohya; bfl: ai-toolkit)",
+    )
 
     def validate(self) -> list[str]:
         return [] if self.dir else ["output.dir is empty; set it to a folder for this run"]
@@ -35,15 +41,21 @@ def check_tracker(cfg: OutputConfig) -> None:
     """wandb without a login fails after minutes of caching; say so before anything loads."""
     if cfg.report_to != "wandb":
         return
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+    if os.environ.get("WANDB_MODE", "").lower() in (
+        "offline",
+        "disabled",
+        "dryrun",
+    ) or os.environ.get("WANDB_API_KEY"):
         return
     try:
         logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
     except (OSError, netrc.NetrcParseError):
         logged_in = False
     if not logged_in:
-        raise UserError("output.report_to: wandb, but wandb has no login here; run `wandb login`, or set "
-                        "WANDB_MODE=offline (logs stay in output.dir), or output.report_to: none")
+        raise UserError(
+            "output.report_to: wandb, but wandb has no login here; run `wandb login`, or set "
+            "WANDB_MODE=offline (logs stay in output.dir), or output.report_to: none"
+        )
 
 
 def prepare_output_dir(cfg: OutputConfig, resuming: bool) -> Path:
@@ -54,8 +66,10 @@ def prepare_output_dir(cfg: OutputConfig, resuming: bool) -> Path:
     taken = [m for m in RUN_MARKERS if (out / m).exists()]
     if taken and not resuming:
         if not cfg.overwrite:
-            raise UserError(f"output.dir '{out}' already holds a run ({', '.join(taken)}); set resume: latest to continue "
-                            "it, output.overwrite: true to replace it, or choose another output.dir")
+            raise UserError(
+                f"output.dir '{out}' already holds a run ({', '.join(taken)}); set resume: latest to continue "
+                "it, output.overwrite: true to replace it, or choose another output.dir"
+            )
         for marker in taken:
             target = out / marker
             shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -65,7 +79,9 @@ def prepare_output_dir(cfg: OutputConfig, resuming: bool) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"output.dir '{out}' is not writable ({exc.strerror}); choose a folder you can write to") from None
+        raise UserError(
+            f"output.dir '{out}' is not writable ({exc.strerror}); choose a folder you can write to"
+        ) from None
     return out
 
 
@@ -86,9 +102,25 @@ def card_base_model(base, variant) -> str:
     return variant.hub_id(base.distilled) if base.is_local else base.path
 
 
-def model_card(*, name: str, variant, family, base_model: str, trigger: str | None, rank: int, alpha: float, steps: int,
-               dataset_size: int, resolution: str, targets: str) -> str:
-    trigger_line = f"Use the trigger word **`{trigger}`** in prompts." if trigger else "No trigger word was set."
+def model_card(
+    *,
+    name: str,
+    variant,
+    family,
+    base_model: str,
+    trigger: str | None,
+    rank: int,
+    alpha: float,
+    steps: int,
+    dataset_size: int,
+    resolution: str,
+    targets: str,
+) -> str:
+    trigger_line = (
+        f"Use the trigger word **`{trigger}`** in prompts."
+        if trigger
+        else "No trigger word was set."
+    )
     pipeline = family.pipeline_class_name
     return f"""---
 license: {variant.licence}

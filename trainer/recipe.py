@@ -54,7 +54,9 @@ log = logging.getLogger("flux2_lora.train")
 @dataclasses.dataclass
 class TrainResult:
     lora_path: Path
-    transformer: torch.nn.Module  # the trained transformer with its LoRA, for callers that keep going in-process
+    transformer: (
+        torch.nn.Module
+    )  # the trained transformer with its LoRA, for callers that keep going in-process
     text_encoder_calls: int
     vae_calls: int
     loop_seconds: float  # wall time of the training loop alone (no loading, caching or saving)
@@ -63,8 +65,11 @@ class TrainResult:
 
 class TrainingInterrupted(Interrupted):
     def __init__(self, signum: int, checkpoint: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved at '{checkpoint}' "
-                         "(continue with resume=latest)", signum)
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name}; checkpoint saved at '{checkpoint}' "
+            "(continue with resume=latest)",
+            signum,
+        )
 
 
 @dataclasses.dataclass
@@ -85,24 +90,40 @@ class Run:
     start: int  # the step to continue from (0, or a resumed checkpoint's)
     show_progress: bool
     ema: LoraEMA | None = None
-    sharded: bool = False  # FSDP: every rank runs forwards (samples, validation) and takes part in gathers
+    sharded: bool = (
+        False  # FSDP: every rank runs forwards (samples, validation) and takes part in gathers
+    )
     step: int = 0  # steps done; read by the LoRA header of checkpoints
-    validation: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, held-out loss)
+    validation: list[tuple[int, float]] = dataclasses.field(
+        default_factory=list
+    )  # (step, held-out loss)
 
     def lora_info(self) -> dict:
         """The flux2_lora.* header entries of every LoRA file this run writes."""
-        return {"family": self.base.family.name, "base_model": self.base.path, "trigger": self.cfg.data.trigger or "",
-                "type": self.cfg.lora.type, "rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
-                "targets": self.cfg.lora.targets,
-                "step": self.step}
+        return {
+            "family": self.base.family.name,
+            "base_model": self.base.path,
+            "trigger": self.cfg.data.trigger or "",
+            "type": self.cfg.lora.type,
+            "rank": self.cfg.lora.rank,
+            "alpha": self.cfg.lora.alpha,
+            "targets": self.cfg.lora.targets,
+            "step": self.step,
+        }
 
 
 def run(cfg: Config, show_progress: bool = True) -> TrainResult:
     r = setup(cfg, show_progress)
     loop_seconds, step_seconds = loop(r)
     finish(r)
-    return TrainResult(r.out / WEIGHT_NAME, r.accelerator.unwrap_model(r.transformer), r.features.text_encoder_calls,
-                       r.features.vae_calls, loop_seconds, step_seconds)
+    return TrainResult(
+        r.out / WEIGHT_NAME,
+        r.accelerator.unwrap_model(r.transformer),
+        r.features.text_encoder_calls,
+        r.features.vae_calls,
+        loop_seconds,
+        step_seconds,
+    )
 
 
 # ---- setup: everything a user can get wrong fails here, before any weights load ------------------------------
@@ -110,7 +131,9 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     started = time.perf_counter()
     base, data = check_inputs(cfg)
     out = Path(cfg.output.dir)
-    resume_from = checkpoints.resolve_resume(cfg.resume, out) if cfg.resume else None  # before creating anything
+    resume_from = (
+        checkpoints.resolve_resume(cfg.resume, out) if cfg.resume else None
+    )  # before creating anything
     accelerator = _accelerator(cfg, out)
     sharded = sharding.requested(cfg.train.sharding, accelerator)
     if sharded and (problem := sharding.sharding_problem(accelerator, cfg)):
@@ -123,13 +146,26 @@ def setup(cfg: Config, show_progress: bool) -> Run:
 
     main = accelerator.is_main_process
     with accelerator.main_process_first():  # rank 0 fills the cache, the others then read it
-        features = build_features(data.samples, base, cfg.model, cfg.cache, show_progress and main,
-                                  accelerator.device, extra_prompts=tuple(sorted(data.prompts() | set(cfg.sample.prompts))))
+        features = build_features(
+            data.samples,
+            base,
+            cfg.model,
+            cfg.cache,
+            show_progress and main,
+            accelerator.device,
+            extra_prompts=tuple(sorted(data.prompts() | set(cfg.sample.prompts))),
+        )
 
     # straight to the device, layer by layer (quantised as read), unless the weights are meant to stay in RAM
     direct = None if sharded or cfg.model.group_offload != "none" else accelerator.device.type
-    transformer = load_pipeline(base, cfg.model.dtype, text_encoder=False, vae=False, quantize=cfg.model.quantize,
-                                device_map=direct).transformer
+    transformer = load_pipeline(
+        base,
+        cfg.model.dtype,
+        text_encoder=False,
+        vae=False,
+        quantize=cfg.model.quantize,
+        device_map=direct,
+    ).transformer
     add_lora(transformer, cfg.lora, cfg.train.seed)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -137,38 +173,85 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     transformer.train()
     if sharded:  # before listing parameters: sharding replaces them with sharded ones
         sharding.shard(transformer, accelerator.device)
-        shares = accelerator.gather(torch.tensor([sharding.local_share(transformer)], device=accelerator.device))
-        log.info("sharded over %d ranks; the ranks hold %s of the frozen weights", accelerator.num_processes,
-                 ", ".join(f"{100 * s:.1f}%" for s in shares.tolist()))
-    trainable = trainable_parameters(transformer)  # listed once: walking every module each step costs ~1 ms
+        shares = accelerator.gather(
+            torch.tensor([sharding.local_share(transformer)], device=accelerator.device)
+        )
+        log.info(
+            "sharded over %d ranks; the ranks hold %s of the frozen weights",
+            accelerator.num_processes,
+            ", ".join(f"{100 * s:.1f}%" for s in shares.tolist()),
+        )
+    trainable = trainable_parameters(
+        transformer
+    )  # listed once: walking every module each step costs ~1 ms
     optimizer = build_optimizer(trainable, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    if not sharded:  # sharded, the model reduces its own gradients; accelerate's prepare would wrap it in DDP
+    if (
+        not sharded
+    ):  # sharded, the model reduces its own gradients; accelerate's prepare would wrap it in DDP
         # group offloading moves weights itself; accelerate must not move the whole model to the device
         placement = [cfg.model.group_offload == "none", True]
-        transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=placement)
+        transformer, optimizer = accelerator.prepare(
+            transformer, optimizer, device_placement=placement
+        )
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
     ema = LoraEMA(trainable, cfg.ema.decay) if cfg.ema.decay else None
     if ema:
         accelerator.register_for_checkpointing(ema)
 
     # sharded, every rank takes part in each forward, so every rank renders (rank 0 writes)
-    sampler = SampleRenderer(base, cfg.model.dtype, cfg.sample, features.embeds, max(cfg.train.resolutions), out,
-                             accelerator.device, write=main) if cfg.sample.prompts and (main or sharded) else None
+    sampler = (
+        SampleRenderer(
+            base,
+            cfg.model.dtype,
+            cfg.sample,
+            features.embeds,
+            max(cfg.train.resolutions),
+            out,
+            accelerator.device,
+            write=main,
+        )
+        if cfg.sample.prompts and (main or sharded)
+        else None
+    )
     data.objective.plain_model = accelerator.unwrap_model(transformer)
-    r = Run(cfg, base, data, out, accelerator, features, transformer, trainable, optimizer, scheduler, sampler,
-            start=0, show_progress=show_progress, ema=ema, sharded=sharded)
-    checkpoints.register_lora_hooks(accelerator, base.family, r.lora_info, transformer,
-                                    optimizer if sharded else None)
+    r = Run(
+        cfg,
+        base,
+        data,
+        out,
+        accelerator,
+        features,
+        transformer,
+        trainable,
+        optimizer,
+        scheduler,
+        sampler,
+        start=0,
+        show_progress=show_progress,
+        ema=ema,
+        sharded=sharded,
+    )
+    checkpoints.register_lora_hooks(
+        accelerator, base.family, r.lora_info, transformer, optimizer if sharded else None
+    )
     if resume_from is not None:
         r.start = r.step = checkpoints.load(accelerator, resume_from)
     if main:
         write_text(out / CONFIG_FILE, dump_config(cfg))
     if cfg.output.report_to != "none":
-        accelerator.init_trackers(cfg.output.project, config=_flat(cfg),
-                                  init_kwargs={"wandb": {"dir": str(out), "name": cfg.output.name or out.name}})
-    log.info("ready to train in %.1f s (%d images; text encoder ran %d times, VAE %d times)",
-             time.perf_counter() - started, data.subject_count, features.text_encoder_calls, features.vae_calls)
+        accelerator.init_trackers(
+            cfg.output.project,
+            config=_flat(cfg),
+            init_kwargs={"wandb": {"dir": str(out), "name": cfg.output.name or out.name}},
+        )
+    log.info(
+        "ready to train in %.1f s (%d images; text encoder ran %d times, VAE %d times)",
+        time.perf_counter() - started,
+        data.subject_count,
+        features.text_encoder_calls,
+        features.vae_calls,
+    )
     return r
 
 
@@ -177,15 +260,23 @@ def check_inputs(cfg: Config) -> tuple[BaseModel, TrainingData]:
     base = resolve_base_model(cfg.model)
     _refuse_distilled(base, cfg.model.allow_distilled)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    problem = (optimizer_problem(cfg.optim) or rank_problem(base.empty_transformer(), cfg.lora)
-               or quantize_problem(cfg.model.quantize, "model.quantize", device_type)
-               or quantize_problem(cfg.model.text_encoder_quantize, "model.text_encoder_quantize",
-                                   "cpu" if cfg.cache.device == "cpu" else device_type))
+    problem = (
+        optimizer_problem(cfg.optim)
+        or rank_problem(base.empty_transformer(), cfg.lora)
+        or quantize_problem(cfg.model.quantize, "model.quantize", device_type)
+        or quantize_problem(
+            cfg.model.text_encoder_quantize,
+            "model.text_encoder_quantize",
+            "cpu" if cfg.cache.device == "cpu" else device_type,
+        )
+    )
     if problem:
         raise UserError(problem)
     data = training_data(cfg)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
+        raise UserError(
+            "train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine"
+        )
     check_tracker(cfg.output)
     return base, data
 
@@ -208,16 +299,31 @@ def _accelerator(cfg: Config, out: Path):
 def loop(r: Run) -> tuple[float, list[float]]:
     cfg, accelerator = r.cfg, r.accelerator
     # a batch shares one position-id layout: the same bucket and the same reference sizes
-    layouts = [(s.bucket, tuple(tuple(t.shape) for t in refs))
-               for s, refs in zip(r.data.samples, r.features.references)][: r.data.train_count]
-    plan = BatchPlan(layouts, cfg.train.batch_size, cfg.train.seed, accelerator.num_processes,
-                     accelerator.process_index)
+    layouts = [
+        (s.bucket, tuple(tuple(t.shape) for t in refs))
+        for s, refs in zip(r.data.samples, r.features.references)
+    ][: r.data.train_count]
+    plan = BatchPlan(
+        layouts,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
     sizes = plan.batch_sizes()
-    log.info("batches per epoch: %s (%d buckets)", ", ".join(f"{n} of {size}" for size, n in sorted(sizes.items(),
-                                                             reverse=True)), len(plan.groups))
+    log.info(
+        "batches per epoch: %s (%d buckets)",
+        ", ".join(f"{n} of {size}" for size, n in sorted(sizes.items(), reverse=True)),
+        len(plan.groups),
+    )
     stop = StopRequest()
-    bar = tqdm(total=cfg.train.steps, initial=r.start, desc="training", dynamic_ncols=True,
-               disable=not (r.show_progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=r.start,
+        desc="training",
+        dynamic_ncols=True,
+        disable=not (r.show_progress and accelerator.is_main_process),
+    )
     loop_start, step_seconds = time.perf_counter(), []
     try:
         for step in range(r.start, cfg.train.steps):
@@ -238,7 +344,11 @@ def loop(r: Run) -> tuple[float, list[float]]:
             if cfg.validation.every and r.step % cfg.validation.every == 0:
                 validate(r)
             stopping = _any_rank(accelerator, stop.signum != 0)
-            due = cfg.checkpoint.every and r.step % cfg.checkpoint.every == 0 and r.step < cfg.train.steps
+            due = (
+                cfg.checkpoint.every
+                and r.step % cfg.checkpoint.every == 0
+                and r.step < cfg.train.steps
+            )
             if due or stopping:
                 saved = checkpoints.save(accelerator, r.out, r.step, cfg.checkpoint.keep_last)
                 if stopping:
@@ -261,12 +371,24 @@ def optimizer_step(r: Run, plan: BatchPlan, step: int) -> tuple[float, bool]:
             torch.manual_seed(generator.initial_seed())
         with accelerator.accumulate(r.transformer):
             with accelerator.autocast():
-                loss = micro_batch_loss(r.transformer, r.base.family, r.features, r.data.captions, indices,
-                                        cfg.train, cfg.flow, generator, DTYPES[cfg.model.dtype], accelerator.device,
-                                        r.data.objective)
+                loss = micro_batch_loss(
+                    r.transformer,
+                    r.base.family,
+                    r.features,
+                    r.data.captions,
+                    indices,
+                    cfg.train,
+                    cfg.flow,
+                    generator,
+                    DTYPES[cfg.model.dtype],
+                    accelerator.device,
+                    r.data.objective,
+                )
             if _any_rank(accelerator, not torch.isfinite(loss).item()):
                 skipped = True
-                _report_nonfinite(cfg.train.nonfinite, step, [str(r.data.samples[i].path) for i in indices])
+                _report_nonfinite(
+                    cfg.train.nonfinite, step, [str(r.data.samples[i].path) for i in indices]
+                )
             if not skipped:
                 accelerator.backward(loss)  # accelerate divides by the accumulation steps
                 step_loss += loss.detach().item() / accum
@@ -297,24 +419,48 @@ def finish(r: Run) -> None:
         export_copies(r.out, cfg.output.export)
     with r.ema.applied() if r.ema else contextlib.nullcontext():
         if r.ema and accelerator.is_main_process:
-            save_lora(r.out / EMA_WEIGHT_NAME, final, r.base.family, r.lora_info() | {"ema_decay": r.ema.decay})
+            save_lora(
+                r.out / EMA_WEIGHT_NAME,
+                final,
+                r.base.family,
+                r.lora_info() | {"ema_decay": r.ema.decay},
+            )
         if r.sampler and cfg.sample.before_after:
             r.sampler.before_after(final, r.step)
     if accelerator.is_main_process:
         variant = r.base.family.variant(final.config)
-        write_card(r.out, model_card(name=cfg.output.name or r.out.resolve().name, variant=variant,
-                                     family=r.base.family, base_model=card_base_model(r.base, variant),
-                                     trigger=cfg.data.trigger, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                                     steps=cfg.train.steps, dataset_size=r.data.subject_count,
-                                     resolution=", ".join(map(str, cfg.train.resolutions)), targets=cfg.lora.targets))
+        write_card(
+            r.out,
+            model_card(
+                name=cfg.output.name or r.out.resolve().name,
+                variant=variant,
+                family=r.base.family,
+                base_model=card_base_model(r.base, variant),
+                trigger=cfg.data.trigger,
+                rank=cfg.lora.rank,
+                alpha=cfg.lora.alpha,
+                steps=cfg.train.steps,
+                dataset_size=r.data.subject_count,
+                resolution=", ".join(map(str, cfg.train.resolutions)),
+                targets=cfg.lora.targets,
+            ),
+        )
     accelerator.end_training()
 
 
 def validate(r: Run) -> None:
     """The held-out loss now: logged, and written as validation.csv / validation.png."""
-    loss = validation_loss(r.accelerator.unwrap_model(r.transformer), r.base.family, r.features,
-                           r.data.validation_indices, [c[0] for c in r.data.captions], r.cfg.validation.sigmas,
-                           r.cfg.train.guidance, DTYPES[r.cfg.model.dtype], r.accelerator.device)
+    loss = validation_loss(
+        r.accelerator.unwrap_model(r.transformer),
+        r.base.family,
+        r.features,
+        r.data.validation_indices,
+        [c[0] for c in r.data.captions],
+        r.cfg.validation.sigmas,
+        r.cfg.train.guidance,
+        DTYPES[r.cfg.model.dtype],
+        r.accelerator.device,
+    )
     r.validation.append((r.step, loss))
     r.accelerator.log({"validation_loss": loss}, step=r.step)
     if r.accelerator.is_main_process:
@@ -325,12 +471,16 @@ def _refuse_distilled(base: BaseModel, allowed: bool) -> None:
     """Step-distilled checkpoints learn LoRAs badly (weak or grey results, reported by users of every trainer)."""
     if base.distilled and not allowed:
         variant = base.family.variant(base.transformer_config())
-        raise UserError(f"model.path '{base.path}' is a step-distilled FLUX.2 {base.family.name} checkpoint, and LoRAs "
-                        f"trained on one come out weak or grey; train on the base checkpoint ({variant.base_model}) "
-                        "and use the LoRA on either, or set model.allow_distilled: true")
+        raise UserError(
+            f"model.path '{base.path}' is a step-distilled FLUX.2 {base.family.name} checkpoint, and LoRAs "
+            f"trained on one come out weak or grey; train on the base checkpoint ({variant.base_model}) "
+            "and use the LoRA on either, or set model.allow_distilled: true"
+        )
 
 
-def _check_ranks_agree(accelerator, model: torch.nn.Module, layers: dict[str, torch.Tensor] | None) -> None:
+def _check_ranks_agree(
+    accelerator, model: torch.nn.Module, layers: dict[str, torch.Tensor] | None
+) -> None:
     """Data-parallel ranks must hold the same LoRA; a silent divergence would ship rank 0's guess. Sharded, each
     rank checks the whole LoRA it gathered (what rank 0 writes)."""
     if accelerator.num_processes == 1:
@@ -340,9 +490,15 @@ def _check_ranks_agree(accelerator, model: torch.nn.Module, layers: dict[str, to
     gathered = accelerator.gather(checksum.to(accelerator.device))
     if not torch.all(gathered == gathered[0]):
         odd = [str(i) for i, c in enumerate(gathered.tolist()) if c != gathered[0].item()]
-        raise RuntimeError(f"rank(s) {', '.join(odd)} ended with LoRA weights that differ from rank 0's (checksums "
-                           f"{gathered.tolist()}); rank 0's would have been saved, so nothing was")
-    log.info("all %d ranks hold identical LoRA weights (checksum %.10g)", accelerator.num_processes, gathered[0].item())
+        raise RuntimeError(
+            f"rank(s) {', '.join(odd)} ended with LoRA weights that differ from rank 0's (checksums "
+            f"{gathered.tolist()}); rank 0's would have been saved, so nothing was"
+        )
+    log.info(
+        "all %d ranks hold identical LoRA weights (checksum %.10g)",
+        accelerator.num_processes,
+        gathered[0].item(),
+    )
 
 
 def _log_image(accelerator, image, step: int) -> None:
@@ -362,7 +518,9 @@ def _any_rank(accelerator, flag: bool) -> bool:
 def _report_nonfinite(policy: str, step: int, files: list[str]) -> None:
     message = f"non-finite loss at step {step + 1} on {', '.join(files)}"
     if policy == "stop":
-        raise UserError(message + "; check these images, lower optim.lr, or set train.nonfinite: skip")
+        raise UserError(
+            message + "; check these images, lower optim.lr, or set train.nonfinite: skip"
+        )
     log.warning(message + "; batch skipped (train.nonfinite: skip)")
 
 

@@ -18,20 +18,33 @@ from common.trigger import replace_trigger
 
 @dataclasses.dataclass
 class RegularizationConfig:
-    images: str | None = option(None, help="folder of class images with captions (prior preservation), e.g. 20-50 "
-                                           "photos of other logos for a logo LoRA")
-    weight: float = option(1.0, check=non_negative, help="loss weight of a regularization image against a subject "
-                                                          "image")
-    preserve: bool = option(False, help="differential output preservation: with the trigger replaced by class_prompt, "
-                                        "the LoRA's prediction is pulled toward the base model's (two extra forward "
-                                        "passes a step)")
-    class_prompt: str | None = option(None, help="what replaces the trigger for preservation, e.g. 'a logo'")
+    images: str | None = option(
+        None,
+        help="folder of class images with captions (prior preservation), e.g. 20-50 "
+        "photos of other logos for a logo LoRA",
+    )
+    weight: float = option(
+        1.0,
+        check=non_negative,
+        help="loss weight of a regularization image against a subject image",
+    )
+    preserve: bool = option(
+        False,
+        help="differential output preservation: with the trigger replaced by class_prompt, "
+        "the LoRA's prediction is pulled toward the base model's (two extra forward "
+        "passes a step)",
+    )
+    class_prompt: str | None = option(
+        None, help="what replaces the trigger for preservation, e.g. 'a logo'"
+    )
     preserve_weight: float = option(1.0, check=non_negative, help="weight of the preservation loss")
 
     def validate(self) -> list[str]:
         if self.preserve and not (self.class_prompt or "").strip():
-            return ["regularization.preserve needs regularization.class_prompt (what the trigger stands for, "
-                    "e.g. 'a logo')"]
+            return [
+                "regularization.preserve needs regularization.class_prompt (what the trigger stands for, "
+                "e.g. 'a logo')"
+            ]
         return []
 
 

@@ -21,24 +21,41 @@ from inference.loading import BaseModel, load_pipeline
 
 @dataclasses.dataclass
 class SampleConfig:
-    prompts: list[str] = option(factory=list, help="prompts rendered every sample.every steps (fixed seeds)")
-    every: int = option(0, check=non_negative, help="0: only the before/after grid at the end (if prompts are set)")
+    prompts: list[str] = option(
+        factory=list, help="prompts rendered every sample.every steps (fixed seeds)"
+    )
+    every: int = option(
+        0, check=non_negative, help="0: only the before/after grid at the end (if prompts are set)"
+    )
     seed: int = option(0)
     steps: int | None = option(None, help="denoising steps; default: the family's")
     guidance: float | None = option(None, help="default: the family's")
     width: int | None = option(None, check=side_problem, help="default: train.resolution")
     height: int | None = option(None, check=side_problem, help="default: train.resolution")
-    before_after: bool = option(True, help="at the end, a grid of each prompt without (scale 0) and with the LoRA")
+    before_after: bool = option(
+        True, help="at the end, a grid of each prompt without (scale 0) and with the LoRA"
+    )
 
 
 class SampleRenderer:
-    def __init__(self, base: BaseModel, dtype: str, cfg: SampleConfig, embeds: dict[str, torch.Tensor],
-                 resolution: int, out_dir: Path, device: torch.device | str = "cpu", write: bool = True):
+    def __init__(
+        self,
+        base: BaseModel,
+        dtype: str,
+        cfg: SampleConfig,
+        embeds: dict[str, torch.Tensor],
+        resolution: int,
+        out_dir: Path,
+        device: torch.device | str = "cpu",
+        write: bool = True,
+    ):
         self.base, self.cfg, self.out_dir, self.write = base, cfg, out_dir, write
         # VAE + scheduler only, on the training device: latents are made where the transformer runs, and a VAE
         # left on the CPU would be handed GPU latents at the first sample (the crash ai-toolkit fixed in #742)
         self.device = torch.device(device)
-        self.pipe = load_pipeline(base, dtype, text_encoder=False, transformer=False).to(self.device)
+        self.pipe = load_pipeline(base, dtype, text_encoder=False, transformer=False).to(
+            self.device
+        )
         self.embeds = [embeds[p] for p in cfg.prompts]
         self.negative = embeds[""]
         defaults = base.family.sampling_defaults(base.distilled)
@@ -52,15 +69,23 @@ class SampleRenderer:
         transformer.eval()
         pipe = self.base.family.pipeline_class.from_pipe(self.pipe, transformer=transformer)
         pipe.set_progress_bar_config(disable=True)
-        device = self.device  # declared, not read off the weights: group offload keeps those on the CPU
+        device = (
+            self.device
+        )  # declared, not read off the weights: group offload keeps those on the CPU
         extra = {}
         images = []
         for i, embeds in enumerate(self.embeds):
             if self.base.family.has_true_cfg:
                 extra = {"negative_prompt_embeds": self.negative.to(device, embeds.dtype)}
-            images += pipe(prompt_embeds=embeds.to(device), width=self.size[0], height=self.size[1],
-                           num_inference_steps=self.steps, guidance_scale=self.guidance,
-                           generator=torch.Generator().manual_seed(self.cfg.seed + i), **extra).images
+            images += pipe(
+                prompt_embeds=embeds.to(device),
+                width=self.size[0],
+                height=self.size[1],
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance,
+                generator=torch.Generator().manual_seed(self.cfg.seed + i),
+                **extra,
+            ).images
         transformer.train(was_training)
         return images
 
@@ -75,8 +100,12 @@ class SampleRenderer:
         return [f"{p}\nseed {self.cfg.seed + i}" for i, p in enumerate(self.cfg.prompts)]
 
     def at_step(self, transformer, step: int) -> Image.Image:
-        return self.save_grid(f"step-{step:06d}.png", self.render(transformer), labels=self._labels(),
-                              title=f"step {step}: {self.steps} sampling steps, guidance {self.guidance:g}")
+        return self.save_grid(
+            f"step-{step:06d}.png",
+            self.render(transformer),
+            labels=self._labels(),
+            title=f"step {step}: {self.steps} sampling steps, guidance {self.guidance:g}",
+        )
 
     def before_after(self, transformer, step: int) -> Image.Image:
         """Row 1: LoRA off (scale 0); row 2: LoRA on (scale 1). Same seeds, same prompts."""
@@ -86,6 +115,10 @@ class SampleRenderer:
         finally:
             transformer.enable_adapters()
         after = self.render(transformer)
-        return self.save_grid("before_after.png", before + after, labels=[""] * len(before) + self._labels(),
-                              row_labels=["without the LoRA", f"with the LoRA (step {step})"],
-                              title=f"before / after {step} steps: same prompts, same seeds")
+        return self.save_grid(
+            "before_after.png",
+            before + after,
+            labels=[""] * len(before) + self._labels(),
+            row_labels=["without the LoRA", f"with the LoRA (step {step})"],
+            title=f"before / after {step} steps: same prompts, same seeds",
+        )

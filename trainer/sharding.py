@@ -23,31 +23,43 @@ import torch
 
 from common.errors import UserError
 
-OPTIMIZER_FILE = "optimizer_full.safetensors"  # the gathered optimizer state of a sharded run's checkpoint
+OPTIMIZER_FILE = (
+    "optimizer_full.safetensors"  # the gathered optimizer state of a sharded run's checkpoint
+)
 
 
 def requested(setting: str, accelerator) -> bool:
     """train.sharding, or an accelerate config that selected FSDP (its plugin would fall back silently on CPU)."""
     from accelerate.utils import DistributedType
 
-    return (setting == "fsdp" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-            or accelerator.distributed_type == DistributedType.FSDP)
+    return (
+        setting == "fsdp"
+        or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+        or accelerator.distributed_type == DistributedType.FSDP
+    )
 
 
 def sharding_problem(accelerator, cfg) -> str | None:
     """Why this run cannot shard (checked before any weights load), or None."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes < 2 and launched > 1:
-        return (f"train.sharding: fsdp, but the {launched} launched processes did not join one distributed group "
-                "(accelerate does that without GPUs); on CPUs launch with `ACCELERATE_USE_CPU=true torchrun "
-                f"--nproc_per_node {launched} train.py ...`")
+        return (
+            f"train.sharding: fsdp, but the {launched} launched processes did not join one distributed group "
+            "(accelerate does that without GPUs); on CPUs launch with `ACCELERATE_USE_CPU=true torchrun "
+            f"--nproc_per_node {launched} train.py ...`"
+        )
     if accelerator.num_processes < 2:
-        return ("train.sharding: fsdp needs 2 or more processes and this run has 1; launch it with "
-                "`accelerate launch --config_file configs/accelerate/fsdp.yaml train.py ...` (or torchrun "
-                "--nproc_per_node N), or set train.sharding: none")
-    for key, value in (("model.group_offload", cfg.model.group_offload != "none"),
-                       ("model.quantize", cfg.model.quantize != "none"), ("ema.decay", bool(cfg.ema.decay)),
-                       ("train.mixed_precision: fp16", cfg.train.mixed_precision == "fp16")):
+        return (
+            "train.sharding: fsdp needs 2 or more processes and this run has 1; launch it with "
+            "`accelerate launch --config_file configs/accelerate/fsdp.yaml train.py ...` (or torchrun "
+            "--nproc_per_node N), or set train.sharding: none"
+        )
+    for key, value in (
+        ("model.group_offload", cfg.model.group_offload != "none"),
+        ("model.quantize", cfg.model.quantize != "none"),
+        ("ema.decay", bool(cfg.ema.decay)),
+        ("train.mixed_precision: fp16", cfg.train.mixed_precision == "fp16"),
+    ):
         if value:
             return f"train.sharding: fsdp cannot be combined with {key} yet; remove one of them"
     return None
@@ -62,7 +74,9 @@ def shard(transformer: torch.nn.Module, device: torch.device) -> None:
     block_types = set(getattr(transformer, "_no_split_modules", None) or ())
     blocks = [m for m in transformer.modules() if type(m).__name__ in block_types]
     if not blocks:
-        raise RuntimeError(f"{type(transformer).__name__} names no blocks to shard (_no_split_modules)")
+        raise RuntimeError(
+            f"{type(transformer).__name__} names no blocks to shard (_no_split_modules)"
+        )
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(transformer, mesh=mesh)
@@ -101,7 +115,10 @@ def full_lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """peft's LoRA state dict with whole tensors on every rank (collective)."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: full(v).detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return {
+        k: full(v).detach().to("cpu").contiguous()
+        for k, v in get_peft_model_state_dict(model).items()
+    }
 
 
 def load_full_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -114,10 +131,15 @@ def load_full_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
     names = {n.replace(".default", ""): n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(names) - set(state))
     if missing or len(state) != len(names):
-        raise UserError(f"the checkpoint's LoRA does not fit this config ({len(missing)} tensors missing, e.g. "
-                        f"{missing[:1]}); resume with the config it was saved with")
-    set_model_state_dict(model, {names[k]: v for k, v in state.items()},
-                         options=StateDictOptions(full_state_dict=True, strict=False))
+        raise UserError(
+            f"the checkpoint's LoRA does not fit this config ({len(missing)} tensors missing, e.g. "
+            f"{missing[:1]}); resume with the config it was saved with"
+        )
+    set_model_state_dict(
+        model,
+        {names[k]: v for k, v in state.items()},
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
 
 
 def save_optimizer(model, optimizer, folder: Path, main: bool) -> None:
@@ -128,7 +150,9 @@ def save_optimizer(model, optimizer, folder: Path, main: bool) -> None:
         get_optimizer_state_dict,
     )
 
-    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    state = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True)
+    )
     if not main:
         return
     tensors, scalars = {}, {}
@@ -151,8 +175,10 @@ def load_optimizer(model, optimizer, folder: Path) -> None:
 
     path = folder / OPTIMIZER_FILE
     if not path.is_file():
-        raise UserError(f"checkpoint '{folder}' was not saved by a sharded run (no {OPTIMIZER_FILE}); resume it "
-                        "with the sharding it was trained with")
+        raise UserError(
+            f"checkpoint '{folder}' was not saved by a sharded run (no {OPTIMIZER_FILE}); resume it "
+            "with the sharding it was trained with"
+        )
     state: dict = {}
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()
@@ -162,5 +188,9 @@ def load_optimizer(model, optimizer, folder: Path) -> None:
     for key, value in json.loads(meta["scalars"]).items():
         name, slot = key.split("\t")
         state.setdefault(name, {})[slot] = value
-    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": json.loads(meta["param_groups"])},
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model,
+        optimizer,
+        {"state": state, "param_groups": json.loads(meta["param_groups"])},
+        options=StateDictOptions(full_state_dict=True),
+    )

@@ -20,8 +20,12 @@ log = logging.getLogger("flux2_lora.train")
 
 @dataclasses.dataclass
 class TrainingData:
-    samples: list[Sample]  # subject images, then regularization images, then held-out validation images
-    captions: list[tuple[str, ...]]  # per sample: its caption variants (one, unless tags are shuffled or dropped)
+    samples: list[
+        Sample
+    ]  # subject images, then regularization images, then held-out validation images
+    captions: list[
+        tuple[str, ...]
+    ]  # per sample: its caption variants (one, unless tags are shuffled or dropped)
     objective: Objective
     subject_count: int  # distinct subject images (the model card's dataset size)
     train_count: int  # samples[:train_count] are trained on; the rest are validation
@@ -40,36 +44,70 @@ def training_data(cfg: Config) -> TrainingData:
     subject = load_samples(cfg.data, cfg.train.resolutions, cfg.train.batch_size)
     reg = []
     if cfg.regularization.images:
-        reg = load_samples(DataConfig(path=cfg.regularization.images, recursive=cfg.data.recursive),
-                           cfg.train.resolutions, cfg.train.batch_size, key="regularization.images")
+        reg = load_samples(
+            DataConfig(path=cfg.regularization.images, recursive=cfg.data.recursive),
+            cfg.train.resolutions,
+            cfg.train.batch_size,
+            key="regularization.images",
+        )
     subject, held = _hold_out(cfg, subject)
     _report_upscaling(subject + reg)
     d = cfg.data
-    captions = [caption_variants(s.caption, d.trigger, shuffle=d.shuffle_tags, keep=d.keep_tags, dropout=d.tag_dropout,
-                                 count=d.caption_variants, seed=cfg.train.seed + i) for i, s in enumerate(subject)]
-    captions += [(s.caption,) for s in reg + held]  # class and held-out images keep their captions as they are
-    objective = Objective(sample_weights=[1.0] * len(subject) + [cfg.regularization.weight] * len(reg)
-                          if reg else None)
+    captions = [
+        caption_variants(
+            s.caption,
+            d.trigger,
+            shuffle=d.shuffle_tags,
+            keep=d.keep_tags,
+            dropout=d.tag_dropout,
+            count=d.caption_variants,
+            seed=cfg.train.seed + i,
+        )
+        for i, s in enumerate(subject)
+    ]
+    captions += [
+        (s.caption,) for s in reg + held
+    ]  # class and held-out images keep their captions as they are
+    objective = Objective(
+        sample_weights=[1.0] * len(subject) + [cfg.regularization.weight] * len(reg)
+        if reg
+        else None
+    )
     if cfg.regularization.preserve:
-        objective.preserve = preservation_captions([c for variants in captions for c in variants], d.trigger,
-                                                   cfg.regularization.class_prompt)
+        objective.preserve = preservation_captions(
+            [c for variants in captions for c in variants],
+            d.trigger,
+            cfg.regularization.class_prompt,
+        )
         objective.preserve_weight = cfg.regularization.preserve_weight
-    return TrainingData(subject + reg + held, captions, objective, len({s.path for s in subject}),
-                        len(subject) + len(reg))
+    return TrainingData(
+        subject + reg + held,
+        captions,
+        objective,
+        len({s.path for s in subject}),
+        len(subject) + len(reg),
+    )
 
 
 def _hold_out(cfg: Config, subject: list[Sample]) -> tuple[list[Sample], list[Sample]]:
     """(training samples, validation samples): validation.images, or validation.split of the images (seeded)."""
     v = cfg.validation
     if v.images:
-        return subject, load_samples(DataConfig(path=v.images, trigger=cfg.data.trigger), cfg.train.resolutions[-1],
-                                     key="validation.images")
+        return subject, load_samples(
+            DataConfig(path=v.images, trigger=cfg.data.trigger),
+            cfg.train.resolutions[-1],
+            key="validation.images",
+        )
     if not v.split:
         return subject, []
     paths = sorted({s.path for s in subject})
     if len(paths) < 2:
         raise UserError("validation.split needs at least two images in data.path (one to train on)")
-    held = set(random.Random(cfg.train.seed).sample(paths, min(len(paths) - 1, max(1, round(v.split * len(paths))))))
+    held = set(
+        random.Random(cfg.train.seed).sample(
+            paths, min(len(paths) - 1, max(1, round(v.split * len(paths))))
+        )
+    )
     validation = list({(s.path, s.bucket): s for s in subject if s.path in held}.values())
     return [s for s in subject if s.path not in held], validation
 
@@ -78,6 +116,13 @@ def _report_upscaling(samples: list[Sample]) -> None:
     small = upscaled(samples)
     if small:
         worst = max(small, key=lambda s: upscale_factor(s.width, s.height, s.bucket))
-        log.warning("%d of %d training samples are smaller than their bucket and are upscaled (most: %s, %dx%d to "
-                    "%dx%d); use larger originals or a lower train.resolution", len(small), len(samples),
-                    worst.path.name, worst.width, worst.height, *worst.bucket)
+        log.warning(
+            "%d of %d training samples are smaller than their bucket and are upscaled (most: %s, %dx%d to "
+            "%dx%d); use larger originals or a lower train.resolution",
+            len(small),
+            len(samples),
+            worst.path.name,
+            worst.width,
+            worst.height,
+            *worst.bucket,
+        )

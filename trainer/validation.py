@@ -18,11 +18,18 @@ from trainer.flow import flow_loss, interpolate, velocity_target
 @dataclasses.dataclass
 class ValidationConfig:
     images: str | None = option(None, help="a folder of captioned images held out for validation")
-    split: float = option(0.0, check=probability, help="or: this share of data.path held out (at least one image)")
-    every: int = option(0, check=non_negative, help="steps between validation losses (0: only at the end, if any "
-                                                     "validation images are set)")
-    sigmas: list[float] = option(factory=lambda: [0.2, 0.4, 0.6, 0.8], help="the fixed sigmas the loss is averaged "
-                                                                            "over")
+    split: float = option(
+        0.0, check=probability, help="or: this share of data.path held out (at least one image)"
+    )
+    every: int = option(
+        0,
+        check=non_negative,
+        help="steps between validation losses (0: only at the end, if any "
+        "validation images are set)",
+    )
+    sigmas: list[float] = option(
+        factory=lambda: [0.2, 0.4, 0.6, 0.8], help="the fixed sigmas the loss is averaged over"
+    )
 
     def validate(self) -> list[str]:
         if self.images and self.split:
@@ -37,34 +44,51 @@ class ValidationConfig:
 
 
 @torch.no_grad()
-def validation_loss(transformer, family, features, indices: list[int], captions: list[str], sigmas: list[float],
-                    guidance: float, dtype: torch.dtype, device: torch.device) -> float:
+def validation_loss(
+    transformer,
+    family,
+    features,
+    indices: list[int],
+    captions: list[str],
+    sigmas: list[float],
+    guidance: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> float:
     """Mean loss over the held-out samples x sigmas. Noise is seeded by the sample's position: fixed forever."""
     was_training = transformer.training
     transformer.eval()
     total = 0.0
     for k, i in enumerate(indices):
         x0 = family.pipeline_class._pack_latents(features.latents[i].to(device=device, dtype=dtype))
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float32)
+        noise = torch.randn(
+            x0.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float32
+        )
         noise = noise.to(device=device, dtype=dtype)
         embeds = features.embeds[captions[i]].to(device=device, dtype=dtype)
         refs = [r.to(device=device, dtype=dtype) for r in features.references[i]]
         for sigma in sigmas:
             s = torch.tensor([sigma], device=device)
-            inputs = build_inputs(family, interpolate(x0, noise, s), features.latents[i].shape, embeds, refs)
+            inputs = build_inputs(
+                family, interpolate(x0, noise, s), features.latents[i].shape, embeds, refs
+            )
             pred = predict_velocity(transformer, family, inputs, s, guidance)
-            total += flow_loss(pred, velocity_target(x0, noise), torch.ones(1, device=device)).item()
+            total += flow_loss(
+                pred, velocity_target(x0, noise), torch.ones(1, device=device)
+            ).item()
     transformer.train(was_training)
     return total / (len(indices) * len(sigmas))
 
 
 def write_curve(out_dir: Path, history: list[tuple[int, float]]) -> None:
     """validation.csv and validation.png (loss against step) beside the outputs."""
-    with atomic_path(out_dir / "validation.csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["step", "validation_loss"])
-            writer.writerows(history)
+    with (
+        atomic_path(out_dir / "validation.csv") as tmp,
+        open(tmp, "w", newline="", encoding="utf-8") as fh,
+    ):
+        writer = csv.writer(fh)
+        writer.writerow(["step", "validation_loss"])
+        writer.writerows(history)
     import matplotlib
 
     matplotlib.use("Agg")
