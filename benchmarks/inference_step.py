@@ -61,9 +61,8 @@ def main() -> None:
             ),
             show_progress=False,
         ).lora_path
-        plain = Generator(
-            str(model)
-        )  # the base with no adapter ever loaded: no peft wrappers at all
+        # the base with no adapter ever loaded: no peft wrappers at all
+        plain = Generator(str(model))
         gen = Generator(str(model))
         gen.add_adapter(lora, name="bench")
         family = gen.family
@@ -100,9 +99,8 @@ def main() -> None:
         baked = Generator(str(model))  # fuse(permanent=True): merged weights, no LoRA layers left
         baked.add_adapter(lora, name="bench")
         baked.fuse(permanent=True)
-        control = Generator(
-            str(model)
-        )  # a second copy of the base: how much two identical models differ
+        # a second copy of the base: how much two identical models differ
+        control = Generator(str(model))
         best = {
             "base": float("inf"),
             "base_copy": float("inf"),

@@ -127,9 +127,8 @@ def main() -> None:
         loops, floors = [], []
         for repeat in range(args.repeats):
             warm = train(f"warm{repeat}", args.steps)
-            loops.append(
-                statistics.median(warm.step_seconds[10:])
-            )  # after the same 10 warm-up steps
+            # after the same 10 warm-up steps
+            loops.append(statistics.median(warm.step_seconds[10:]))
             floors.append(
                 floor_seconds_per_step(
                     model, data, tmp / "cache", args.steps, args.resolution, args.rank

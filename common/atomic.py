@@ -45,9 +45,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(
-            tmp_path, 0o666 & ~_umask()
-        )  # mkstemp makes 0600; give the file ordinary permissions
+        # mkstemp makes 0600; give the file ordinary permissions
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
         fsync_dir(target.parent)
     finally:

@@ -333,9 +333,8 @@ def add_flags(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
         elif typing.get_origin(tp) is Literal:
             kwargs["choices"] = typing.get_args(tp)
         else:
-            scalar = next(
-                (a for a in typing.get_args(tp) if a is not type(None)), tp
-            )  # X | None -> X
+            # X | None -> X
+            scalar = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
             if scalar in (int, float, str):
                 kwargs["type"] = scalar
         parser.add_argument(_flag(f.name), **kwargs)

@@ -44,9 +44,8 @@ def decode_rgb(
                 flat.paste(rgba, mask=rgba.getchannel("A"))
                 return flat
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                im = im.point(lambda v: v / 256).convert(
-                    "L"
-                )  # 16-bit -> 8-bit before RGB, not clipped to white
+                # 16-bit -> 8-bit before RGB, not clipped to white
+                im = im.point(lambda v: v / 256).convert("L")
             return im.convert("RGB")
     except UserError:
         raise

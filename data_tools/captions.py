@@ -97,7 +97,8 @@ class VLMCaptioner:
         folder = Path(path)
         if (
             folder / "model_index.json"
-        ).is_file():  # a diffusers pipeline: use its text encoder + processor
+            # a diffusers pipeline: use its text encoder + processor
+        ).is_file():
             model_dir, processor_dir = folder / "text_encoder", folder / "tokenizer"
         else:
             model_dir = processor_dir = folder

@@ -20,9 +20,8 @@ from common.trigger import count_trigger
 
 MIN_IMAGES, MAX_IMAGES = 9, 50
 MAX_ASPECT = 4.0
-NEAR_DUPLICATE_BITS = (
-    6  # perceptual-hash distance (of 64 bits) at or below which two images look the same
-)
+# perceptual-hash distance (of 64 bits) at or below which two images look the same
+NEAR_DUPLICATE_BITS = 6
 TOKEN_WINDOW = 512
 
 
@@ -48,9 +47,8 @@ class ImageFacts:
     format: str = ""
     sha256: str = ""
     phash: str = ""
-    colour: str = (
-        ""  # 4x4 RGB thumbnail, hex: perceptual hashes ignore colour, so flat images all look alike
-    )
+    # 4x4 RGB thumbnail, hex: perceptual hashes ignore colour, so flat images all look alike
+    colour: str = ""
     problems: list[Problem] = dataclasses.field(default_factory=list)
 
 

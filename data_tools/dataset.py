@@ -80,7 +80,8 @@ class Sample:
     bucket: tuple[int, int]  # (width, height) the image is resized and cropped to
     references: tuple[
         Path, ...
-    ] = ()  # conditioning images of an edit / multi-reference pair, priority order
+        # conditioning images of an edit / multi-reference pair, priority order
+    ] = ()
     mask: Path | None = None  # NAME.mask.png with data.masks: which pixels the loss counts
 
 

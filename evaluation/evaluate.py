@@ -350,9 +350,8 @@ def recommend(summary: list[dict]) -> dict[str, Any] | None:
     candidates = [c for c in summary if c["adapter"] != "base" and c["scale"] > 0]
     if not candidates:
         return None
-    order = {
-        c["adapter"]: i for i, c in enumerate(candidates)
-    }  # evaluation order = checkpoint order
+    # evaluation order = checkpoint order
+    order = {c["adapter"]: i for i, c in enumerate(candidates)}
     scored = [(c, _fidelity(c["metrics"])) for c in candidates]
     if all(f is not None for _, f in scored):
 

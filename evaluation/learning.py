@@ -57,16 +57,14 @@ UNTRIGGERED = (
 MIN_COVERAGE = 0.005
 MIN_IOU = 0.04
 MAX_LEAKAGE = 0.3
-MAX_DRIFT = (
-    0.03  # how much farther from the training images the LoRA's images may be than the base's
-)
+# how much farther from the training images the LoRA's images may be than the base's
+MAX_DRIFT = 0.03
 
 
 @dataclasses.dataclass(frozen=True)
 class MarkScore:
-    colour_error: (
-        float  # RGB distance from the mark's colour to the image's closest pixels (lower is better)
-    )
+    # RGB distance from the mark's colour to the image's closest pixels (lower is better)
+    colour_error: float
     iou: float  # overlap of the mark-coloured pixels with an ideal mark fitted to them (higher is better)
     coverage: float  # share of mark-coloured pixels
     delta_e: float  # CIEDE2000 from the mark's hex to the closest dominant colour (evaluate's colour metric)

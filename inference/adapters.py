@@ -26,9 +26,8 @@ class AdapterInfo:
     name: str
     path: Path
     sha256: str
-    info: dict[
-        str, Any
-    ]  # our flux2_lora.* header entries (trigger, family, rank, ...), empty for other tools' files
+    # our flux2_lora.* header entries (trigger, family, rank, ...), empty for other tools' files
+    info: dict[str, Any]
 
     @property
     def trigger(self) -> str:
@@ -83,9 +82,8 @@ def load_adapter(
         )
     keys = read_keys(path)
     source: str | dict = str(path.parent)
-    if is_foreign(
-        keys
-    ):  # only then are the tensors read here; our own files go straight to diffusers' loader
+    # only then are the tensors read here; our own files go straight to diffusers' loader
+    if is_foreign(keys):
         state, unplaced = from_foreign(load_state(path))
         if unplaced and not allow_partial:
             raise UserError(

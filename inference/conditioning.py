@@ -21,9 +21,8 @@ from inference.families import Family
 
 @dataclasses.dataclass
 class ModelInputs:
-    hidden_states: (
-        torch.Tensor
-    )  # (B, N_target + N_refs, C): noisy target tokens, then reference tokens
+    # (B, N_target + N_refs, C): noisy target tokens, then reference tokens
+    hidden_states: torch.Tensor
     img_ids: torch.Tensor  # (B, N_target + N_refs, 4)
     encoder_hidden_states: torch.Tensor  # (B, L, D)
     txt_ids: torch.Tensor  # (B, L, 4)

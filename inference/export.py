@@ -126,9 +126,8 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path) -> dict[str, i
     else:
         pairs, config = our_pairs(path, header)
         modules = len(pairs)
-        if (
-            fmt == "diffusers"
-        ):  # alpha baked into lora_B, metadata alpha = rank: every loader gives the same weights
+        # alpha baked into lora_B, metadata alpha = rank: every loader gives the same weights
+        if fmt == "diffusers":
             tensors = {}
             for module, (a, b) in pairs.items():
                 tensors[f"transformer.{module}.lora_A.weight"] = a.contiguous()

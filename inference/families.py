@@ -31,9 +31,8 @@ class Variant:
     licence: str
     num_layers: int | None  # double-stream blocks; None matches any size (tiny models)
     joint_attention_dim: int | None
-    distilled_model: str | None = (
-        None  # the step-distilled checkpoint of the same size, if there is one
-    )
+    # the step-distilled checkpoint of the same size, if there is one
+    distilled_model: str | None = None
     # folder under inference/architectures with its configs (model_index.json, transformer/ and text_encoder/
     # config.json), so the memory planner knows the model before (and without) a download
     architecture: str | None = None

@@ -42,9 +42,8 @@ PROMPT_CACHE = 32
 @dataclasses.dataclass
 class Generated:
     image: Image.Image
-    record: dict[
-        str, Any
-    ]  # everything needed to reproduce it; written into the PNG by provenance.save_png
+    # everything needed to reproduce it; written into the PNG by provenance.save_png
+    record: dict[str, Any]
 
 
 def _adapter_name(text: str) -> str:

@@ -122,9 +122,8 @@ def to_bfl(
             out[name] = (down, _swap_halves(up) if name == SWAPPED else up)
             continue
         a0, b0 = next(iter(parts.values()))
-        thirds = [
-            parts.get(i, (torch.zeros_like(a0), torch.zeros_like(b0))) for i in range(3)
-        ]  # absent: no change
+        # absent: no change
+        thirds = [parts.get(i, (torch.zeros_like(a0), torch.zeros_like(b0))) for i in range(3)]
         out[name] = (torch.cat([a for a, _ in thirds]), torch.block_diag(*[b for _, b in thirds]))
     return out
 
@@ -208,9 +207,8 @@ def from_foreign(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             prefix = key[: key.rindex(f".{role}.")]
         elif not m and (d := _HYBRID.match(key)) and _is_diffusers_module(d[1]):
             name, role, prefix = bfl_name(d[1])[0] if bfl_name(d[1])[1] is None else None, d[2], key
-            if (
-                name is None
-            ):  # a diffusers q/k/v under the BFL prefix: already split, place it as it is
+            # a diffusers q/k/v under the BFL prefix: already split, place it as it is
+            if name is None:
                 direct.setdefault(d[1], {})["down" if d[2] == "lora_A" else "up"] = tensor
                 continue
         if name is None:

@@ -14,9 +14,8 @@ from pathlib import Path
 from common.errors import UserError
 from inference.lora_io import WEIGHT_NAME, our_info, read_header
 
-EMA_WEIGHT_NAME = (
-    "pytorch_lora_weights_ema.safetensors"  # with ema.decay: the moving average of the weights
-)
+# with ema.decay: the moving average of the weights
+EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
 CONFIG_FILE = "config.yaml"

@@ -33,9 +33,8 @@ parser.add_argument(
 args = parser.parse_args()
 
 suite = load_suite(args.suite)
-suite.prompts = [
-    p for p in suite.prompts if p.kind != "edit" or args.references
-]  # edits need reference images
+# edits need reference images
+suite.prompts = [p for p in suite.prompts if p.kind != "edit" or args.references]
 result = evaluate(
     args.model,
     adapters_from_run(args.run),

@@ -163,13 +163,11 @@ def pretrain_transformer(
     for step in tqdm(range(total), desc=family.name, mininterval=5):
         w, h = SIZE_ODDS[rng.randrange(len(SIZE_ODDS))]
         latents, shape, names = pool[(w, h)]
-        pick = [
-            rng.randrange(len(names)) for _ in range(max(1, batch * 64 * 64 // (w * h)))
-        ]  # same pixels a step
+        # same pixels a step
+        pick = [rng.randrange(len(names)) for _ in range(max(1, batch * 64 * 64 // (w * h)))]
         tokens = latents[pick]
-        prompts = [
-            names[i] if rng.random() > 0.1 else "" for i in pick
-        ]  # dropout: the empty prompt CFG runs against
+        # dropout: the empty prompt CFG runs against
+        prompts = [names[i] if rng.random() > 0.1 else "" for i in pick]
         text = torch.stack([embeds[p] for p in prompts])
         if step < steps:
             text = text[:, :short]
@@ -177,9 +175,8 @@ def pretrain_transformer(
         sigma = training_sigmas(flow, len(pick), tokens.shape[1], gen)
         noisy = interpolate(tokens, noise, sigma)
         target = velocity_target(tokens, noise)
-        guidance = rng.uniform(
-            1.0, 5.0
-        )  # drawn for every family, so one seed draws the same scenes for all
+        # drawn for every family, so one seed draws the same scenes for all
+        guidance = rng.uniform(1.0, 5.0)
         if family.has_guidance_embedding:
             # plain targets on even steps and in the long phase (a guided 512-token step costs as much as four)
             guidance = guidance if steps // 4 <= step < steps and step % 2 else 1.0

@@ -116,16 +116,14 @@ def test_resume_without_checkpoint(capsys, config, tiny_models, sample_data, tmp
 def test_mistyped_local_model_path_is_named_at_once(
     capsys, config, tiny_models, sample_data, tmp_path, monkeypatch
 ):
-    monkeypatch.chdir(
-        tiny_models["klein"].parent
-    )  # "tiny-klein" is here; "tiny-klien" looks like owner/name
+    # "tiny-klein" is here; "tiny-klien" looks like owner/name
+    monkeypatch.chdir(tiny_models["klein"].parent)
     err = _train(capsys, config, tiny_models, sample_data, tmp_path, model__path="./tiny-klien")
     assert err.startswith("error: model.path './tiny-klien': no such folder (did you mean")
     (tiny_models["klein"].parent / "runs").mkdir(exist_ok=True)
     err = _train(capsys, config, tiny_models, sample_data, tmp_path, model__path="runs/tiny-klein")
-    assert (
-        "model.path 'runs/tiny-klein': no such folder" in err
-    )  # its first folder exists: no hub lookup
+    # its first folder exists: no hub lookup
+    assert "model.path 'runs/tiny-klein': no such folder" in err
 
 
 def test_every_data_problem_is_reported_in_one_run(capsys, config, tiny_models, tmp_path):

@@ -57,9 +57,8 @@ def test_exif_orientation_is_applied(tmp_path):
     assert sample.bucket[1] > sample.bucket[0]  # portrait bucket
     upright = open_rgb(sample.path)
     assert upright.size == (48, 96)
-    assert (
-        upright.getpixel((24, 10))[0] > 200 and upright.getpixel((24, 10))[1] < 60
-    )  # red now on top
+    # red now on top
+    assert upright.getpixel((24, 10))[0] > 200 and upright.getpixel((24, 10))[1] < 60
 
 
 def test_alpha_is_composited_on_white(tmp_path):
@@ -100,9 +99,8 @@ def test_real_photo_sizes_form_full_batches(tmp_path):
     samples = load_samples(DataConfig(path=str(tmp_path)), 128, batch_size=4)
     plan = BatchPlan([s.bucket for s in samples], 4, seed=0)
     assert plan.batch_sizes() == {4: 3}  # 12 images in 3 full batches
-    alone = load_samples(
-        DataConfig(path=str(tmp_path)), 128
-    )  # without merging, the 16-px-era problem shows
+    # without merging, the 16-px-era problem shows
+    alone = load_samples(DataConfig(path=str(tmp_path)), 128)
     assert len({s.bucket for s in alone}) > 3
 
 

@@ -15,9 +15,8 @@ from trainer.samples import SampleConfig, SampleRenderer
 
 def _render_on_meta(tiny_models, family: str, renderer_device: str) -> BaseException:
     base = resolve_base_model(ModelConfig(path=str(tiny_models[family])))
-    transformer = load_pipeline(base, text_encoder=False, vae=False).transformer.to(
-        "meta"
-    )  # "the GPU"
+    # "the GPU"
+    transformer = load_pipeline(base, text_encoder=False, vae=False).transformer.to("meta")
     width = 3 * 16  # the tiny models' joint_attention_dim
     embeds = {"a zxq logo": torch.zeros(1, 512, width), "": torch.zeros(1, 512, width)}
     renderer = SampleRenderer(

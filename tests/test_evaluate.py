@@ -174,9 +174,8 @@ def test_evaluate_a_run_end_to_end(short_run, tiny_models, sample_data, encoders
             assert m["leakage"] == 0.0  # scale 0 is the base: nothing leaks
         assert m["reference_similarity"] is not None and -1 <= m["reference_similarity"] <= 1
         assert m["colour_delta_e"] >= 0 and m["diversity"] is not None
-    if (
-        M.ocr_available()
-    ):  # the test extra installs the OCR; its reading of 64 px noise is simply wrong
+    # the test extra installs the OCR; its reading of 64 px noise is simply wrong
+    if M.ocr_available():
         assert all(0 <= m["text_error"] <= 1 for m in columns.values())
     rec = result["recommendation"]
     assert rec["scale"] > 0 and rec["adapter"] in {"step-3", "step-6", "final"}
@@ -203,9 +202,8 @@ def test_same_inputs_give_identical_metrics(short_run, tiny_models, tmp_path):
     a = evaluate(str(tiny_models["klein"]), adapters, suite, tmp_path / "a", **kw)
     b = evaluate(str(tiny_models["klein"]), adapters, suite, tmp_path / "b", **kw)
     assert a["columns"] == b["columns"] and a["recommendation"] == b["recommendation"]
-    assert (
-        "reference_similarity" in a["unavailable"]
-    )  # no encoder: reported as unavailable, never faked
+    # no encoder: reported as unavailable, never faked
+    assert "reference_similarity" in a["unavailable"]
     assert all(c["metrics"]["reference_similarity"] is None for c in a["columns"])
 
 
@@ -235,13 +233,11 @@ def test_recommendation_rule():
     no_fidelity = [
         {**c, "metrics": {**c["metrics"], "reference_similarity": None}} for c in summary
     ]
-    assert (
-        recommend(no_fidelity)["column"] == "b x1.0"
-    )  # latest adapter; none under the leakage limit: smallest scale
+    # latest adapter; none under the leakage limit: smallest scale
+    assert recommend(no_fidelity)["column"] == "b x1.0"
     calm = no_fidelity + [col("b", 0.5, None, 0.1)]
-    assert (
-        recommend(calm)["column"] == "b x0.5"
-    )  # the largest scale of the latest adapter within the limit
+    # the largest scale of the latest adapter within the limit
+    assert recommend(calm)["column"] == "b x0.5"
 
 
 @pytest.mark.parametrize(
@@ -375,9 +371,8 @@ def test_two_runs_are_compared_each_with_its_own_name_and_trigger(short_run, tin
     )
     assert result["triggers"] == {"run": "zxq", "style-run": "qqv"}
     # each distinct prompt is encoded once, whatever the adapters and scales: 2 triggers + klein's empty negative
-    assert (
-        result["speed"]["text_encoder_calls"] == 3 and result["speed"]["renders"] == 4
-    )  # base x 2 triggers + 2 adapters at scale 1
+    # base x 2 triggers + 2 adapters at scale 1
+    assert result["speed"]["text_encoder_calls"] == 3 and result["speed"]["renders"] == 4
     assert [c["column"] for c in result["columns"]] == [
         "base [zxq]",
         "base [qqv]",

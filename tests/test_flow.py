@@ -102,17 +102,15 @@ def test_sigma_distribution_at_1024():
     g = torch.Generator().manual_seed(0)
     sigmas = training_sigmas(FlowConfig(), 200_000, 4096, g)
     s = math.exp(1.15)
-    assert (
-        abs(sigmas.median().item() - s / (1 + s)) < 0.005
-    )  # 0.76: the median of logit-normal(0, 1) shifted
+    # 0.76: the median of logit-normal(0, 1) shifted
+    assert abs(sigmas.median().item() - s / (1 + s)) < 0.005
     assert abs(sigmas.median().item() - 0.76) < 0.01
     old = training_sigmas(
         FlowConfig(shift="empirical"), 200_000, 4096, torch.Generator().manual_seed(0)
     )
     below, old_below = (sigmas < 0.5).float().mean().item(), (old < 0.5).float().mean().item()
-    assert (
-        0.11 < below < 0.14 and old_below < 0.03
-    )  # 12.6 % of samples below 0.5 now, 2.2 % with the old default
+    # 12.6 % of samples below 0.5 now, 2.2 % with the old default
+    assert 0.11 < below < 0.14 and old_below < 0.03
 
 
 def test_other_shifts_and_the_sigma_range():
@@ -124,9 +122,8 @@ def test_other_shifts_and_the_sigma_range():
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     plain = training_sigmas(FlowConfig(shift="none"), 1000, 4096, g1)
     shifted = training_sigmas(FlowConfig(), 1000, 4096, g2)
-    assert (
-        torch.all(shifted >= plain) and shifted.mean() > plain.mean()
-    )  # a shift > 1 means noisier sigmas
+    # a shift > 1 means noisier sigmas
+    assert torch.all(shifted >= plain) and shifted.mean() > plain.mean()
     ranged = training_sigmas(
         FlowConfig(sigma_min=0.2, sigma_max=0.6), 1000, 4096, torch.Generator().manual_seed(1)
     )
@@ -162,9 +159,8 @@ def test_an_image_in_a_short_batch_weighs_what_any_other_does():
     target = torch.ones(1, 3, 4)
     full = flow_loss(torch.zeros(2, 3, 4), torch.ones(2, 3, 4), torch.ones(2), batch_size=2)
     short = flow_loss(pred, target, torch.ones(1), batch_size=2)
-    assert short.item() == pytest.approx(
-        full.item() / 2
-    )  # per image: the same share of the gradient
+    # per image: the same share of the gradient
+    assert short.item() == pytest.approx(full.item() / 2)
     mask = torch.tensor([[1.0, 0.0, 0.0]])
     target[0, 1:] = 5.0  # errors only where the mask is 0
     assert flow_loss(pred, target, torch.ones(1), token_weights=mask).item() == pytest.approx(1.0)

@@ -269,9 +269,8 @@ def test_memory_options_generate_close_to_plain(tiny_models):
         _arr(plain.generate("zxq", **kw)).astype(int),
         _arr(low.generate("zxq", **kw)).astype(int),
     )
-    assert (
-        np.abs(a - b).mean() < 8
-    )  # int8 with per-row scales rounds weights; the picture stays the same
+    # int8 with per-row scales rounds weights; the picture stays the same
+    assert np.abs(a - b).mean() < 8
     assert (
         type(low.pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
     )
@@ -325,9 +324,8 @@ def test_invisible_watermark_when_installed(tmp_path):
     )
     assert decoded == WATERMARK
     save_png(Image.new("RGB", (64, 64)), tmp_path / "small.png", {"prompt": "x"})
-    assert (
-        read_record(tmp_path / "small.png")["invisible_watermark"] is False
-    )  # too small to carry it
+    # too small to carry it
+    assert read_record(tmp_path / "small.png")["invisible_watermark"] is False
 
 
 def test_add_trigger_follows_the_one_rule_fused_or_not(tiny_models, loras, tmp_path, capsys):

@@ -61,12 +61,10 @@ def test_alpha_is_baked_so_every_loader_applies_the_intended_change(tmp_path):
             file[f"transformer.{module}.lora_A.weight"],
             file[f"transformer.{module}.lora_B.weight"],
         )
-        torch.testing.assert_close(
-            b @ a, delta
-        )  # what ComfyUI applies with no .alpha tensor: scale 1
-    pipe = build_tiny_pipeline(
-        FAMILIES["klein"]
-    )  # the stock diffusers loader gives the same change
+        # what ComfyUI applies with no .alpha tensor: scale 1
+        torch.testing.assert_close(b @ a, delta)
+    # the stock diffusers loader gives the same change
+    pipe = build_tiny_pipeline(FAMILIES["klein"])
     pipe.load_lora_weights(str(tmp_path), weight_name="a.safetensors", adapter_name="x")
     for module, delta in _deltas(pipe.transformer, "x").items():
         torch.testing.assert_close(delta, intended[module])
@@ -91,15 +89,15 @@ def test_exports_round_trip_exactly(family, preset, fmt, tmp_path):
     for (
         module,
         delta,
-    ) in intended.items():  # the independent inverse: ΔW from the file's own tensors
+        # the independent inverse: ΔW from the file's own tensors
+    ) in intended.items():
         b, a = (
             converted[f"transformer.{module}.lora_B.weight"],
             converted[f"transformer.{module}.lora_A.weight"],
         )
         torch.testing.assert_close(b @ a, delta, atol=1e-6, rtol=1e-5)
-    pipe = build_tiny_pipeline(
-        FAMILIES[family]
-    )  # and as generate loads it: every module, the same change
+    # and as generate loads it: every module, the same change
+    pipe = build_tiny_pipeline(FAMILIES[family])
     load_adapter(pipe, family, tmp_path / f"{fmt}.safetensors", "x")
     loaded = _deltas(pipe.transformer, "x")
     assert loaded.keys() == intended.keys()
@@ -138,9 +136,8 @@ def test_foreign_fixtures_with_alpha_load_exactly(tmp_path):
     intended = _deltas(trained)
     export_lora(tmp_path / "ours.safetensors", "kohya", tmp_path / "k.safetensors")
     kohya = load_file(tmp_path / "k.safetensors")
-    for key in [
-        k for k in kohya if k.endswith(".alpha")
-    ]:  # alpha = rank/2: the up weights twice as large
+    # alpha = rank/2: the up weights twice as large
+    for key in [k for k in kohya if k.endswith(".alpha")]:
         kohya[key] = kohya[key] / 2
         kohya[key.replace(".alpha", ".lora_up.weight")] *= 2
     save_file(kohya, str(tmp_path / "musubi.safetensors"))
@@ -172,9 +169,8 @@ def test_names_map_both_ways():
     assert diffusers_names("final_layer.adaLN_modulation.1") == ["norm_out.linear"]
     a, b = torch.randn(2, 8), torch.randn(6, 2)
     fused = to_bfl({"norm_out.linear": (a, b)})["final_layer.adaLN_modulation.1"][1]
-    assert torch.equal(fused[:3], b[3:]) and torch.equal(
-        fused[3:], b[:3]
-    )  # (scale, shift) -> (shift, scale)
+    # (scale, shift) -> (shift, scale)
+    assert torch.equal(fused[:3], b[3:]) and torch.equal(fused[3:], b[:3])
 
 
 @pytest.mark.parametrize(
@@ -269,13 +265,11 @@ def test_lycoris_exports_apply_exactly_the_trained_change(family, preset, kind, 
     prefixes = {k.rsplit(".", 1)[0] for k in exported}
     assert counts["modules"] == len(intended) == len(prefixes)  # nothing dropped
     applied = {}
-    for prefix in (
-        prefixes
-    ):  # the independent inverse: names back to diffusers, ΔW from the file's own tensors
+    # the independent inverse: names back to diffusers, ΔW from the file's own tensors
+    for prefix in prefixes:
         delta = _lycoris_delta(exported, prefix)
-        if prefix.startswith(
-            "transformer."
-        ):  # q / k / v: ComfyUI maps them onto their rows of BFL's qkv
+        # q / k / v: ComfyUI maps them onto their rows of BFL's qkv
+        if prefix.startswith("transformer."):
             applied[prefix.removeprefix("transformer.")] = delta
         else:
             bfl = prefix.removeprefix("diffusion_model.")

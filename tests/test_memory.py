@@ -39,9 +39,8 @@ def _config(**overrides) -> Config:
     [("dev", 32.22e9, 24.0e9), ("klein-9b", 9.08e9, 8.19e9), ("klein-4b", 3.88e9, 4.02e9)],
 )
 def test_shipped_architectures_count_the_real_models_offline(model, transformer, text_encoder):
-    base = resolve_base_model(
-        ModelConfig(path=HUB[model])
-    )  # no network: the configs ship with the package
+    # no network: the configs ship with the package
+    base = resolve_base_model(ModelConfig(path=HUB[model]))
     counted = sum(p.numel() for p in base.empty_transformer().parameters())
     assert counted == pytest.approx(transformer, rel=0.005)
     assert sum(p.numel() for p in base.empty_text_encoder().parameters()) == pytest.approx(
@@ -202,9 +201,8 @@ def test_quantized_weight_only_without_checkpointing_raises_the_plan_and_says_so
         for q in ("none", "int8")
         for ck in (False, True)
     }
-    assert (
-        plans["int8", False].peak_gpu > plans["none", False].peak_gpu
-    )  # dequantised copies kept for backward
+    # dequantised copies kept for backward
+    assert plans["int8", False].peak_gpu > plans["none", False].peak_gpu
     assert plans["int8", True].peak_gpu < plans["none", True].peak_gpu
     assert any("pair it with train.gradient_checkpointing" in n for n in plans["int8", False].notes)
 
@@ -388,9 +386,8 @@ def test_loading_int8_holds_the_quantised_model_plus_one_shard_not_the_bf16_mode
         assert out.returncode == 0, out.stderr[-2000:]
         results[blocks] = json.loads(out.stdout.strip().splitlines()[-1])
     added_bf16 = sizes[3] - sizes[1]
-    assert results[3]["kept"] - results[1]["kept"] == pytest.approx(
-        added_bf16 / 2, rel=0.1
-    )  # int8: half of bf16
+    # int8: half of bf16
+    assert results[3]["kept"] - results[1]["kept"] == pytest.approx(added_bf16 / 2, rel=0.1)
     assert results[3]["transient"] == pytest.approx(
         results[1]["transient"], rel=0.15, abs=40 * 2**20
     )

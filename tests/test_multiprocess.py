@@ -18,9 +18,8 @@ def test_two_process_run_agrees_across_ranks(tiny_models, sample_data, shared_ca
     config.write_text("{}\n")
     out = tmp_path / "ddp"
     env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    with (
-        socket.socket() as probe
-    ):  # a free port: a fixed one collides with any other run on the machine
+    # a free port: a fixed one collides with any other run on the machine
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     cmd = [

@@ -69,9 +69,8 @@ def test_trainer_inputs_equal_pipeline_inputs(family, tiny_models, tmp_path):
     )
 
     pipe = load_pipeline(base)
-    guidance = (
-        2.5  # dev embeds it; klein runs CFG when > 1, whose first (conditional) call we capture
-    )
+    # dev embeds it; klein runs CFG when > 1, whose first (conditional) call we capture
+    guidance = 2.5
     seen = _capture_pipeline_call(pipe, image, guidance)
 
     # prompt embeddings: same text-encoder path (template, layers, 512 padding)

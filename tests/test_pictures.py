@@ -11,9 +11,8 @@ def test_grid_keeps_each_image_readable_whatever_its_size_and_aspect():
     grid = make_grid([tiny, strip], labels=["a 64 px render", "a banner"], height=256)
     pixels = np.asarray(grid)
     reds = int(np.all(pixels == (255, 0, 0), axis=-1).sum())
-    assert (
-        reds >= 250 * 250
-    )  # the 64 px render is shown at the row height (nearest neighbour), not as a stamp
+    # the 64 px render is shown at the row height (nearest neighbour), not as a stamp
+    assert reds >= 250 * 250
     blues = int(np.all(pixels == (0, 0, 255), axis=-1).sum())
     assert blues >= 768 * 49  # the strip gets up to 3x the row height in width, not a square cell
     assert grid.width <= 1800

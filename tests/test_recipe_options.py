@@ -82,9 +82,8 @@ def test_preservation_keeps_untriggered_outputs_closer_to_the_base(
         "zxq logo, a ring mark with a bar, centred, on a white background"
     )
     assert _change(kept.transformer, untriggered) < 0.85 * _change(plain.transformer, untriggered)
-    assert _change(kept.transformer, triggered) > 0.3 * _change(
-        plain.transformer, triggered
-    )  # it still learns
+    # it still learns
+    assert _change(kept.transformer, triggered) > 0.3 * _change(plain.transformer, triggered)
 
 
 def test_regularization_images_train_alongside_with_their_weight(
@@ -141,9 +140,8 @@ def test_masked_loss_ignores_what_the_mask_hides(tiny_models, tmp_path, shared_c
     tokens = token_mask(sample).view(4, 4)  # a 64 px image is 4 x 4 tokens of 16 px
     assert torch.equal(tokens, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4))
     for i in range(2):
-        Image.new("L", (64, 64), 0).save(
-            data / f"{i}.mask.png"
-        )  # everything hidden: nothing to learn
+        # everything hidden: nothing to learn
+        Image.new("L", (64, 64), 0).save(data / f"{i}.mask.png")
     cfg = load_config(
         None,
         train_args(
@@ -223,11 +221,12 @@ def test_prepare_checks_and_carries_masks(tiny_models, shared_cache, tmp_path):
     report = prepare(
         src, tmp_path / "out", trigger="zxq", resolution=64, fix=True, show_progress=False
     )
+    # masks are not images
     assert [i["source"] for i in report["images"]] == [
         "0.png",
         "1.png",
         "2.png",
-    ]  # masks are not images
+    ]
     bad = report["images"][2]
     assert not bad["kept"] and [p["code"] for p in bad["problems"]] == ["mask_size"]
     out = tmp_path / "out" / "images"
@@ -274,14 +273,12 @@ def test_ema_is_saved_beside_the_lora_and_resumes_exactly(
     b = [k for k in last if "lora_B" in k]
     assert sum(ema[k].abs().sum() for k in b) < sum(last[k].abs().sum() for k in b)
     gen = Generator(str(tiny_models["klein"]))
-    gen.add_adapter(
-        straight.lora_path.with_name("pytorch_lora_weights_ema.safetensors")
-    )  # loads like any LoRA
+    # loads like any LoRA
+    gen.add_adapter(straight.lora_path.with_name("pytorch_lora_weights_ema.safetensors"))
     resumed = run(load_config(None, [*args, "resume=latest"]), show_progress=False)
     again = load_file(resumed.lora_path.with_name("pytorch_lora_weights_ema.safetensors"))
-    assert all(
-        torch.equal(ema[k], again[k]) for k in ema
-    )  # the average itself is in the checkpoint
+    # the average itself is in the checkpoint
+    assert all(torch.equal(ema[k], again[k]) for k in ema)
 
 
 def test_validation_loss_is_fixed_and_written(tiny_models, sample_data, shared_cache, tmp_path):
@@ -317,9 +314,8 @@ def test_validation_loss_is_fixed_and_written(tiny_models, sample_data, shared_c
         ),
         show_progress=False,
     )
-    assert (
-        list(csv.DictReader((again / "validation.csv").read_text().splitlines())) == rows
-    )  # same held-out set, sigmas and noise
+    # same held-out set, sigmas and noise
+    assert list(csv.DictReader((again / "validation.csv").read_text().splitlines())) == rows
     with pytest.raises(UserError, match="validation.every is set but nothing is held out"):
         load_config(None, ["model.path=m", "data.path=d", "validation.every=5"])
 

@@ -98,9 +98,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_models, sample_data, shared_c
     args = train_args(tiny_models["klein"], sample_data, out, shared_cache, train__steps=100000)
     proc = _launch([str(empty), *args])
     deadline = time.time() + HANG
-    while (
-        not (out / "config.yaml").exists() and time.time() < deadline
-    ):  # written just before the loop
+    # written just before the loop
+    while not (out / "config.yaml").exists() and time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.05)
     time.sleep(0.5)
@@ -164,9 +163,8 @@ def test_sigterm_to_the_launcher_stops_the_trainer_with_a_checkpoint(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + HANG
-    while (
-        not (out / "config.yaml").exists() and time.time() < deadline
-    ):  # written just before the loop
+    # written just before the loop
+    while not (out / "config.yaml").exists() and time.time() < deadline:
         assert launcher.poll() is None
         time.sleep(0.05)
     [trainer] = _children(launcher.pid)

@@ -118,9 +118,8 @@ def test_two_sharded_ranks_train_what_one_process_does(
     for key, value in sharded.items():
         torch.testing.assert_close(value, alone[key], atol=1e-5, rtol=1e-4)
 
-    pipe = build_tiny_pipeline(
-        FAMILIES["klein"]
-    )  # the stock loader takes the gathered file as it is
+    # the stock loader takes the gathered file as it is
+    pipe = build_tiny_pipeline(FAMILIES["klein"])
     pipe.load_lora_weights(
         str(tmp_path / "fsdp"), weight_name="pytorch_lora_weights.safetensors", adapter_name="z"
     )

@@ -80,9 +80,8 @@ def test_trained_lora_loads_in_stock_pipeline_with_zero_difference(
     after = _forward(pipe.transformer, base.family, inputs)
     trained = _forward(result.transformer.eval(), base.family, inputs)
     assert not torch.allclose(before, trained)
-    torch.testing.assert_close(
-        after, trained, atol=1e-6, rtol=1e-6
-    )  # 3 * (B A) vs (3 B) A: rounding only
+    # 3 * (B A) vs (3 B) A: rounding only
+    torch.testing.assert_close(after, trained, atol=1e-6, rtol=1e-6)
 
 
 def test_cache_is_reused_and_text_encoder_called_once_per_caption(

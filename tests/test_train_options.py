@@ -206,13 +206,11 @@ def test_every_adapter_type_trains_and_loads_in_generate(
     info = gen.add_adapter(result.lora_path)
     loaded = _forward(gen.pipe.transformer)
     assert (trained - base).abs().max() > 1e-4  # it learned something ...
-    torch.testing.assert_close(
-        loaded, trained, atol=1e-5, rtol=1e-5
-    )  # ... and generate applies exactly that
+    # ... and generate applies exactly that
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
     gen.set_scales({info.name: 0.0})
-    if (
-        kind != "dora"
-    ):  # DoRA's learned magnitudes stay at scale 0: only removing the adapter gives the base back
+    # DoRA's learned magnitudes stay at scale 0: only removing the adapter gives the base back
+    if kind != "dora":
         torch.testing.assert_close(_forward(gen.pipe.transformer), base, atol=1e-6, rtol=1e-6)
     gen.remove_adapter(info.name)
     torch.testing.assert_close(_forward(gen.pipe.transformer), base, atol=1e-6, rtol=1e-6)

@@ -56,9 +56,8 @@ class Features:
     latents: list[torch.Tensor]  # per sample: (1, 128, h, w), normalised as the pipeline does
     references: list[list[torch.Tensor]]  # per sample, per reference image: (1, 128, h_i, w_i)
     embeds: dict[str, torch.Tensor]  # caption -> (1, L, D); "" is the caption-dropout embedding
-    masks: list[torch.Tensor] = dataclasses.field(
-        default_factory=list
-    )  # per sample (1, h*w) in [0, 1], or empty
+    # per sample (1, h*w) in [0, 1], or empty
+    masks: list[torch.Tensor] = dataclasses.field(default_factory=list)
     text_encoder_calls: int = 0
     vae_calls: int = 0
 
@@ -116,9 +115,8 @@ def build_features(
     # a quantised text encoder gives other embeddings: they must never hit the full-precision ones
     quantized = "" if model.text_encoder_quantize == "none" else f"-{model.text_encoder_quantize}"
     text_dir = root / CACHE_FORMAT / "text" / f"{base.identity('text_encoder')}{quantized}"
-    file_sha = functools.cache(
-        lambda path: _sha(path.read_bytes())
-    )  # repeats and shared references: hash once
+    # repeats and shared references: hash once
+    file_sha = functools.cache(lambda path: _sha(path.read_bytes()))
     latent_paths = [
         latent_dir / f"{file_sha(s.path)}_{s.bucket[0]}x{s.bucket[1]}.safetensors" for s in samples
     ]

@@ -26,9 +26,8 @@ def train(args: argparse.Namespace) -> int:
 
     follow_launcher()  # before the slow part: a launcher killed while we load must not leave us behind
     overrides = [*args.overrides, *(["memory.check=false"] if args.skip_memory_check else [])]
-    cfg = load_config(
-        args.config, overrides
-    )  # validated before anything heavy is imported or loaded
+    # validated before anything heavy is imported or loaded
+    cfg = load_config(args.config, overrides)
     quiet_libraries()
     from trainer.recipe import run
 

@@ -26,19 +26,15 @@ GIB = 1024**3
 # one extra shard being read while a model loads straight to its device; diffusers' default max_shard_size
 DEFAULT_SHARD_GIB = 10.0
 CUDA_CONTEXT_GIB = 0.75  # CUDA context, cuBLAS workspace and allocator slack on a fresh process
-FRAGMENTATION = (
-    1.05  # the caching allocator's blocks round up: plan 5 % above the tensors' own bytes
-)
+# the caching allocator's blocks round up: plan 5 % above the tensors' own bytes
+FRAGMENTATION = 1.05
 PROCESS_RAM_GIB = 3.0  # Python, torch, CUDA libraries and the dataset in host RAM
-TEXT_TOKENS = (
-    512  # the pipelines pad every prompt to 512 tokens, and the transformer attends to all of them
-)
-VAE_PARAMS = (
-    84_000_000  # when the VAE's config is not at hand (hub ids): FLUX.2's AutoencoderKLFlux2
-)
-VAE_ACTIVATIONS = (
-    192  # activation values per pixel of a VAE encode or decode at full resolution (no grad)
-)
+# the pipelines pad every prompt to 512 tokens, and the transformer attends to all of them
+TEXT_TOKENS = 512
+# when the VAE's config is not at hand (hub ids): FLUX.2's AutoencoderKLFlux2
+VAE_PARAMS = 84_000_000
+# activation values per pixel of a VAE encode or decode at full resolution (no grad)
+VAE_ACTIVATIONS = 192
 
 # Activations per token per block, in units of hidden x activation-bytes, measured on CPU at klein-4B's width
 # with bf16 autocast and a rank-16 LoRA (benchmarks/memory.py compares them with a measured step at each real width).
@@ -140,13 +136,11 @@ class ModelShape:
     hidden: int
     double_blocks: int
     single_blocks: int
-    weight_bytes: dict[
-        str, int
-    ]  # quantisation -> bytes of all weights (the rest at the compute dtype)
+    # quantisation -> bytes of all weights (the rest at the compute dtype)
+    weight_bytes: dict[str, int]
     largest_block: dict[str, int]  # quantisation -> bytes of the largest block
-    largest_block_linear_full: (
-        int  # bytes of the largest block's Linear weights at the compute dtype
-    )
+    # bytes of the largest block's Linear weights at the compute dtype
+    largest_block_linear_full: int
     linear_full: int  # bytes at the compute dtype of the Linear weights a backward pass reads
     lora_params: int
 
@@ -185,9 +179,8 @@ def transformer_shape(
     )
     layers = targeted_layers(transformer, targets)
     per_rank = sum(m.in_features + m.out_features for m in layers.values())
-    extra = (
-        sum(m.out_features for m in layers.values()) if lora_kind == "dora" else 0
-    )  # DoRA magnitudes
+    # DoRA magnitudes
+    extra = sum(m.out_features for m in layers.values()) if lora_kind == "dora" else 0
     lora = {
         "lora": per_rank * lora_rank,
         "dora": per_rank * lora_rank,
@@ -258,13 +251,11 @@ def train_step(
     the frozen weights in RAM with one block (and the next) on the GPU."""
     weights = shape.weight_bytes[quantize]
     if offload != "none":
-        gpu_weights = (
-            2 * shape.largest_block[quantize]
-        )  # the block in use and the next one being copied
+        # the block in use and the next one being copied
+        gpu_weights = 2 * shape.largest_block[quantize]
     elif processes > 1:
-        gpu_weights = (
-            weights / processes + 2 * shape.largest_block[quantize]
-        )  # own shard + gathered blocks
+        # own shard + gathered blocks
+        gpu_weights = weights / processes + 2 * shape.largest_block[quantize]
     else:
         gpu_weights = weights
     trainable = (

@@ -54,9 +54,8 @@ log = logging.getLogger("flux2_lora.train")
 @dataclasses.dataclass
 class TrainResult:
     lora_path: Path
-    transformer: (
-        torch.nn.Module
-    )  # the trained transformer with its LoRA, for callers that keep going in-process
+    # the trained transformer with its LoRA, for callers that keep going in-process
+    transformer: torch.nn.Module
     text_encoder_calls: int
     vae_calls: int
     loop_seconds: float  # wall time of the training loop alone (no loading, caching or saving)
@@ -90,13 +89,11 @@ class Run:
     start: int  # the step to continue from (0, or a resumed checkpoint's)
     show_progress: bool
     ema: LoraEMA | None = None
-    sharded: bool = (
-        False  # FSDP: every rank runs forwards (samples, validation) and takes part in gathers
-    )
+    # FSDP: every rank runs forwards (samples, validation) and takes part in gathers
+    sharded: bool = False
     step: int = 0  # steps done; read by the LoRA header of checkpoints
-    validation: list[tuple[int, float]] = dataclasses.field(
-        default_factory=list
-    )  # (step, held-out loss)
+    # (step, held-out loss)
+    validation: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
     def lora_info(self) -> dict:
         """The flux2_lora.* header entries of every LoRA file this run writes."""
@@ -131,9 +128,8 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     started = time.perf_counter()
     base, data = check_inputs(cfg)
     out = Path(cfg.output.dir)
-    resume_from = (
-        checkpoints.resolve_resume(cfg.resume, out) if cfg.resume else None
-    )  # before creating anything
+    # before creating anything
+    resume_from = checkpoints.resolve_resume(cfg.resume, out) if cfg.resume else None
     accelerator = _accelerator(cfg, out)
     sharded = sharding.requested(cfg.train.sharding, accelerator)
     if sharded and (problem := sharding.sharding_problem(accelerator, cfg)):
@@ -181,14 +177,12 @@ def setup(cfg: Config, show_progress: bool) -> Run:
             accelerator.num_processes,
             ", ".join(f"{100 * s:.1f}%" for s in shares.tolist()),
         )
-    trainable = trainable_parameters(
-        transformer
-    )  # listed once: walking every module each step costs ~1 ms
+    # listed once: walking every module each step costs ~1 ms
+    trainable = trainable_parameters(transformer)
     optimizer = build_optimizer(trainable, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    if (
-        not sharded
-    ):  # sharded, the model reduces its own gradients; accelerate's prepare would wrap it in DDP
+    # sharded, the model reduces its own gradients; accelerate's prepare would wrap it in DDP
+    if not sharded:
         # group offloading moves weights itself; accelerate must not move the whole model to the device
         placement = [cfg.model.group_offload == "none", True]
         transformer, optimizer = accelerator.prepare(

@@ -69,9 +69,8 @@ class SampleRenderer:
         transformer.eval()
         pipe = self.base.family.pipeline_class.from_pipe(self.pipe, transformer=transformer)
         pipe.set_progress_bar_config(disable=True)
-        device = (
-            self.device
-        )  # declared, not read off the weights: group offload keeps those on the CPU
+        # declared, not read off the weights: group offload keeps those on the CPU
+        device = self.device
         extra = {}
         images = []
         for i, embeds in enumerate(self.embeds):

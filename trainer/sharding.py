@@ -23,9 +23,8 @@ import torch
 
 from common.errors import UserError
 
-OPTIMIZER_FILE = (
-    "optimizer_full.safetensors"  # the gathered optimizer state of a sharded run's checkpoint
-)
+# the gathered optimizer state of a sharded run's checkpoint
+OPTIMIZER_FILE = "optimizer_full.safetensors"
 
 
 def requested(setting: str, accelerator) -> bool:

@@ -88,16 +88,13 @@ def step_generator(seed: int, global_micro_batch: int) -> torch.Generator:
 class Objective:
     """What a micro-batch's loss holds besides plain flow matching (all optional)."""
 
-    sample_weights: list[float] | None = (
-        None  # per sample (regularization images weigh regularization.weight)
-    )
-    preserve: dict[str, str] | None = (
-        None  # caption -> caption with the trigger replaced by the class prompt
-    )
+    # per sample (regularization images weigh regularization.weight)
+    sample_weights: list[float] | None = None
+    # caption -> caption with the trigger replaced by the class prompt
+    preserve: dict[str, str] | None = None
     preserve_weight: float = 1.0
-    plain_model: torch.nn.Module | None = (
-        None  # the unwrapped transformer, to switch its adapter off
-    )
+    # the unwrapped transformer, to switch its adapter off
+    plain_model: torch.nn.Module | None = None
 
 
 def micro_batch_loss(

@@ -20,12 +20,10 @@ log = logging.getLogger("flux2_lora.train")
 
 @dataclasses.dataclass
 class TrainingData:
-    samples: list[
-        Sample
-    ]  # subject images, then regularization images, then held-out validation images
-    captions: list[
-        tuple[str, ...]
-    ]  # per sample: its caption variants (one, unless tags are shuffled or dropped)
+    # subject images, then regularization images, then held-out validation images
+    samples: list[Sample]
+    # per sample: its caption variants (one, unless tags are shuffled or dropped)
+    captions: list[tuple[str, ...]]
     objective: Objective
     subject_count: int  # distinct subject images (the model card's dataset size)
     train_count: int  # samples[:train_count] are trained on; the rest are validation
@@ -65,9 +63,8 @@ def training_data(cfg: Config) -> TrainingData:
         )
         for i, s in enumerate(subject)
     ]
-    captions += [
-        (s.caption,) for s in reg + held
-    ]  # class and held-out images keep their captions as they are
+    # class and held-out images keep their captions as they are
+    captions += [(s.caption,) for s in reg + held]
     objective = Objective(
         sample_weights=[1.0] * len(subject) + [cfg.regularization.weight] * len(reg)
         if reg
