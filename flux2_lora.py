@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from common.commands import HelpFormatter
+from common.commands import HelpFormatter, silence_known_noise
 from common.errors import run_guarded
 
 # name -> (module holding it in COMMANDS, one-line help)
@@ -69,6 +69,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    silence_known_noise()
     args = build_parser(argv).parse_args(argv)
     return run_guarded(lambda: args._run(args))
 

@@ -3,11 +3,12 @@
 import argparse
 import sys
 
-from common.commands import HelpFormatter
+from common.commands import HelpFormatter, silence_known_noise
 from common.errors import run_guarded
 from trainer.commands import add_train_arguments, train
 
 if __name__ == "__main__":
+    silence_known_noise()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_train_arguments(parser)
     args = parser.parse_args()

@@ -32,6 +32,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def silence_known_noise() -> None:
+    """Warnings a user can do nothing about, printed on every command by the libraries' imports: torch 2.14 warns
+    once per Enum that torchao registers with pytree (`register_constant() ... deprecated`). Run first thing."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 def quiet_libraries() -> None:
     """Our own progress bars and one-line messages, not the libraries' chatter. Imported per command, because
     importing diffusers costs seconds a command like `sample-data` does not need."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -55,10 +56,14 @@ def option(
 
 # Reusable checks -----------------------------------------------------------------------------------------
 def positive(v: float) -> str | None:
+    if v is not None and not math.isfinite(v):
+        return f"must be a finite number, got {v}"
     return None if v is None or v > 0 else f"must be > 0, got {v}"
 
 
 def non_negative(v: float) -> str | None:
+    if v is not None and not math.isfinite(v):
+        return f"must be a finite number, got {v}"
     return None if v is None or v >= 0 else f"must be >= 0, got {v}"
 
 
@@ -136,6 +141,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .nan / .inf: no setting means either
+                raise UserError(f"{_name(key)} must be a finite number, got {value}")
             return float(value)
         if isinstance(value, str) and _looks_like_float(value):
             return float(value)  # YAML 1.1 reads "5e-5" (no dot) as a string

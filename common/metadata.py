@@ -14,6 +14,7 @@ Beside an image NAME.png, NAME.mask.png is its loss mask (white = learn, black =
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import io
@@ -82,9 +83,18 @@ def _row(data, where: str) -> Row:
     )
 
 
+def decode_text(raw: bytes) -> str:
+    """A caption or metadata file's text: UTF-8 (a byte-order mark dropped), or UTF-16 when it starts with one of
+    its byte-order marks (Windows Notepad's "Unicode"). Anything else raises UnicodeDecodeError. The one rule for
+    every caption we read: training, prepare and these metadata files."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")
+    return raw.decode("utf-8-sig")
+
+
 def _decode(raw: bytes, where: str) -> str:
     try:
-        return raw.decode("utf-8-sig")
+        return decode_text(raw)
     except UnicodeDecodeError as exc:
         raise UserError(f"'{where}' is not UTF-8 (byte {exc.start}); re-save it as UTF-8") from None
 

@@ -95,10 +95,8 @@ class VLMCaptioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         folder = Path(path)
-        if (
-            folder / "model_index.json"
-            # a diffusers pipeline: use its text encoder + processor
-        ).is_file():
+        # a diffusers pipeline: use its text encoder + processor
+        if (folder / "model_index.json").is_file():
             model_dir, processor_dir = folder / "text_encoder", folder / "tokenizer"
         else:
             model_dir = processor_dir = folder

@@ -16,6 +16,7 @@ import imagehash
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.images import exif_orientation, upright_size
+from common.metadata import decode_text
 from common.trigger import count_trigger
 
 MIN_IMAGES, MAX_IMAGES = 9, 50
@@ -199,7 +200,7 @@ def caption_problems(
             )
         ]
     try:
-        text = raw.decode("utf-8")
+        text = decode_text(raw)
     except UnicodeDecodeError as exc:
         return None, [
             Problem(

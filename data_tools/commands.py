@@ -34,7 +34,8 @@ def prepare(args: argparse.Namespace) -> int:
         f"train on it with: data.path={args.out}"
         + (f" data.trigger={opts.trigger}" if opts.trigger else "")
     )
-    return 0
+    # the images with errors were left out: the folder trains, but not on everything the user gave
+    return 1 if s["errors"] else 0
 
 
 def _add_sample_data_arguments(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from common.configtree import non_negative, option, positive, probability
 from common.errors import UserError
 from common.images import IMAGE_EXTENSIONS, check_image
 from common.limits import MAX_REFERENCES
-from common.metadata import MASK_SUFFIX, Row
+from common.metadata import MASK_SUFFIX, Row, decode_text
 from common.trigger import with_trigger
 from data_tools.buckets import (
     make_buckets,
@@ -78,16 +78,14 @@ class Sample:
     width: int  # after EXIF orientation
     height: int
     bucket: tuple[int, int]  # (width, height) the image is resized and cropped to
-    references: tuple[
-        Path, ...
-        # conditioning images of an edit / multi-reference pair, priority order
-    ] = ()
+    # conditioning images of an edit / multi-reference pair, priority order
+    references: tuple[Path, ...] = ()
     mask: Path | None = None  # NAME.mask.png with data.masks: which pixels the loss counts
 
 
 def _read_caption(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8").strip()
+        return decode_text(path.read_bytes()).strip()
     except UnicodeDecodeError as exc:
         raise UserError(
             f"caption '{path}' is not UTF-8 (byte {exc.start}); re-save it as UTF-8"

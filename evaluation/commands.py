@@ -9,6 +9,7 @@ from pathlib import Path
 from common.commands import Command, quiet_libraries
 from common.configtree import add_flags, from_args
 from common.errors import UserError
+from evaluation.report import recommendation_text
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,8 +70,7 @@ def evaluate(args: argparse.Namespace) -> int:
     print(
         f"evaluated {len(adapters)} adapter(s) x {len(opts.scales)} scale(s) x {opts.seeds} seed(s) on suite "
         f"'{suite.name}': {speed['renders']} renders at {speed['renders_per_second']:.2f}/s; "
-        f"report: {Path(args.out) / 'report.html'}"
-        + (f"; recommended: {rec['adapter']} at scale {rec['scale']:g}" if rec else "")
+        f"report: {Path(args.out) / 'report.html'}" + f"; {recommendation_text(rec)}"
     )
     return 0
 

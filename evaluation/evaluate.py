@@ -9,7 +9,8 @@ Recommendation rule (also in report.html): among columns with scale > 0, maximis
 where fidelity is, by availability, the reference similarity (needs --encoder and --references), else
 1 - min(colour dE, 50)/50 on colour prompts, else 1 - character error rate on text prompts. Ties go to the
 smaller scale, then the earlier checkpoint. With no fidelity metric at all, the latest adapter is recommended at
-the largest scale whose leakage is <= 0.25 (else its smallest scale).
+the largest scale. A column whose leakage exceeds 0.25 (LEAKAGE_LIMIT) is never recommended: when all do, nothing
+is.
 """
 
 from __future__ import annotations
@@ -31,13 +32,11 @@ from common.images import decode_rgb
 from common.limits import side_problem
 from data_tools.sources import open_source, read_bytes
 from evaluation import metrics as M
-from evaluation.metrics import DIRECTION, METRICS
+from evaluation.metrics import DIRECTION, LEAKAGE_LIMIT, METRICS
 from evaluation.report import write_outputs
 from evaluation.suites import Suite, render_prompt
 from inference.generate import Generator, GeneratorOptions
 from inference.runs import lora_file, lora_label, run_loras
-
-LEAKAGE_LIMIT = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,27 +346,42 @@ def _fidelity(metrics: dict) -> float | None:
 
 
 def recommend(summary: list[dict]) -> dict[str, Any] | None:
+    """The column to use, or None without adapter columns. A column whose leakage exceeds LEAKAGE_LIMIT is never
+    recommended, whatever its fidelity: it paints the subject into prompts that did not ask for it. When every
+    column does, the recommendation says so and names none (adapter None)."""
     candidates = [c for c in summary if c["adapter"] != "base" and c["scale"] > 0]
     if not candidates:
         return None
     # evaluation order = checkpoint order
     order = {c["adapter"]: i for i, c in enumerate(candidates)}
-    scored = [(c, _fidelity(c["metrics"])) for c in candidates]
+    leak = {id(c): c["metrics"]["leakage"] or 0.0 for c in candidates}
+    within = [c for c in candidates if leak[id(c)] <= LEAKAGE_LIMIT]
+    if not within:
+        least = min(candidates, key=lambda c: (leak[id(c)], c["scale"]))
+        return {
+            "adapter": None,
+            "step": None,
+            "scale": None,
+            "column": None,
+            "why": f"every column changes prompts without the trigger by more than the leakage limit "
+            f"{LEAKAGE_LIMIT} (least: {least['column']}, {leak[id(least)]:.2f}); lower the scale, "
+            "train fewer steps or with regularization.preserve",
+        }
+    scored = [(c, _fidelity(c["metrics"])) for c in within]
     if all(f is not None for _, f in scored):
 
         def key(item):
             c, fidelity = item
-            return (-(fidelity - (c["metrics"]["leakage"] or 0.0)), c["scale"], order[c["adapter"]])
+            return (-(fidelity - leak[id(c)]), c["scale"], order[c["adapter"]])
 
         best, fidelity = min(scored, key=key)
-        why = f"highest fidelity - leakage = {fidelity:.3f} - {best['metrics']['leakage'] or 0:.3f}"
-    else:
-        latest = max(order.values())
-        pool = [c for c in candidates if order[c["adapter"]] == latest]
-        within = [c for c in pool if (c["metrics"]["leakage"] or 0.0) <= LEAKAGE_LIMIT]
-        best = (
-            max(within, key=lambda c: c["scale"]) if within else min(pool, key=lambda c: c["scale"])
+        why = (
+            f"highest fidelity - leakage = {fidelity:.3f} - {leak[id(best)]:.3f} among columns with "
+            f"leakage <= {LEAKAGE_LIMIT}"
         )
+    else:
+        latest = max(order[c["adapter"]] for c in within)
+        best = max((c for c in within if order[c["adapter"]] == latest), key=lambda c: c["scale"])
         why = f"no fidelity metric available: latest adapter at the largest scale with leakage <= {LEAKAGE_LIMIT}"
     return {
         "adapter": best["adapter"],

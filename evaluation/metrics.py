@@ -24,6 +24,10 @@ from common.images import hex_to_rgb
 from common.local_models import load_local
 
 NOTICEABLE_DELTA_E = 2.0  # CIEDE2000: below about 2 most people see no difference
+# The most an adapter may change a prompt without its trigger (1 - SSIM) and still be recommended: above it, the
+# subject shows up where nobody asked for it.
+LEAKAGE_LIMIT = 0.25
+
 METRICS = ("reference_similarity", "colour_delta_e", "leakage", "diversity", "text_error")
 DIRECTION = {
     "reference_similarity": "higher is better",

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from evaluation.metrics import DIRECTION, METRICS, NOTICEABLE_DELTA_E
+from evaluation.metrics import DIRECTION, LEAKAGE_LIMIT, METRICS, NOTICEABLE_DELTA_E
 from inference.grids import make_grid
 from inference.provenance import save_png
 
@@ -148,13 +148,22 @@ def _fmt(value) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
+def recommendation_text(rec: dict[str, Any] | None) -> str:
+    """The recommendation as one sentence, for the command's summary, report.html and scripts."""
+    if rec is None:
+        return "no adapter column to recommend"
+    if rec["adapter"] is None:
+        return f"nothing recommended: {rec['why']}"
+    return f"recommended: {rec['adapter']} at scale {rec['scale']:g} ({rec['why']})"
+
+
 def _html(result: dict[str, Any], grids: list[str], plots: list[str]) -> str:
     e = html.escape
     rec = result["recommendation"]
     rec_html = (
         f"<p class='rec'>Recommended: <b>{e(rec['adapter'])}</b> at scale <b>{rec['scale']:g}</b> — {e(rec['why'])}</p>"
-        if rec
-        else "<p>No adapter column to recommend.</p>"
+        if rec and rec["adapter"]
+        else f"<p class='rec'>{e(recommendation_text(rec).capitalize())}.</p>"
     )
     head = "".join(f"<th>{m}<br><small>{DIRECTION[m]}</small></th>" for m in METRICS)
     body = "".join(
@@ -182,7 +191,7 @@ img{{max-width:100%;border:1px solid #ddd;background:#fff}}.muted{{color:#777}}
 {rec_html}
 <h2>Metrics</h2><table><tr><th>column</th>{head}</tr>{body}</table>
 <ul class="muted">{missing}</ul>
-<p class="muted">Rule: among columns with scale &gt; 0, maximise fidelity − leakage
+<p class="muted">Rule: among columns with scale &gt; 0 and leakage &le; {LEAKAGE_LIMIT}, maximise fidelity − leakage
 (fidelity = reference similarity, else 1 − min(ΔE, 50)/50, else 1 − character error rate);
 ties go to the smaller scale, then the earlier checkpoint.</p>
 <h2>Plots</h2>{"".join(f'<p><img src="{p}" alt="{p}"></p>' for p in plots) or '<p class="muted">no metric to plot</p>'}

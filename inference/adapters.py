@@ -43,8 +43,19 @@ def sha256_file(path: Path) -> str:
 
 
 def _check_fits(state: dict, transformer, path: Path) -> None:
+    """Every tensor finite, every targeted module present, and each lora_A / lora_B pair the layer's shape with one
+    rank between them: checked here, so nothing reaches the loader that it would refuse with a traceback (or load
+    as NaN pixels)."""
+    import torch
+
     modules = dict(transformer.named_modules())
+    ranks: dict[str, dict[str, int]] = {}
     for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(
+                f"LoRA '{path}': tensor {key} holds NaN or infinite values; the file is damaged "
+                "(or its training diverged): use an earlier checkpoint"
+            )
         match = _MODULE.match(key)
         if not match:
             continue
@@ -63,6 +74,16 @@ def _check_fits(state: dict, transformer, path: Path) -> None:
                 f"LoRA '{path}' does not fit this base model ({match.group(1)}: LoRA shape "
                 f"{tuple(tensor.shape)}, layer {expected[0]}->{expected[1]}); it was made for another "
                 "FLUX.2 family or size"
+            )
+        if match.group(2) in ("lora_A", "lora_B") and tensor.dim() == 2:
+            ranks.setdefault(match.group(1), {})[match.group(2)] = tensor.shape[
+                0 if match.group(2) == "lora_A" else 1
+            ]
+    for module, pair in ranks.items():
+        if len(set(pair.values())) > 1:
+            raise UserError(
+                f"LoRA '{path}' is damaged: {module} has lora_A of rank {pair['lora_A']} and lora_B of "
+                f"rank {pair['lora_B']} (they must match); re-export or re-train it"
             )
 
 

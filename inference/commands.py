@@ -14,24 +14,12 @@ from tqdm.auto import tqdm
 
 from common.atomic import atomic_path, write_text
 from common.commands import Command, quiet_libraries
-from common.configtree import add_flags, from_args
+from common.configtree import add_flags, from_args, from_dict, option
 from common.errors import UserError
 from inference.families import FAMILIES
-from inference.generate import GeneratorOptions
+from inference.generate import GeneratorOptions, Request, scale_problem
 from inference.grids import make_grid
 from inference.provenance import save_png
-
-JOB_KEYS = {
-    "prompt",
-    "seed",
-    "width",
-    "height",
-    "steps",
-    "guidance",
-    "image",
-    "references",
-    "num_images",
-}
 
 
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,12 +82,15 @@ def parse_lora(spec: str) -> tuple[str, float]:
     if not path or Path(spec).exists():
         return spec, 1.0
     try:
-        return path, float(scale)
+        value = float(scale)
     except ValueError:
         raise UserError(
             f"--lora '{spec}': the scale '{scale}' is not a number; write FILE:0.8, or FILE alone "
             "for scale 1"
         ) from None
+    if problem := scale_problem(value):
+        raise UserError(f"--lora '{spec}': the scale {problem}")
+    return path, value
 
 
 def _grid_label(record: dict[str, Any]) -> str:
@@ -107,29 +98,37 @@ def _grid_label(record: dict[str, Any]) -> str:
     return f"{record['prompt']}\nseed {record['seed']}" + (f" · {loras}" if loras else "")
 
 
-def read_jobs(
-    path: Path, defaults: dict[str, Any]
-) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
-    """Valid jobs with their line numbers, and one error line per bad line (the rest still run)."""
+@dataclasses.dataclass
+class Job(Request):
+    """One line of --prompts (or the flags of a single --prompt): a Request plus its images."""
+
+    image: str | None = option(None, help="edit: the image to change")
+    references: list[str] = option(factory=list, help="reference images, priority order")
+
+
+def read_jobs(path: Path, defaults: dict[str, Any]) -> tuple[list[tuple[int, Job]], list[str]]:
+    """Valid jobs with their line numbers, and one error line per bad line (the rest still run). Every field is
+    checked as the flags are, so a wrong type or value is that line's error, not a crash later."""
     if not path.is_file():
         raise UserError(f"--prompts '{path}' does not exist")
     jobs, errors = [], []
-    for number, line in enumerate(
-        path.read_text(encoding="utf-8", errors="replace").splitlines(), 1
-    ):
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            job = json.loads(line)
-            if not isinstance(job, dict) or not isinstance(job.get("prompt"), str):
-                raise ValueError('needs a JSON object with a "prompt" string')
-            unknown = set(job) - JOB_KEYS
-            if unknown:
-                raise ValueError(
-                    f"unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(JOB_KEYS))}"
-                )
-            jobs.append((number, {**defaults, **job}))
-        except ValueError as exc:
+            data = json.loads(line)
+        except ValueError:
+            errors.append(f"error: {path} line {number}: not JSON; write one object a line")
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+            errors.append(
+                f'error: {path} line {number}: needs a JSON object with a "prompt" string'
+            )
+            continue
+        try:
+            jobs.append((number, from_dict(Job, {**defaults, **data}, name=lambda key: f"'{key}'")))
+        except UserError as exc:
             errors.append(f"error: {path} line {number}: {exc}")
     return jobs, errors
 
@@ -157,16 +156,22 @@ def generate(args: argparse.Namespace) -> int:
         "num_images": args.num_images,
     }
     if args.prompt is not None:
-        jobs, errors = [(0, {**defaults, "prompt": args.prompt})], []
+        flag = {"references": "--ref"}
+        single = from_dict(
+            Job,
+            {**defaults, "prompt": args.prompt},
+            name=lambda key: f"option '{flag.get(key, '--' + key.replace('_', '-'))}'",
+        )
+        jobs, errors = [(0, single)], []
     else:
         jobs, errors = read_jobs(Path(args.prompts), defaults)
     for line in errors:
         print(line, file=sys.stderr)
     if not jobs:
         raise UserError("no valid prompt to run")
+    loras = [parse_lora(spec) for spec in args.lora]  # before the model loads: a typo costs nothing
     gen = Generator(args.model, **dataclasses.asdict(opts))
-    for spec in args.lora:
-        path, scale = parse_lora(spec)
+    for path, scale in loras:
         gen.add_adapter(path, scale=scale, allow_partial=args.allow_partial)
     if args.fuse:
         gen.fuse(permanent=True)  # the CLI never changes adapters afterwards
@@ -175,18 +180,8 @@ def generate(args: argparse.Namespace) -> int:
     results, images, failed = [], [], len(errors)
     for number, job in tqdm(jobs, desc="generating", disable=len(jobs) == 1):
         try:
-            made = gen.generate(
-                job["prompt"],
-                image=job["image"],
-                references=job["references"],
-                width=job["width"],
-                height=job["height"],
-                steps=job["steps"],
-                guidance=job["guidance"],
-                seed=int(job["seed"]),
-                num_images=int(job["num_images"]),
-                add_trigger=args.add_trigger,
-            )
+            fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
+            made = gen.generate(fields.pop("prompt"), **fields, add_trigger=args.add_trigger)
         except UserError as exc:
             if args.prompt is not None:
                 raise
@@ -203,7 +198,7 @@ def generate(args: argparse.Namespace) -> int:
         write_text(
             out / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in results)
         )
-    if len(images) > 1:
+    if images:
         with atomic_path(out / "grid.png") as tmp:
             make_grid(images, labels=[_grid_label(r) for r in results]).save(tmp, format="PNG")
     print(

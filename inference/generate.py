@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 
-from common.configtree import from_kwargs, option
+from common.configtree import from_kwargs, non_negative, option, positive
 from common.errors import UserError
 from common.images import open_rgb
 from common.limits import MAX_REFERENCES, SIDE_MULTIPLE, nearest_side
@@ -65,6 +67,47 @@ def round_side(value: int, what: str) -> int:
     if rounded != value:
         log.warning("%s %d is not a multiple of %d; using %d", what, value, SIDE_MULTIPLE, rounded)
     return rounded
+
+
+@dataclasses.dataclass
+class Request:
+    """The numbers of one generation, checked by one rule wherever they come from: `generate`'s flags, a line of
+    `--prompts` JSONL, or `Generator.generate`'s arguments."""
+
+    prompt: str = option(help="the prompt")
+    seed: int = option(0, help="seed of the first image; image i uses seed + i")
+    width: int | None = option(
+        None, check=positive, help="default: the edit image's width, else 1024"
+    )
+    height: int | None = option(
+        None, check=positive, help="default: the edit image's height, else 1024"
+    )
+    steps: int | None = option(None, check=positive, help="denoising steps (default: the family's)")
+    guidance: float | None = option(
+        None, check=non_negative, help="guidance scale (default: the family's)"
+    )
+    num_images: int = option(1, check=positive, help="images per prompt")
+
+
+# Far beyond any useful strength (ComfyUI's slider stops at ±100), and a scale of 1e9 overflows to NaN pixels.
+MAX_LORA_SCALE = 100.0
+
+
+def scale_problem(scale: float) -> str | None:
+    """Why a LoRA scale cannot be used, or None: it must be a finite number within ±MAX_LORA_SCALE."""
+    if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+        return f"must be a finite number between -{MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {scale:g}"
+    return None
+
+
+def _flat_or_broken(pixels: np.ndarray) -> str | None:
+    """What is wrong with a rendered image as floats in [0, 1], or None: non-finite values (the model or a
+    LoRA overflowed), or one flat colour (a PNG of it says nothing)."""
+    if not np.isfinite(pixels).all():
+        return "non-finite"
+    if float(pixels.max() - pixels.min()) == 0.0:
+        return "flat"
+    return None
 
 
 @dataclasses.dataclass
@@ -149,6 +192,8 @@ class Generator:
     ) -> AdapterInfo:
         self._require_unfused()
         path = lora_file(path)  # a run folder means its final LoRA
+        if problem := scale_problem(float(scale)):
+            raise UserError(f"LoRA '{path}': its scale {problem}")
         name = _adapter_name(name or lora_label(path))
         if name in self.adapters:
             raise UserError(f"an adapter named '{name}' is already loaded; pass another name")
@@ -164,6 +209,9 @@ class Generator:
             raise UserError(
                 f"no adapter named {', '.join(sorted(unknown))}; loaded: {', '.join(self.adapters) or 'none'}"
             )
+        for name, scale in scales.items():
+            if problem := scale_problem(float(scale)):
+                raise UserError(f"adapter '{name}': its scale {problem}")
         self.scales.update({k: float(v) for k, v in scales.items()})
         self._apply_scales()
 
@@ -227,6 +275,24 @@ class Generator:
         num_images: int = 1,
         add_trigger: bool = False,
     ) -> list[Generated]:
+        req = from_kwargs(
+            Request,
+            "generate",
+            prompt=prompt,
+            seed=seed,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=guidance,
+            num_images=num_images,
+        )
+        prompt, seed, width, height, num_images = (
+            req.prompt,
+            req.seed,
+            req.width,
+            req.height,
+            req.num_images,
+        )
         images = [self._image(x) for x in ([image] if image is not None else []) + list(references)]
         if len(images) > MAX_REFERENCES:
             raise UserError(
@@ -238,8 +304,8 @@ class Generator:
             height = height or images[0].height
         width = round_side(width or 1024, "width")
         height = round_side(height or 1024, "height")
-        steps = steps or self.defaults.steps
-        guidance = self.defaults.guidance if guidance is None else guidance
+        steps = self.defaults.steps if req.steps is None else req.steps
+        guidance = self.defaults.guidance if req.guidance is None else req.guidance
         if add_trigger:  # adapters fused for good keep their trigger words in self.baked
             for trigger in [r["trigger"] for r in self.baked] + [
                 a.trigger for a in self.adapters.values()
@@ -258,11 +324,11 @@ class Generator:
                 guidance_scale=guidance,
                 num_images_per_prompt=num_images,
                 generator=generators,
+                output_type="np",  # checked for NaN and flat colour before it becomes a picture
                 **embeds,
             )
-        except (
-            ValueError
-        ) as exc:  # the pipeline's own input checks (e.g. a reference image under 64 px)
+        # the pipeline's own input checks (e.g. a reference image under 64 px)
+        except ValueError as exc:
             raise UserError(f"generation refused: {str(exc).splitlines()[0]}") from None
         record = {
             "prompt": prompt,
@@ -277,7 +343,31 @@ class Generator:
             "edit": image is not None,
             "loras": self.baked + self._lora_records(),
         }
-        return [Generated(img, {**record, "seed": seed + i}) for i, img in enumerate(out.images)]
+        return [
+            Generated(img, {**record, "seed": seed + i})
+            for i, img in enumerate(self._pictures(out.images, record, seed))
+        ]
+
+    def _pictures(self, pixels: np.ndarray, record: dict[str, Any], seed: int) -> list[Image.Image]:
+        """The pipeline's float output as PIL images (what output_type="pil" gives), refusing NaN or infinite
+        pixels and saying when an image is one flat colour."""
+        for i, image in enumerate(pixels):
+            what = f"'{record['prompt']}' (seed {seed + i})"
+            problem = _flat_or_broken(image)
+            if problem == "non-finite":
+                scales = (
+                    ", ".join(f"{r['name']} x{r['scale']:g}" for r in record["loras"]) or "no LoRA"
+                )
+                raise UserError(
+                    f"generation of {what} gave NaN or infinite pixels ({scales}); lower the LoRA "
+                    "scales or check the LoRA files; nothing was written"
+                )
+            if problem == "flat":
+                log.warning(
+                    "the image of %s is one flat colour; check the prompt, steps and LoRA scales",
+                    what,
+                )
+        return self.pipe.image_processor.numpy_to_pil(pixels)
 
     @torch.no_grad()
     def prompt_embeds(self, prompt: str) -> torch.Tensor:

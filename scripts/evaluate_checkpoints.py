@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.evaluate import adapters_from_run, evaluate
+from evaluation.report import recommendation_text
 from evaluation.suites import load_suite
 
 parser = argparse.ArgumentParser(
@@ -59,5 +60,5 @@ for column in result["columns"]:
         )
     )
 rec = result["recommendation"]
-print(f"\nrecommended: {rec['adapter']} at scale {rec['scale']:g} ({rec['why']})")
+print(f"\n{recommendation_text(rec)}")
 print(f"report: {Path(args.out) / 'report.html'}")

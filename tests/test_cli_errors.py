@@ -68,6 +68,7 @@ def test_image_without_caption_and_trigger_only_option(capsys, config, tiny_mode
         tmp_path / "ok",
         tmp_path / "cache",
         train__steps=1,
+        train__batch_size=1,  # one image
         data__missing_caption="trigger",
     )
     assert main(["train", "--config", config, "--no-progress", *args]) == 0
@@ -156,6 +157,7 @@ def test_wandb_without_login_is_refused_before_caching(
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     err = _train(capsys, config, tiny_models, sample_data, tmp_path, output__report_to="wandb")
     assert "wandb has no login here" in err and "WANDB_MODE=offline" in err
+    assert "add output.report_to=none to the command" in err  # a copy-paste override
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 

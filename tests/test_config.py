@@ -128,19 +128,32 @@ def test_show_config_prints_the_resolved_tree(capsys):
 def test_cross_section_problems_are_reported_together():
     message = _error(
         [
-            "train.steps=10",
-            "optim.warmup_steps=20",
-            "sample.every=50",
-            "sample.prompts=[a]",
+            "regularization.preserve=true",
+            "regularization.class_prompt=a logo",
+            "validation.every=5",
             "model.family=klein",
             "train.guidance=3.5",
         ]
     )
     assert message.startswith(
-        "3 problems: (1) optim.warmup_steps (20) must be below train.steps (10)"
+        "3 problems: (1) train.guidance is set, but FLUX.2 klein has no guidance"
     )
-    assert "(2) train.guidance is set, but FLUX.2 klein has no guidance embedding" in message
-    assert "(3) sample.every (50) is beyond train.steps (10)" in message and "\n" not in message
+    assert "(2) regularization.preserve replaces the trigger word in captions" in message
+    assert "(3) validation.every is set but nothing is held out" in message and "\n" not in message
+
+
+def test_a_short_run_of_a_preset_runs_with_one_warning(capsys):
+    preset = REPO / "configs" / "klein-4b-character.yaml"
+    cfg = load_config(preset, ["train.steps=10"])
+    warning = capsys.readouterr().err.strip()
+    assert warning == (
+        "warning: train.steps=10 is a short run: optim.warmup_steps 50 -> 1; validation.every 250 and "
+        "checkpoint.every 250 beyond the run -> 0 (at the end / on signals only)"
+    )
+    assert (cfg.optim.warmup_steps, cfg.validation.every, cfg.checkpoint.every) == (1, 0, 0)
+    assert "warmup_steps: 1" in dump_config(cfg)  # what output.dir/config.yaml records
+    load_config(preset, ["train.steps=2000"])
+    assert capsys.readouterr().err == ""  # a full run is left as it is
 
 
 def test_a_hex_colour_that_yaml_would_cut_is_refused(tmp_path):

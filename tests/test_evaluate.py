@@ -8,6 +8,7 @@ from PIL import Image
 from common.errors import UserError
 from evaluation import metrics as M
 from evaluation.evaluate import Adapter, adapters_from_run, evaluate, recommend
+from evaluation.report import recommendation_text
 from evaluation.suites import load_suite
 from flux2_lora import main
 from helpers import HANG, train_args
@@ -229,15 +230,22 @@ def test_recommendation_rule():
         col("a", 1.0, 0.8, 0.1),
         col("b", 1.0, 0.9, 0.5),
     ]
-    assert recommend(summary)["column"] == "a x1.0"  # 0.7 beats 0.5 and 0.4
+    assert recommend(summary)["column"] == "a x1.0"  # 0.7 beats 0.5; b leaks 0.5 > 0.25
+    # the most faithful column is never recommended when it leaks past the limit
+    assert recommend(summary[:3] + [col("b", 1.0, 1.0, 0.26)])["column"] == "a x1.0"
     no_fidelity = [
         {**c, "metrics": {**c["metrics"], "reference_similarity": None}} for c in summary
     ]
-    # latest adapter; none under the leakage limit: smallest scale
-    assert recommend(no_fidelity)["column"] == "b x1.0"
+    # the latest adapter with a column within the leakage limit, at its largest such scale
+    assert recommend(no_fidelity)["column"] == "a x1.0"
     calm = no_fidelity + [col("b", 0.5, None, 0.1)]
-    # the largest scale of the latest adapter within the limit
     assert recommend(calm)["column"] == "b x0.5"
+    leaky = [col("base", 0, 0.2, 0), col("a", 0.5, 0.9, 0.3), col("a", 1.0, 0.95, 0.54)]
+    nothing = recommend(leaky)
+    assert nothing["adapter"] is None and "least: a x0.5, 0.30" in nothing["why"]
+    assert recommendation_text(nothing).startswith(
+        "nothing recommended: every column changes prompts"
+    )
 
 
 @pytest.mark.parametrize(

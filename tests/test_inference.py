@@ -190,7 +190,10 @@ def test_generate_cli_writes_provenance_results_and_grid(tiny_models, loras, tmp
     )
     err = capsys.readouterr().err
     assert code == 1  # two bad lines, reported with their numbers; the others ran
-    assert "jobs.jsonl line 2:" in err and "jobs.jsonl line 4: unknown key(s) sede" in err
+    assert (
+        "jobs.jsonl line 2:" in err
+        and "jobs.jsonl line 4: 'sede' is unknown; did you mean 'seed'?" in err
+    )
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in results] == [4, 0, 1]
     assert results[1]["width"] == 64  # 72 rounded to a multiple of 16

@@ -86,11 +86,8 @@ def test_exports_round_trip_exactly(family, preset, fmt, tmp_path):
         assert sum(k.endswith(".alpha") for k in exported) == counts["written_modules"]
     converted, unplaced = from_foreign(exported)
     assert not unplaced
-    for (
-        module,
-        delta,
-        # the independent inverse: ΔW from the file's own tensors
-    ) in intended.items():
+    # the independent inverse: ΔW from the file's own tensors
+    for module, delta in intended.items():
         b, a = (
             converted[f"transformer.{module}.lora_B.weight"],
             converted[f"transformer.{module}.lora_A.weight"],

@@ -124,6 +124,9 @@ def test_every_preset_fits_the_card_its_header_states(preset):
     assert found, f"{preset} has no '# Target: N x G GB GPU, R GB RAM' line"
     gpus, gpu_gb, ram_gb = (int(g) for g in found.groups())
     cfg = from_dict(Config, read_yaml(REPO / "configs" / preset))
+    assert (cfg.memory.gpus or 1) == gpus, (
+        f"{preset}: memory.gpus must state the header's {gpus} GPUs"
+    )
     # cards and RAM sold as "24 GB" hold 24 GiB (GPU) or a little less (RAM): plan against what they hold
     plan = plan_training(cfg, resolve_base_model(cfg.model), gpus, gpu_gb, ram_gb * 1e9 / GIB)
     assert plan.fits(), (

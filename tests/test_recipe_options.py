@@ -15,6 +15,7 @@ from inference.generate import Generator
 from trainer.cache import token_mask
 from trainer.config import load_config
 from trainer.recipe import run
+from trainer.training_data import training_data
 
 KLEIN = FAMILIES["klein"]
 
@@ -340,6 +341,17 @@ def test_upscaled_images_are_reported_once_with_their_count(
     assert len(said) == 1 and said[0].startswith(
         "2 of 3 training samples are smaller than their bucket"
     )
+    caplog.clear()
+    several = load_config(
+        None,
+        train_args(
+            tiny_models["klein"], data, tmp_path / "m", shared_cache, train__resolution="[64,96]"
+        ),
+    )
+    with caplog.at_level("WARNING", logger="flux2_lora.train"):
+        training_data(several)  # a sample is an image at one size, and the message says so
+    said = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
+    assert said[0].startswith("4 of 6 training samples (3 images at 2 sizes each) are smaller")
 
 
 def test_a_missing_optional_optimizer_is_named(monkeypatch):

@@ -82,9 +82,8 @@ def _load(path: Path) -> torch.Tensor:
 def _encode_reference(encoder: Encoder, path: Path) -> torch.Tensor:
     try:
         return encoder.encode_reference(open_rgb(path))
-    except (
-        ValueError
-    ) as exc:  # the pipeline's own reference checks: too small, too extreme an aspect ratio
+    # the pipeline's own reference checks: too small, too extreme an aspect ratio
+    except ValueError as exc:
         raise UserError(f"reference image '{path}': {str(exc).splitlines()[0]}") from None
 
 

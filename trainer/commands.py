@@ -79,7 +79,7 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "--gpus",
         type=int,
         help="GPUs (processes) the run uses; with train.sharding: fsdp each holds 1/N "
-        "(default: WORLD_SIZE, else 1)",
+        "(default: WORLD_SIZE, else memory.gpus, else 1)",
     )
     p.add_argument(
         "--json",
@@ -97,6 +97,7 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
 def plan(args: argparse.Namespace) -> int:
     """Exit status 0 when the config fits, 1 when it does not."""
     import json
+    import math
     import os
 
     from common.errors import UserError
@@ -106,7 +107,7 @@ def plan(args: argparse.Namespace) -> int:
         ("--ram", args.ram),
         ("--gpus", args.gpus),
     ):
-        if value is not None and value <= 0:
+        if value is not None and (value <= 0 or not math.isfinite(value)):
             raise UserError(f"{flag} must be a positive number, got {value:g}")
     if args.table:
         from trainer.memory_table import memory_table
@@ -126,7 +127,7 @@ def plan(args: argparse.Namespace) -> int:
     from trainer.memory import cheapest_fix, plan_training, planned_for, render, verdict
 
     base = resolve_base_model(cfg.model)
-    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "0")) or cfg.memory.gpus or 1
     gpu, ram = planned_for(
         cfg, "cuda" if torch.cuda.is_available() else "cpu", args.gpu_memory, args.ram
     )

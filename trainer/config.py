@@ -8,11 +8,13 @@ train.seed, optim.lr, lora.rank, lora.alpha, output.dir, checkpoint.every and re
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from pathlib import Path
 
 import yaml
 
+from common.commands import rank
 from common.configtree import (
     apply_overrides,
     from_dict,
@@ -35,6 +37,7 @@ from trainer.optim import OptimConfig
 from trainer.outputs import OutputConfig
 from trainer.regularization import RegularizationConfig
 from trainer.samples import SampleConfig
+from trainer.sharding import sharding_conflict
 from trainer.step import TrainSettings
 from trainer.validation import ValidationConfig
 
@@ -59,21 +62,11 @@ class Config:
 
     def validate(self) -> list[str]:
         """Checks that involve more than one section, all reported at once."""
-        problems, steps = [], self.train.steps
-        if self.optim.warmup_steps >= steps:
-            problems.append(
-                f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.steps ({steps}), "
-                "or the learning rate never reaches optim.lr"
-            )
+        problems = []
         family = FAMILIES.get(self.model.family)
         if family is not None and not family.has_guidance_embedding and self.train.guidance != 1.0:
             problems.append(
                 f"train.guidance is set, but FLUX.2 {family.name} has no guidance embedding; remove it"
-            )
-        if self.sample.every > steps:
-            problems.append(
-                f"sample.every ({self.sample.every}) is beyond train.steps ({steps}): no sample would be "
-                "rendered during training; lower it, or 0 for the before/after grid only"
             )
         if self.sample.every and not self.sample.prompts:
             problems.append(
@@ -87,31 +80,54 @@ class Config:
             problems.append(
                 "validation.every is set but nothing is held out; set validation.images or validation.split"
             )
-        if self.validation.every > steps:
-            problems.append(
-                f"validation.every ({self.validation.every}) is beyond train.steps ({steps})"
-            )
         if self.model.quantize != "none" and self.lora.type in ("lokr", "loha"):
             problems.append(
                 f"lora.type: {self.lora.type} wraps plain Linear layers only (peft's LyCORIS layers) and "
                 f"model.quantize: {self.model.quantize} replaces them; use lora.type: lora or dora, or "
                 "model.quantize: none"
             )
+        if self.train.sharding == "fsdp" and (conflict := sharding_conflict(self)):
+            problems.append(conflict)
         for fmt in self.output.export:
             if problem := export_problem(self.lora.type, fmt):
                 problems.append(f"output.export: {problem}")
-        if self.checkpoint.every > steps:
-            problems.append(
-                f"checkpoint.every ({self.checkpoint.every}) is beyond train.steps ({steps}): no "
-                "checkpoint would be written; lower it, or 0 for checkpoints on signals only"
-            )
         return problems
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     data = read_yaml(path) if path else {}
     apply_overrides(data, list(overrides))
-    return from_dict(Config, data)
+    cfg = from_dict(Config, data)
+    if (note := fit_to_steps(cfg)) and rank() == 0:
+        print(f"warning: {note}", file=sys.stderr)
+    return cfg
+
+
+def fit_to_steps(cfg: Config) -> str | None:
+    """A run shorter than the preset's intervals (a smoke test: train.steps=10) runs, as other trainers let it:
+    warmup is cut to a tenth of the run and intervals beyond the run are skipped (the values written to
+    output.dir/config.yaml say so). Returns the one-line note of what changed, or None."""
+    steps, changed = cfg.train.steps, []
+    if cfg.optim.warmup_steps >= steps:
+        changed.append(f"optim.warmup_steps {cfg.optim.warmup_steps} -> {steps // 10}")
+        cfg.optim.warmup_steps = steps // 10
+    skipped = []
+    for section, name in (
+        ("sample", "sample.every"),
+        ("validation", "validation.every"),
+        ("checkpoint", "checkpoint.every"),
+    ):
+        every = getattr(cfg, section).every
+        if every > steps:
+            skipped.append(f"{name} {every}")
+            getattr(cfg, section).every = 0
+    if skipped:
+        changed.append(
+            f"{' and '.join(skipped)} beyond the run -> 0 (at the end / on signals only)"
+        )
+    if not changed:
+        return None
+    return f"train.steps={steps} is a short run: {'; '.join(changed)}"
 
 
 def dump_config(cfg: Config) -> str:

@@ -74,6 +74,12 @@ class MemoryConfig:
     ram: float | None = option(
         None, check=positive, help="GiB of host RAM to plan for; default: this machine's"
     )
+    gpus: int | None = option(
+        None,
+        check=positive,
+        help="GPUs (processes) the run is launched on, for planning outside a launch "
+        "(`flux2-lora plan`); a launched run counts its own processes",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +98,7 @@ class Plan:
     ram: float | None  # GiB of host RAM of the machine (all its processes together)
     processes: int
     notes: list[str]
+    sharded: bool = False  # FSDP over the processes
 
     @property
     def peak_gpu(self) -> float:
@@ -439,7 +446,7 @@ def plan_training(
             for i, p in enumerate(phases)
         ]
     label = f"{base.family.variant(base.transformer_config()).name} ({shape.params / 1e9:.2f} B parameters)"
-    return Plan(label, phases, gpu_memory, ram, processes, notes)
+    return Plan(label, phases, gpu_memory, ram, processes, notes, sharded)
 
 
 _COUNTED: dict[tuple, Any] = {}
@@ -535,9 +542,12 @@ def verdict(plan: Plan, fix: str | None) -> str:
     ram = f"{plan.ram:.1f} GiB RAM" if plan.ram is not None else "RAM not checked"
     if plan.fits():
         return f"fits: peak {gib(plan.peak_gpu)} GiB GPU of {card.split(' GPU')[0]}, {gib(plan.peak_ram)} GiB of {ram}"
-    fix = fix or (
-        "no listed change makes it fit: lower train.resolution, shard over more GPUs (train.sharding: "
-        "fsdp), or use a bigger card or more RAM"
+    shard = (
+        "shard over more GPUs" if plan.sharded else "shard over several GPUs (train.sharding: fsdp)"
+    )
+    fix = (
+        fix
+        or f"no listed change makes it fit: lower train.resolution, {shard}, or use a bigger card or more RAM"
     )
     return (
         f"does not fit: planned peak {gib(plan.peak_gpu)} GiB GPU on a {card}, {gib(plan.peak_ram)} GiB of "
@@ -545,60 +555,62 @@ def verdict(plan: Plan, fix: str | None) -> str:
     )
 
 
-# Changes tried when a plan does not fit, cheapest first (quality, then speed): the first that fits is offered.
-FIXES = [
-    ("train.gradient_checkpointing=true", {"train.gradient_checkpointing": True}),
-    (
-        "train.batch_size=1 (raise train.gradient_accumulation to keep the batch)",
-        {"train.batch_size": 1},
-    ),
-    ("model.text_encoder_quantize=int8", {"model.text_encoder_quantize": "int8"}),
-    ("cache.device=cpu", {"cache.device": "cpu"}),
-    (
-        "model.quantize=fp8 with train.gradient_checkpointing=true",
-        {"model.quantize": "fp8", "train.gradient_checkpointing": True},
-    ),
-    ("optim.name=adamw8bit", {"optim.name": "adamw8bit"}),
-    (
-        "model.quantize=nf4 with train.gradient_checkpointing=true",
-        {"model.quantize": "nf4", "train.gradient_checkpointing": True},
-    ),
-    (
-        "model.group_offload=block with train.gradient_checkpointing=true",
-        {"model.group_offload": "block", "train.gradient_checkpointing": True},
-    ),
+# Changes tried when a plan does not fit, cheapest first (quality, then speed): the first that fits is offered,
+# naming only what the config does not already set.
+FIXES: list[dict[str, Any]] = [
+    {"train.gradient_checkpointing": True},
+    {"train.batch_size": 1},
+    {"model.text_encoder_quantize": "int8"},
+    {"cache.device": "cpu"},
+    {"model.quantize": "fp8", "train.gradient_checkpointing": True},
+    {"optim.name": "adamw8bit"},
+    {"model.quantize": "nf4", "train.gradient_checkpointing": True},
+    {"model.group_offload": "block", "train.gradient_checkpointing": True},
 ]
+NOTES = {"train.batch_size": "raise train.gradient_accumulation to keep the batch"}
+
+
+def _changes(cfg, change: dict[str, Any]) -> dict[str, Any]:
+    """The part of `change` the config does not already have."""
+    return {k: v for k, v in change.items() if _get(cfg, k) != v}
+
+
+def _label(change: dict[str, Any]) -> str:
+    text = ", ".join(
+        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items()
+    )
+    notes = [NOTES[k] for k in change if k in NOTES]
+    return "cheapest fix: " + text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def cheapest_fix(cfg, base, processes: int, gpu_memory, ram, on_gpu: bool = True) -> str | None:
     """The cheapest change that makes the plan fit, as "cheapest fix: key=value, ...": the first of FIXES that fits
-    alone, else the shortest run of them that fits together, with every change it does not need taken out again."""
+    alone, else the shortest run of them that fits together, with every change it does not need taken out again.
+    A setting the config already has is never offered."""
+
+    from trainer.sharding import sharding_conflict
 
     def fits(changes: dict[str, Any]) -> bool:
         trial = copy.deepcopy(cfg)
         for key, value in changes.items():
             _set(trial, key, value)
+        if trial.train.sharding == "fsdp" and sharding_conflict(trial):
+            return False  # a change the run would refuse is no fix
         return plan_training(trial, base, processes, gpu_memory, ram, on_gpu).fits()
 
-    useful = [
-        (label, change)
-        for label, change in FIXES
-        if any(_get(cfg, k) != v for k, v in change.items())
-    ]
-    for label, change in useful:
+    useful = [c for c in (_changes(cfg, change) for change in FIXES) if c]
+    for change in useful:
         if fits(change):
-            return f"cheapest fix: {label}"
+            return _label(change)
     together: dict[str, Any] = {}
-    for _, change in useful:
+    for change in useful:
         together.update(change)
         if fits(together):
             for key in list(together)[:-1]:  # drop what the last change made unnecessary
                 without = {k: v for k, v in together.items() if k != key}
                 if fits(without):
                     together = without
-            return "cheapest fix: " + ", ".join(
-                f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in together.items()
-            )
+            return _label(together)
     if max(cfg.train.resolutions) > 512 and fits({"train.resolution": 512}):
         return "cheapest fix: train.resolution=512"
     return None

@@ -54,7 +54,7 @@ def check_tracker(cfg: OutputConfig) -> None:
     if not logged_in:
         raise UserError(
             "output.report_to: wandb, but wandb has no login here; run `wandb login`, or set "
-            "WANDB_MODE=offline (logs stay in output.dir), or output.report_to: none"
+            "WANDB_MODE=offline (logs stay in output.dir), or add output.report_to=none to the command"
         )
 
 
@@ -108,6 +108,7 @@ def model_card(
     variant,
     family,
     base_model: str,
+    load_from: str,
     trigger: str | None,
     rank: int,
     alpha: float,
@@ -116,6 +117,8 @@ def model_card(
     resolution: str,
     targets: str,
 ) -> str:
+    """The run's README.md. `base_model` names the checkpoint (the hub's metadata field); `load_from` is the folder
+    or hub id the run loaded, so the snippet runs as written where the run did."""
     trigger_line = (
         f"Use the trigger word **`{trigger}`** in prompts."
         if trigger
@@ -148,7 +151,7 @@ A LoRA for {variant.name}, trained with flux2-lora.
 ```python
 import torch
 from diffusers import {pipeline}
-pipe = {pipeline}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)
+pipe = {pipeline}.from_pretrained("{load_from}", torch_dtype=torch.bfloat16)
 pipe.load_lora_weights("path/to/this/folder", weight_name="{WEIGHT_NAME}")
 ```
 """

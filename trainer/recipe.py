@@ -430,6 +430,7 @@ def finish(r: Run) -> None:
                 variant=variant,
                 family=r.base.family,
                 base_model=card_base_model(r.base, variant),
+                load_from=r.base.path,
                 trigger=cfg.data.trigger,
                 rank=cfg.lora.rank,
                 alpha=cfg.lora.alpha,

@@ -53,6 +53,12 @@ def sharding_problem(accelerator, cfg) -> str | None:
             "`accelerate launch --config_file configs/accelerate/fsdp.yaml train.py ...` (or torchrun "
             "--nproc_per_node N), or set train.sharding: none"
         )
+    return sharding_conflict(cfg)
+
+
+def sharding_conflict(cfg) -> str | None:
+    """A setting sharded training does not take yet, or None: the one rule, asked by the config check (with
+    train.sharding: fsdp), by a run an accelerate FSDP config made sharded, and by the planner's fixes."""
     for key, value in (
         ("model.group_offload", cfg.model.group_offload != "none"),
         ("model.quantize", cfg.model.quantize != "none"),

@@ -77,6 +77,7 @@ def training_data(cfg: Config) -> TrainingData:
             cfg.regularization.class_prompt,
         )
         objective.preserve_weight = cfg.regularization.preserve_weight
+    _check_batch_fits(cfg.train.batch_size, subject + reg)
     return TrainingData(
         subject + reg + held,
         captions,
@@ -113,13 +114,37 @@ def _report_upscaling(samples: list[Sample]) -> None:
     small = upscaled(samples)
     if small:
         worst = max(small, key=lambda s: upscale_factor(s.width, s.height, s.bucket))
+        images = len({s.path for s in samples})
+        # with several resolutions a sample is an image at one size: say so, or "33 of 33" reads as 33 images
+        counted = (
+            ""
+            if images == len(samples)
+            else f" ({images} images at {len(samples) / images:g} sizes each)"
+        )
         log.warning(
-            "%d of %d training samples are smaller than their bucket and are upscaled (most: %s, %dx%d to "
+            "%d of %d training samples%s are smaller than their bucket and are upscaled (most: %s, %dx%d to "
             "%dx%d); use larger originals or a lower train.resolution",
             len(small),
             len(samples),
+            counted,
             worst.path.name,
             worst.width,
             worst.height,
             *worst.bucket,
+        )
+
+
+def _check_batch_fits(batch_size: int, samples: list[Sample]) -> None:
+    """A batch holds one bucket. When no bucket has `batch_size` samples, every batch would be smaller than
+    asked while the loss is still divided by `batch_size` (trainer/flow.py weighs a short batch's images as
+    full ones): a silent smaller learning rate. Refuse, naming the size that fits."""
+    counts: dict[tuple, int] = {}
+    for s in samples:
+        counts[s.bucket] = counts.get(s.bucket, 0) + 1
+    largest = max(counts.values(), default=0)
+    if largest < batch_size:
+        raise UserError(
+            f"train.batch_size {batch_size} is more than any bucket holds: the largest has {largest} of the "
+            f"{len(samples)} training samples, so no batch could be full; set train.batch_size={largest} or "
+            "lower (train.gradient_accumulation raises the effective batch)"
         )
