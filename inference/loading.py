@@ -119,20 +119,50 @@ class BaseModel:
         return model
 
     def identity(self, component: str) -> str:
-        """A short content hash of one component, used to key caches: a different model never hits them."""
+        """A short hash of one component's files, used to key caches: a different model never hits them. Local
+        folders: each file's name and size, its head (configs whole, weight headers), tail and four chunks between
+        (a fine-tune of the same architecture differs there; hashing every byte of a 48 GB encoder would cost
+        minutes each run). Hub ids: the commit the revision points to in the local hub cache, so a model updated
+        on the hub misses (before its first download, the revision as given)."""
         h = hashlib.sha256(self.path.encode() if not self.is_local else b"")
         if self.is_local:
             folder = Path(self.path) / component
             for f in sorted(p for p in folder.rglob("*") if p.is_file()):
                 h.update(f.relative_to(folder).as_posix().encode())
-                h.update(str(f.stat().st_size).encode())
-                with open(
-                    f, "rb"
-                ) as fh:  # the head of each file: configs whole, weights' headers and first MiBs
-                    h.update(fh.read(4 << 20))
+                size = f.stat().st_size
+                h.update(str(size).encode())
+                with open(f, "rb") as fh:
+                    for offset in _sampled_offsets(size):
+                        fh.seek(offset)
+                        h.update(fh.read(_CHUNK))
         else:
-            h.update((self.revision or "main").encode())
+            h.update(_hub_commit(self.path, self.revision or "main").encode())
         return h.hexdigest()[:16]
+
+
+_CHUNK = 1 << 20
+
+
+def _sampled_offsets(size: int) -> list[int]:
+    """Where identity() reads a file: all of it up to 8 MiB; else the first 4 MiB, four 1 MiB chunks spread
+    between, and the last 4 MiB."""
+    if size <= 8 * _CHUNK:
+        return list(range(0, size, _CHUNK))
+    head = [i * _CHUNK for i in range(4)]
+    middle = [size * k // 5 for k in range(1, 5)]
+    tail = [size - (4 - i) * _CHUNK for i in range(4)]
+    return head + middle + tail
+
+
+def _hub_commit(repo_id: str, revision: str) -> str:
+    """The commit `revision` of a hub repo resolves to in the local hub cache, or `revision` itself."""
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    try:
+        return ref.read_text().strip() or revision
+    except OSError:
+        return revision
 
 
 def empty_transformer(config: dict[str, Any]):

@@ -9,10 +9,11 @@ takes (the memory planner reads the same table) and what a machine needs for eac
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Literal
 
 import torch
+
+from common.extras import extra_problem
 
 Quantize = Literal["none", "fp8", "int8", "nf4"]
 QUANTIZE_HELP = (
@@ -75,14 +76,8 @@ def quantize_problem(kind: Quantize, key: str, device_type: str) -> str | None:
                 f"{key}: nf4 (bitsandbytes) runs on a CUDA GPU only; on this machine use {key}: int8 or fp8 "
                 "(torchao), or none"
             )
-        if importlib.util.find_spec("bitsandbytes") is None:
-            return (
-                f"{key}: nf4 needs bitsandbytes: pip install 'flux2-lora[bnb]', or use {key}: int8"
-            )
-        return None
-    if importlib.util.find_spec("torchao") is None:
-        return f"{key}: {kind} needs torchao: pip install 'flux2-lora[quant]', or use {key}: none"
-    return None
+        return extra_problem("bnb", f"{key}: nf4")
+    return extra_problem("quant", f"{key}: {kind}")
 
 
 def torchao_type(kind: Quantize):

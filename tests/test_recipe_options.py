@@ -355,16 +355,18 @@ def test_upscaled_images_are_reported_once_with_their_count(
 
 
 def test_a_missing_optional_optimizer_is_named(monkeypatch):
-    import importlib.util
+    import importlib.metadata
 
     from trainer.optim import OptimConfig, optimizer_problem
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "prodigyopt" else real(name, *a),
-    )
+    real = importlib.metadata.version
+
+    def version(name):
+        if name == "prodigyopt":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
     assert optimizer_problem(OptimConfig(name="prodigy", lr=1.0)) == (
-        "optim.name: prodigy needs prodigyopt: pip install 'flux2-lora[prodigy]', or use optim.name: adamw"
+        "optim.name: prodigy needs prodigyopt >= 1.0, which is not installed: pip install -U 'flux2-lora[prodigy]'"
     )

@@ -438,13 +438,8 @@ def plan_training(
                 sample_parts,
             )
         )
-    if processes > 1:  # rank 0 fills the cache alone; every rank loads and trains
-        phases = [
-            dataclasses.replace(
-                p, ram=p.ram + (processes - 1) * process_ram if i < 2 else p.ram * processes
-            )
-            for i, p in enumerate(phases)
-        ]
+    if processes > 1:  # every rank fills its share of the cache, then loads and trains
+        phases = [dataclasses.replace(p, ram=p.ram * processes) for p in phases]
     label = f"{base.family.variant(base.transformer_config()).name} ({shape.params / 1e9:.2f} B parameters)"
     return Plan(label, phases, gpu_memory, ram, processes, notes, sharded)
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 from typing import Literal
 
 import torch
 
 from common.configtree import non_negative, option, positive
+from common.extras import extra_problem
 
 
 @dataclasses.dataclass
@@ -41,11 +41,10 @@ def optimizer_problem(cfg: OptimConfig) -> str | None:
     if cfg.name == "adamw8bit":
         if not torch.cuda.is_available():
             return "optim.name: adamw8bit runs on a CUDA GPU only; use optim.name: adamw on this machine"
-        if importlib.util.find_spec("bitsandbytes") is None:
-            return "optim.name: adamw8bit needs bitsandbytes: pip install 'flux2-lora[bnb]', or use optim.name: adamw"
+        return extra_problem("bnb", "optim.name: adamw8bit")
     if cfg.name == "prodigy":
-        if importlib.util.find_spec("prodigyopt") is None:
-            return "optim.name: prodigy needs prodigyopt: pip install 'flux2-lora[prodigy]', or use optim.name: adamw"
+        if problem := extra_problem("prodigy", "optim.name: prodigy"):
+            return problem
         if cfg.lr < 0.1:
             return (
                 f"optim.lr {cfg.lr:g} with prodigy scales its own step-size estimate down {1 / cfg.lr:.0f}x; "

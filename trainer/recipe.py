@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ from inference.quantize import quantize_problem
 from inference.runs import CONFIG_FILE, EMA_WEIGHT_NAME
 from trainer import checkpoints, sharding
 from trainer.batches import BatchPlan
-from trainer.cache import Features, build_features
+from trainer.cache import Features, cache_layout, fill_cache, load_features
 from trainer.config import Config, dump_config
 from trainer.ema import LoraEMA
 from trainer.lora import add_lora, rank_problem, trainable_parameters
@@ -141,16 +143,7 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     accelerator.wait_for_everyone()
 
     main = accelerator.is_main_process
-    with accelerator.main_process_first():  # rank 0 fills the cache, the others then read it
-        features = build_features(
-            data.samples,
-            base,
-            cfg.model,
-            cfg.cache,
-            show_progress and main,
-            accelerator.device,
-            extra_prompts=tuple(sorted(data.prompts() | set(cfg.sample.prompts))),
-        )
+    features = _setup_features(cfg, base, data, accelerator, show_progress)
 
     # straight to the device, layer by layer (quantised as read), unless the weights are meant to stay in RAM
     direct = None if sharded or cfg.model.group_offload != "none" else accelerator.device.type
@@ -275,10 +268,78 @@ def check_inputs(cfg: Config) -> tuple[BaseModel, TrainingData]:
     return base, data
 
 
+def _setup_features(
+    cfg: Config, base: BaseModel, data: TrainingData, accelerator, show_progress: bool
+) -> Features:
+    """The cache, filled on every machine (no shared filesystem assumed) by all of its processes, each encoding
+    its share of the missing entries (split by hash), then one barrier and every rank loads it all. A rank-0-only
+    fill would keep the others waiting in a collective for as long as a 24B text encoder takes."""
+    layout = cache_layout(
+        data.samples,
+        base,
+        cfg.model,
+        cfg.cache,
+        extra_prompts=tuple(sorted(data.prompts() | set(cfg.sample.prompts))),
+    )
+    _check_same_data(accelerator, layout)
+    share = (accelerator.local_process_index, local_processes(accelerator))
+    calls = fill_cache(
+        layout,
+        data.samples,
+        base,
+        cfg.model,
+        cfg.cache,
+        show_progress and accelerator.is_local_main_process,
+        accelerator.device,
+        share,
+    )
+    accelerator.wait_for_everyone()  # every machine's cache is complete
+    features = load_features(layout, data.samples)
+    per_rank = _gathered(accelerator, calls)
+    features.text_encoder_calls = sum(t for t, _ in per_rank)
+    features.vae_calls = sum(v for _, v in per_rank)
+    if len(per_rank) > 1:
+        log.info(
+            "cache filled by %d processes: text encoder %s calls, VAE %s",
+            len(per_rank),
+            " + ".join(str(t) for t, _ in per_rank),
+            " + ".join(str(v) for _, v in per_rank),
+        )
+    return features
+
+
+def local_processes(accelerator) -> int:
+    """Processes on this machine (torchrun and accelerate launch set LOCAL_WORLD_SIZE; one machine otherwise)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+
+
+def _gathered(accelerator, values: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """`values` of every rank, in rank order (one all-gather; nothing to do in a single process)."""
+    if accelerator.num_processes == 1:
+        return [tuple(values)]
+    mine = torch.tensor([list(values)], dtype=torch.long, device=accelerator.device)
+    return [tuple(row) for row in accelerator.gather(mine).tolist()]
+
+
+def _check_same_data(accelerator, layout) -> None:
+    """Ranks must plan batches over the same samples: on several machines each reads its own data.path, and a
+    copy that differs would train different images under the same micro-batch numbers without a word."""
+    digest = hashlib.sha256("\n".join(p.name for p in layout.latents).encode()).hexdigest()
+    seen = [d for (d,) in _gathered(accelerator, (int(digest[:15], 16),))]
+    odd = [str(r) for r, d in enumerate(seen) if d != seen[0]]
+    if odd:
+        raise UserError(
+            f"data.path holds different images on rank(s) {', '.join(odd)} than on rank 0 (the sample "
+            "list's hashes differ); give every machine the same copy of the data"
+        )
+
+
 def _accelerator(cfg: Config, out: Path):
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     AcceleratorState._reset_state()  # a second run in one process may use other precision settings
     return Accelerator(
@@ -286,6 +347,10 @@ def _accelerator(cfg: Config, out: Path):
         gradient_accumulation_steps=cfg.train.gradient_accumulation,
         log_with=None if cfg.output.report_to == "none" else cfg.output.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # NCCL's own default is 10 minutes: a rank that waits longer at any collective kills the job
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.process_timeout))
+        ],
     )
 
 

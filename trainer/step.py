@@ -53,6 +53,12 @@ class TrainSettings:
         help="fsdp: shard the frozen transformer and the LoRA over the processes (FSDP2), each holding 1/N; "
         "needs 2+ processes (configs/accelerate/fsdp.yaml)",
     )
+    process_timeout: int = option(
+        60,
+        check=positive,
+        help="minutes a process waits for the others at a collective (the cache fill, checkpoints) before the "
+        "run counts as hung; NCCL's own default, 10, is shorter than a large cache fill",
+    )
     gradient_checkpointing: bool = option(
         False, help="recompute activations in backward: less memory, ~30% slower"
     )
