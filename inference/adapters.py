@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
-from inference.lora_formats import from_foreign, is_foreign
+from inference.lora_formats import dora_magnitudes, from_foreign, is_foreign
 from inference.lora_io import load_state, our_info, read_header, read_keys
 
 _MODULE = re.compile(
@@ -103,14 +103,21 @@ def load_adapter(
         )
     keys = read_keys(path)
     source: str | dict = str(path.parent)
+    foreign = is_foreign(keys, header)
     # only then are the tensors read here; our own files go straight to diffusers' loader
-    if is_foreign(keys):
-        state, unplaced = from_foreign(load_state(path))
-        if unplaced and not allow_partial:
+    if foreign:
+        converted = from_foreign(load_state(path))
+        if converted.unplaced and not allow_partial:
             raise UserError(
-                f"LoRA '{path}': {len(unplaced)} of its modules have no place in FLUX.2 and would be "
-                f"dropped (e.g. {', '.join(unplaced[:3])}); pass --allow-partial to load the rest"
+                f"LoRA '{path}': {len(converted.unplaced)} of its modules have no place in FLUX.2 and would be "
+                f"dropped (e.g. {', '.join(converted.unplaced[:3])}); pass --allow-partial to load the rest"
             )
+        state = converted.state
+        if converted.dora_scales:  # ComfyUI's DoRA: peft's magnitudes need the base weights
+            _check_fits(state, pipe.transformer, path)
+            weights = _base_weights(pipe.transformer)
+            for module, m in dora_magnitudes(converted, weights.__getitem__).items():
+                state[f"transformer.{module}.lora_magnitude_vector"] = m
         source = state
     else:
         try:
@@ -128,7 +135,7 @@ def load_adapter(
             "it was made for another model"
         )
     _check_fits(state, pipe.transformer, path)
-    if info.get("type") in PEFT_ONLY:
+    if not foreign and info.get("type") in PEFT_ONLY:
         _inject_with_peft(pipe.transformer, state, header, PEFT_ONLY[info["type"]], name, path)
     elif isinstance(source, dict):
         pipe.load_lora_weights(source, adapter_name=name)
@@ -139,6 +146,17 @@ def load_adapter(
         )
     _refuse_dropped(pipe, state, name, path, allow_partial)
     return AdapterInfo(name=name, path=path, sha256=sha256_file(path), info=info)
+
+
+def _base_weights(transformer) -> dict:
+    """module name -> its frozen base weight (under a peft wrapper, the wrapped layer's)."""
+    import torch
+
+    return {
+        n: getattr(m, "base_layer", m).weight
+        for n, m in transformer.named_modules()
+        if isinstance(getattr(m, "base_layer", m), torch.nn.Linear)
+    }
 
 
 def _refuse_dropped(pipe, state: dict, name: str, path: Path, allow_partial: bool) -> None:

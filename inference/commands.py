@@ -258,6 +258,11 @@ def _add_export_arguments(p: argparse.ArgumentParser) -> None:
         help="comfyui, kohya (musubi-tuner), bfl (ai-toolkit) or diffusers",
     )
     p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument(
+        "--model",
+        help="the base model (folder or hub id) a dora adapter's export reads its weights "
+        "from (default: the base its header names)",
+    )
 
 
 def export(args: argparse.Namespace) -> int:
@@ -266,11 +271,19 @@ def export(args: argparse.Namespace) -> int:
 
     if args.format not in FORMATS:
         raise UserError(f"--format '{args.format}' is unknown; use one of {', '.join(FORMATS)}")
-    counts = export_lora(args.lora, args.format, args.out)
+    counts = export_lora(args.lora, args.format, args.out, model=args.model)
     print(
-        f"{counts['modules']} LoRA modules of a FLUX.2 {counts['family']} LoRA written as {args.format} to "
-        f"{args.out} ({counts['written_modules']} modules, {counts['tensors']} tensors)"
+        f"{counts['modules']} {counts['kind']} modules of a FLUX.2 {counts['family']} LoRA written as "
+        f"{args.format} to {args.out} ({counts['written_modules']} modules, {counts['tensors']} tensors)"
     )
+    if (
+        args.format == "bfl"
+    ):  # ai-toolkit cuts every loaded module to its own network rank, silently
+        print(
+            f"ai-toolkit: set network linear and linear_alpha to {counts['max_rank']} (the file's largest rank; "
+            "a smaller one drops part of the fused qkv) and transformer_only: false to keep modules outside "
+            "the blocks"
+        )
     return 0
 
 

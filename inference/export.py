@@ -1,8 +1,19 @@
-"""`flux2-lora export`: one of our LoRA files in the layout another tool reads (inference/lora_formats.py)."""
+"""`flux2-lora export`: one of our LoRA files in the layout another tool reads (inference/lora_formats.py).
+
+What each tool can carry, the one rule `export`, the training config's output.export check and the README's table
+(tests/test_interop.py) share:
+- lora: every layout.
+- lokr / loha: comfyui in LyCORIS keys (ComfyUI reads them natively); kohya and bfl as the exact plain LoRA of the
+  same change (musubi-tuner and ai-toolkit read plain LoRA), at a higher rank (inference/lora_formats.py).
+- dora: comfyui and bfl with ComfyUI's `dora_scale`, which scales each output row of W + dW by dora_scale / |W|: a
+  function of the base weights, so the export reads them (--model, or the base the LoRA's header names). musubi-
+  tuner and kohya apply no magnitudes, so kohya is refused.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,7 +21,16 @@ from safetensors.torch import save_file
 
 from common.atomic import atomic_path
 from common.errors import UserError
-from inference.lora_formats import LYCORIS, Format, lycoris_layout, to_bfl, write_layout
+from inference.lora_formats import (
+    LYCORIS,
+    Format,
+    bfl_name,
+    dora_scales,
+    lycoris_as_lora,
+    lycoris_layout,
+    to_bfl,
+    write_layout,
+)
 from inference.lora_io import (
     META_PREFIX,
     alpha_scale,
@@ -22,31 +42,34 @@ from inference.lora_io import (
 from inference.runs import lora_file
 
 _PAIR = ".lora_A.weight"
+_MAGNITUDE = ".lora_magnitude_vector"
 
 
-def our_pairs(
-    path: Path, header: dict[str, str]
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
-    """{module: (A, B with alpha/r applied)} and the peft config (unprefixed), from one of our plain-LoRA files."""
-    state = load_state(path)
-    if not any(k.startswith("transformer.") for k in state):
-        raise UserError(
-            f"LoRA '{path}' holds no FLUX.2 transformer LoRA weights (keys like "
-            f"{next(iter(state), 'none')!r}); export reads files written by flux2-lora or diffusers"
+def export_problem(kind: str, fmt: str, has_base: bool = True) -> str | None:
+    """Why an adapter of `kind` (lora, dora, lokr, loha) cannot be written as `fmt`, or None. `has_base`: whether
+    the base model's weights can be read (a DoRA needs them for every layout but diffusers)."""
+    if kind != "dora" or fmt == "diffusers":
+        return None
+    if fmt == "kohya":
+        return (
+            "a dora adapter cannot be exported as kohya: musubi-tuner and kohya apply no DoRA magnitudes (they "
+            "would load it as a plain LoRA); export it as comfyui (ComfyUI applies them) or diffusers, or train "
+            "lora.type: lora"
         )
-    config = _uniform_config(path, header)
-    scale = alpha_scale(config)
-    pairs = {}
-    for key, a in state.items():
-        if key.endswith(_PAIR):
-            module = key[len("transformer.") : -len(_PAIR)]
-            pairs[module] = (a, state[f"transformer.{module}.lora_B.weight"] * scale)
-    return pairs, config
+    if not has_base:
+        return (
+            f"a dora adapter exports as {fmt} only with its base model's weights (ComfyUI scales each output row "
+            "by dora_scale / |W|, computed from them); add --model PATH, the model it was trained on"
+        )
+    return None
 
 
-def _uniform_config(path: Path, header: dict[str, str]) -> dict:
+def _peft_config(path: Path, header: dict[str, str]) -> dict:
     """The file's peft config (unprefixed); export writes one scale for every module, so per-module ones are refused."""
-    config = _peft_config(header)
+    config = {
+        k.removeprefix("transformer."): v
+        for k, v in json.loads(header.get("lora_adapter_metadata", "{}")).items()
+    }
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise UserError(
             f"LoRA '{path}' has per-module ranks or alphas; export handles uniform ones only"
@@ -54,49 +77,64 @@ def _uniform_config(path: Path, header: dict[str, str]) -> dict:
     return config
 
 
-def _peft_config(header: dict[str, str]) -> dict:
-    return {
-        k.removeprefix("transformer."): v
-        for k, v in json.loads(header.get("lora_adapter_metadata", "{}")).items()
-    }
-
-
-def export_problem(kind: str, fmt: str) -> str | None:
-    """Why an adapter of `kind` (lora, dora, lokr, loha) cannot be written as `fmt`, or None. The one rule, used by
-    `export` and by the training config's output.export check."""
-    if kind == "dora" and fmt != "diffusers":
-        return (
-            "a dora adapter cannot be exported as "
-            + fmt
-            + ": ComfyUI normalises DoRA by the base weight's norm "
-            "and peft by the merged weight's, so no file without the base weights applies it exactly there; use "
-            "its diffusers file (stock diffusers and flux2-lora load it)"
+def _modules(path: Path, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{diffusers module: {role: tensor}} of one of our files (roles: lora_A, lora_B, magnitude, LyCORIS factors)."""
+    if not any(k.startswith("transformer.") for k in state):
+        raise UserError(
+            f"LoRA '{path}' holds no FLUX.2 transformer LoRA weights (keys like "
+            f"{next(iter(state), 'none')!r}); export reads files written by flux2-lora or diffusers"
         )
-    if kind in LYCORIS and fmt not in ("comfyui", "diffusers"):
-        reader = "musubi-tuner / kohya" if fmt == "kohya" else "ai-toolkit"
-        return (
-            f"a {kind} adapter cannot be exported as {fmt}: {reader} reads plain LoRA only; export it as comfyui "
-            "(LyCORIS keys) or diffusers, or train lora.type: lora"
-        )
-    return None
-
-
-def _lycoris_tensors(
-    path: Path, header: dict[str, str], kind: str
-) -> tuple[dict[str, torch.Tensor], int]:
-    state = load_state(path)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        module, _, factor = key.removeprefix("transformer.").rpartition(".")
-        if factor in LYCORIS[kind]:
-            modules.setdefault(module, {})[factor] = tensor
-    config = _uniform_config(path, header)
-    scale = config["alpha"] / config["r"] if config.get("r") and config.get("alpha") else 1.0
-    return lycoris_layout(modules, kind, scale), len(modules)
+        body = key.removeprefix("transformer.")
+        for suffix, role in (
+            (_PAIR, "lora_A"),
+            (".lora_B.weight", "lora_B"),
+            (_MAGNITUDE, "magnitude"),
+        ):
+            if body.endswith(suffix):
+                modules.setdefault(body[: -len(suffix)], {})[role] = tensor
+                break
+        else:
+            module, _, factor = body.rpartition(".")
+            if factor in LYCORIS["lokr"] + LYCORIS["loha"]:
+                modules.setdefault(module, {})[factor] = tensor
+    return modules
 
 
-def export_lora(source: str | Path, fmt: Format, out: str | Path) -> dict[str, int]:
-    """Write `source` (a LoRA file or run folder) as `fmt` to `out`; returns counts for the summary line."""
+def _pairs(modules: dict, kind: str, scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (down, up)} whose product is the module's change at `scale` (LyCORIS factors made exact pairs)."""
+    if kind in LYCORIS:
+        return {
+            m: (down, up * scale)
+            for m, (up, down) in ((m, lycoris_as_lora(f)) for m, f in modules.items())
+        }
+    return {m: (f["lora_A"], f["lora_B"] * scale) for m, f in modules.items()}
+
+
+def _fused_scales(scales: dict[str, torch.Tensor], weight_of: Callable) -> dict[str, torch.Tensor]:
+    """Per diffusers module dora_scale -> per BFL module, (out, 1): q/k/v rows concatenated in order (a third the
+    LoRA leaves alone keeps its base row norm: factor 1); the adaLN halves swapped as lora_B's are."""
+    from inference.lora_formats import SWAPPED, diffusers_names
+
+    grouped: dict[str, list[str]] = {}
+    for module in scales:
+        grouped.setdefault(bfl_name(module)[0], []).append(module)
+    out = {}
+    for name in grouped:
+        parts = [
+            scales[m] if m in scales else weight_of(m).norm(dim=1) for m in diffusers_names(name)
+        ]
+        scale = torch.cat(parts)
+        if name == SWAPPED:
+            scale = torch.cat(scale.chunk(2)[::-1])
+        out[name] = scale.reshape(-1, 1)
+    return out
+
+
+def export_lora(source: str | Path, fmt: Format, out: str | Path, model: str | None = None) -> dict:
+    """Write `source` (a LoRA file or run folder) as `fmt` to `out`; returns counts for the summary line. `model`:
+    the base model (folder or hub id) a DoRA export reads its weights from; default, the one the header names."""
     path, out = lora_file(source), Path(out)
     if out.resolve() == path.resolve() or (
         Path(source).is_dir() and Path(source).resolve() in out.resolve().parents
@@ -109,25 +147,36 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path) -> dict[str, i
     header = read_header(path)
     info = our_info(header)
     kind = info.get("type", "lora")
-    if problem := export_problem(kind, fmt):
+    weight_of = None
+    if kind == "dora" and fmt not in ("diffusers", "kohya"):
+        weight_of = _base_weights(model or info.get("base_model"), path)
+    if problem := export_problem(kind, fmt, has_base=weight_of is not None):
         raise UserError(f"LoRA '{path}': {problem}")
     meta = {
         "format": "pt",
         **{k: v for k, v in header.items() if k.startswith(META_PREFIX)},
         META_PREFIX + "layout": fmt,
     }
+    state = load_state(path)
+    modules = _modules(path, state)
+    config = _peft_config(path, header)
     if fmt == "diffusers" and kind != "lora":  # already the layout diffusers and flux2-lora read
-        tensors = load_state(path)
+        tensors = state
         meta["lora_adapter_metadata"] = header.get("lora_adapter_metadata", "{}")
-        modules = written = len({k.rpartition(".")[0] for k in tensors})
-    elif kind in LYCORIS:
-        tensors, modules = _lycoris_tensors(path, header, kind)
-        written = modules
+        written = len(modules)
+    elif fmt == "comfyui" and kind in LYCORIS:  # ComfyUI reads LyCORIS factors natively
+        scale = config["alpha"] / config["r"] if config.get("r") and config.get("alpha") else 1.0
+        tensors, written = lycoris_layout(modules, kind, scale), len(modules)
     else:
-        pairs, config = our_pairs(path, header)
-        modules = len(pairs)
-        # alpha baked into lora_B, metadata alpha = rank: every loader gives the same weights
-        if fmt == "diffusers":
+        scale = (
+            config["alpha"] / config["r"]
+            if kind in LYCORIS and config.get("r")
+            else alpha_scale(config)
+        )
+        pairs = _pairs(modules, kind, scale)
+        if (
+            fmt == "diffusers"
+        ):  # alpha baked into lora_B, metadata alpha = rank: every loader gives the same weights
             tensors = {}
             for module, (a, b) in pairs.items():
                 tensors[f"transformer.{module}.lora_A.weight"] = a.contiguous()
@@ -139,12 +188,38 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path) -> dict[str, i
             written = len(pairs)
         else:
             bfl = to_bfl(pairs)
-            tensors, written = write_layout(bfl, fmt), len(bfl)
+            scales = None
+            if kind == "dora":
+                deltas = {m: b.float() @ a.float() for m, (a, b) in pairs.items()}
+                magnitudes = {m: f["magnitude"] for m, f in modules.items()}
+                scales = _fused_scales(dora_scales(magnitudes, deltas, weight_of), weight_of)
+            tensors, written = write_layout(bfl, fmt, scales), len(bfl)
     with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return {
-        "modules": modules,
+        "modules": len(modules),
         "written_modules": written,
         "tensors": len(tensors),
         "family": info.get("family", "unknown"),
+        "kind": kind,
+        "max_rank": max(
+            (
+                t.shape[0]
+                for k, t in tensors.items()
+                if k.endswith(("lora_A.weight", "lora_down.weight"))
+            ),
+            default=0,
+        ),
     }
+
+
+def _base_weights(model: str | None, path: Path):
+    """The base weights of `model`, or None when there is none to read (the caller says what to pass)."""
+    if not model:
+        return None
+    from inference.loading import ModelConfig, resolve_base_model, transformer_weights
+
+    try:
+        return transformer_weights(resolve_base_model(ModelConfig(path=model)))
+    except UserError as exc:
+        raise UserError(f"LoRA '{path}': a dora export reads the base weights, and {exc}") from None

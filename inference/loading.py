@@ -306,3 +306,56 @@ def apply_memory_options(transformer, cfg: ModelConfig, device: torch.device) ->
             offload_type="block_level" if cfg.group_offload == "block" else "leaf_level",
             num_blocks_per_group=1 if cfg.group_offload == "block" else None,
         )
+
+
+def transformer_weights(base: BaseModel):
+    """module name -> its base weight (float32), read lazily from the transformer's safetensors (one tensor at a
+    time: exporting a DoRA reads only the layers it adapts). Local folders, or the hub's cached files."""
+    from safetensors import safe_open
+
+    folder = Path(base.path) / "transformer"
+    if not base.is_local:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = (
+                Path(
+                    snapshot_download(
+                        base.path, revision=base.revision, allow_patterns=["transformer/*"]
+                    )
+                )
+                / "transformer"
+            )
+        except Exception as exc:  # network, auth, offline: one line
+            reason = str(exc).splitlines()[0][:160]
+            raise UserError(
+                f"model '{base.path}': its transformer weights are not at hand ({reason}); "
+                "pass a local folder"
+            ) from None
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        where = {
+            k: folder / f
+            for k, f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()
+        }
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise UserError(
+                f"model '{base.path}' has no transformer weights (transformer/*.safetensors)"
+            )
+        where = {}
+        for f in files:
+            with safe_open(f, "pt") as fh:
+                where.update(dict.fromkeys(fh.keys(), f))
+
+    def weight(module: str) -> torch.Tensor:
+        key = f"{module}.weight"
+        if key not in where:
+            raise UserError(
+                f"model '{base.path}' has no {key}; it is not the model this LoRA was trained on"
+            )
+        with safe_open(where[key], "pt") as fh:
+            return fh.get_tensor(key).float()
+
+    return weight

@@ -12,12 +12,13 @@ halves of lora_B swap on the way out and back.
 Layouts:
     diffusers  transformer.<module>.lora_A.weight / lora_B.weight (+ peft metadata)    diffusers, flux2-lora
     bfl        diffusion_model.<bfl>.lora_A.weight / lora_B.weight, no alpha (scale 1) ai-toolkit, ComfyUI
-    comfyui    the bfl layout plus diffusion_model.<bfl>.alpha = rank (scale 1)        ComfyUI (any version)
+    comfyui    the bfl layout (LoRA), LyCORIS factors (LoKr/LoHa), + dora_scale (DoRA)  ComfyUI
     kohya      lora_unet_<bfl with _>.lora_down.weight / lora_up.weight / .alpha       musubi-tuner, kohya, ComfyUI
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Literal
 
@@ -129,36 +130,39 @@ def to_bfl(
 
 
 def write_layout(
-    bfl_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], fmt: Format
+    bfl_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    fmt: Format,
+    dora_scales: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{BFL module: (down, up)} -> the tensors of `fmt` (bfl, comfyui or kohya), scale 1 everywhere."""
+    """{BFL module: (down, up)} -> the tensors of `fmt` (bfl, comfyui or kohya), scale 1 everywhere: kohya names
+    carry `.alpha` = rank (musubi-tuner and kohya read it), the BFL names none (no alpha is scale 1 for ComfyUI
+    and ai-toolkit, and an `.alpha` key would make stock diffusers refuse the file). `dora_scales`: ComfyUI's
+    per-output-row DoRA scale of each BFL module, (out, 1)."""
     tensors = {}
     for name, (down, up) in sorted(bfl_pairs.items()):
-        rank = torch.tensor(float(down.shape[0]))
         if fmt == "kohya":
             key = "lora_unet_" + name.replace(".", "_")
+            rank = torch.tensor(float(down.shape[0]))
             tensors.update(
                 {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": rank}
             )
         else:
             key = f"diffusion_model.{name}"
             tensors.update({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up})
-            if fmt == "comfyui":
-                tensors[f"{key}.alpha"] = rank
+        if dora_scales and name in dora_scales:
+            tensors[f"{key}.dora_scale"] = dora_scales[name]
     return {k: v.contiguous() for k, v in tensors.items()}
 
 
-# ---- in: BFL / kohya layouts -> diffusers pairs ---------------------------------------------------------------
-_KOHYA = re.compile(r"^lora_unet_(.+)\.(lora_down|lora_up)\.weight$")
-_BFL = re.compile(
-    r"^(?:diffusion_model\.)?((?:double_blocks|single_blocks|final_layer|img_in|txt_in|time_in|"
-    r"guidance_in|double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)"
-    r"[\w.]*?)\.(lora_A|lora_B|lora_down|lora_up)\.weight$"
+# ---- in: any layout -> diffusers pairs -------------------------------------------------------------------------
+# A key is <module prefix>.<role>: prefixes lora_unet_<BFL with _> (kohya / musubi), diffusion_model.<BFL name>
+# (BFL, ComfyUI, ai-toolkit), diffusion_model.<diffusers name> (some tools), transformer.<diffusers name> (our
+# LyCORIS q/k/v); roles a LoRA pair (lora_A/lora_down, lora_B/lora_up), alpha, dora_scale, or a LyCORIS factor.
+_ROLE = re.compile(
+    r"^(?P<prefix>.+?)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha|dora_scale|"
+    r"lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a|lokr_w2_b|hada_w1_a|hada_w1_b|hada_w2_a|hada_w2_b)$"
 )
-
-
-# some tools write diffusers module names under the BFL prefix
-_HYBRID = re.compile(r"^diffusion_model\.(.+)\.(lora_A|lora_B)\.weight$")
+_DOWN, _UP = ("lora_A.weight", "lora_down.weight"), ("lora_B.weight", "lora_up.weight")
 
 
 def _kohya_to_bfl(flat: str) -> str | None:
@@ -182,73 +186,175 @@ def _kohya_to_bfl(flat: str) -> str | None:
     return known.get(flat)
 
 
-def is_foreign(keys) -> bool:
-    """A file in the BFL or kohya layout (ours start with `transformer.`)."""
-    return any(k.startswith(("lora_unet_", "diffusion_model.")) for k in keys)
-
-
-def from_foreign(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """A BFL/ai-toolkit/ComfyUI or kohya/musubi state dict -> (diffusers-layout tensors at scale 1, keys it could not
-    place). alpha/rank is baked into lora_B; fused qkv splits exactly; the adaLN halves are put back in order."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    direct: dict[str, dict[str, torch.Tensor]] = {}
-    alphas: dict[str, float] = {}
-    unplaced = []
-    for key, tensor in state.items():
-        if key.endswith(".alpha"):
-            alphas[key[: -len(".alpha")]] = float(tensor)
-            continue
-        m = _KOHYA.match(key)
-        name = _kohya_to_bfl(m[1]) if m else None
-        role = m[2] if m else None
-        prefix = f"lora_unet_{m[1]}" if m else None
-        if not m and (b := _BFL.match(key)):
-            name, role = b[1], b[2]
-            prefix = key[: key.rindex(f".{role}.")]
-        elif not m and (d := _HYBRID.match(key)) and _is_diffusers_module(d[1]):
-            name, role, prefix = bfl_name(d[1])[0] if bfl_name(d[1])[1] is None else None, d[2], key
-            # a diffusers q/k/v under the BFL prefix: already split, place it as it is
-            if name is None:
-                direct.setdefault(d[1], {})["down" if d[2] == "lora_A" else "up"] = tensor
-                continue
-        if name is None:
-            unplaced.append(re.sub(r"\.(lora_A|lora_B|lora_down|lora_up)\.weight$", "", key))
-            continue
-        pairs.setdefault(name, {"prefix": prefix})[
-            "down" if role in ("lora_A", "lora_down") else "up"
-        ] = tensor
-    out = {}
-    for name, p in pairs.items():
-        if "down" not in p or "up" not in p:
-            unplaced.append(f"{p['prefix']} (half a pair)")
-            continue
-        try:
-            targets = diffusers_names(name)
-        except KeyError:
-            unplaced.append(p["prefix"])
-            continue
-        down, up = p["down"], p["up"].float()
-        up = up * (alphas[p["prefix"]] / down.shape[0]) if p["prefix"] in alphas else up
-        if name == SWAPPED:
-            up = _swap_halves(up)
-        rows = up.chunk(len(targets), dim=0)
-        for target, part in zip(targets, rows):
-            out[f"transformer.{target}.lora_A.weight"] = down
-            out[f"transformer.{target}.lora_B.weight"] = part.to(p["up"].dtype).contiguous()
-    for module, p in direct.items():
-        out[f"transformer.{module}.lora_A.weight"], out[f"transformer.{module}.lora_B.weight"] = (
-            p["down"],
-            p["up"],
-        )
-    return out, list(dict.fromkeys(unplaced))
-
-
 def _is_diffusers_module(name: str) -> bool:
     try:
         bfl_name(name)
     except KeyError:
         return False
     return True
+
+
+def _targets(prefix: str) -> tuple[list[str], bool] | None:
+    """A key prefix -> (the diffusers modules it covers, in q/k/v order for a fused qkv; whether it is a BFL name
+    whose adaLN halves are swapped), or None when FLUX.2 has no such module."""
+    if prefix.startswith("lora_unet_"):
+        bfl = _kohya_to_bfl(prefix[len("lora_unet_") :])
+    elif prefix.startswith("diffusion_model."):
+        bfl = prefix[len("diffusion_model.") :]
+        if _is_diffusers_module(bfl):  # a diffusers name under the BFL prefix
+            return [bfl], False
+    elif prefix.startswith("transformer.") and _is_diffusers_module(prefix[len("transformer.") :]):
+        return [prefix[len("transformer.") :]], False
+    else:
+        return None
+    try:
+        return (diffusers_names(bfl), bfl == SWAPPED) if bfl else None
+    except KeyError:
+        return None
+
+
+def is_foreign(keys, header: dict[str, str] | None = None) -> bool:
+    """A file in another tool's layout: BFL or kohya names, or one of our exports (its header says its layout;
+    our LyCORIS exports keep q/k/v under diffusers names)."""
+    layout = (header or {}).get("flux2_lora.layout", "diffusers")
+    return layout != "diffusers" or any(
+        k.startswith(("lora_unet_", "diffusion_model.")) for k in keys
+    )
+
+
+def lycoris_scale(factors: dict[str, torch.Tensor], alpha: float | None) -> float:
+    """The scale LyCORIS loaders apply to a LoKr / LoHa module: alpha / dim, dim its inner rank (LoKr: w2's, else
+    w1's decomposition; LoHa: w1's), and 1 without an alpha or a decomposition."""
+    if alpha is None:
+        return 1.0
+    if "hada_w1_b" in factors:
+        return alpha / factors["hada_w1_b"].shape[0]
+    inner = factors.get("lokr_w2_b", factors.get("lokr_w1_b"))
+    return alpha / inner.shape[0] if inner is not None else 1.0
+
+
+def _factor_pairs(full: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None):
+    """The ways to write a Kronecker factor as a product P @ Q (P's columns are what a LoRA pays in rank)."""
+    if full is None:
+        full = a @ b
+    pairs = [(full, torch.eye(full.shape[1])), (torch.eye(full.shape[0]), full)]
+    return pairs + ([(a, b)] if a is not None else [])
+
+
+def lycoris_as_lora(factors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoKr or LoHa module's change as an exact LoRA pair (up, down) with up @ down == dW (scale not applied).
+    LoHa: (w1a w1b) * (w2a w2b) = U D with U's column (i, j) = w1a[:, i] * w2a[:, j] and D's row (i, j) =
+    w1b[i] * w2b[j]: rank r1 r2. LoKr: kron(P1 Q1, P2 Q2) = kron(P1, P2) kron(Q1, Q2), taking the factorisations
+    of w1 and w2 that give the least rank. Either is exact; a rank past the layer's smaller side is written full."""
+    f = {k: v.float() for k, v in factors.items()}
+    if "hada_w1_a" in f:
+        w1a, w1b, w2a, w2b = f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"]
+        up = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
+        down = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
+    else:
+        first = _factor_pairs(f.get("lokr_w1"), f.get("lokr_w1_a"), f.get("lokr_w1_b"))
+        second = _factor_pairs(f.get("lokr_w2"), f.get("lokr_w2_a"), f.get("lokr_w2_b"))
+        (p1, q1), (p2, q2) = min(
+            ((x, y) for x in first for y in second),
+            key=lambda xy: xy[0][0].shape[1] * xy[1][0].shape[1],
+        )
+        up, down = torch.kron(p1, p2), torch.kron(q1, q2)
+    out_features, in_features = up.shape[0], down.shape[1]
+    if up.shape[1] >= min(out_features, in_features):  # no cheaper than the change itself
+        delta = up @ down
+        return (
+            (delta, torch.eye(in_features))
+            if in_features <= out_features
+            else (torch.eye(out_features), delta)
+        )
+    return up, down
+
+
+@dataclasses.dataclass
+class Foreign:
+    """Another layout read into ours: diffusers-layout LoRA tensors at scale 1, the DoRA scales it carried (per
+    diffusers module, ComfyUI's dora_scale: made peft magnitudes once the base weights are at hand), and the
+    keys that have no place in FLUX.2."""
+
+    state: dict[str, torch.Tensor]
+    dora_scales: dict[str, torch.Tensor]
+    unplaced: list[str]
+
+
+def from_foreign(state: dict[str, torch.Tensor]) -> Foreign:
+    """A BFL/ai-toolkit/ComfyUI or kohya/musubi file (LoRA, LoKr, LoHa or DoRA) -> our layout, exactly: alpha
+    baked into lora_B, LyCORIS factors made an exact LoRA pair, fused qkv split by rows, the adaLN halves put
+    back in diffusers' order."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    unplaced = []
+    for key, tensor in state.items():
+        m = _ROLE.match(key)
+        if not m:
+            unplaced.append(key)
+            continue
+        modules.setdefault(m["prefix"], {})[m["role"]] = tensor
+    out, scales = {}, {}
+    for prefix, parts in modules.items():
+        placed = _targets(prefix)
+        if placed is None:
+            unplaced.append(prefix)
+            continue
+        targets, swapped = placed
+        alpha = float(parts["alpha"]) if "alpha" in parts else None
+        down = next((parts[r] for r in _DOWN if r in parts), None)
+        up = next((parts[r] for r in _UP if r in parts), None)
+        if up is not None and down is not None:
+            dtype = up.dtype
+            up = up.float() * (alpha / down.shape[0] if alpha is not None else 1.0)
+        elif any(r.startswith(("lokr_", "hada_")) for r in parts):
+            dtype = next(v.dtype for r, v in parts.items() if r.startswith(("lokr_", "hada_")))
+            factors = {r: v for r, v in parts.items() if r.startswith(("lokr_", "hada_"))}
+            up, down = lycoris_as_lora(factors)
+            up = up * lycoris_scale(factors, alpha)
+        else:
+            unplaced.append(f"{prefix} (half a pair)")
+            continue
+        dora = parts.get("dora_scale")
+        if swapped:
+            up = _swap_halves(up)
+            dora = _swap_halves(dora) if dora is not None else None
+        for target, rows, scale in zip(
+            targets,
+            up.chunk(len(targets)),
+            dora.reshape(-1).chunk(len(targets)) if dora is not None else [None] * 3,
+        ):
+            out[f"transformer.{target}.lora_A.weight"] = down.to(dtype).contiguous()
+            out[f"transformer.{target}.lora_B.weight"] = rows.to(dtype).contiguous()
+            if scale is not None:
+                scales[target] = scale.float()
+    return Foreign(out, scales, list(dict.fromkeys(unplaced)))
+
+
+def dora_magnitudes(foreign: Foreign, weight_of) -> dict[str, torch.Tensor]:
+    """peft's DoRA magnitudes from ComfyUI's dora_scale: ComfyUI makes a row W' = (W + dW) * dora_scale / |W| (the
+    base row's norm), peft W' = (W + dW) * m / |W + dW|, so m = dora_scale * |W + dW| / |W|. `weight_of(module)`
+    is the base weight."""
+    magnitudes = {}
+    for module, scale in foreign.dora_scales.items():
+        weight = weight_of(module).float()
+        delta = (
+            foreign.state[f"transformer.{module}.lora_B.weight"].float()
+            @ foreign.state[f"transformer.{module}.lora_A.weight"].float()
+        )
+        magnitudes[module] = scale * (weight + delta).norm(dim=1) / weight.norm(dim=1)
+    return magnitudes
+
+
+def dora_scales(
+    magnitudes: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], weight_of
+) -> dict:
+    """The inverse, for export: ComfyUI's dora_scale (one per output row) of each peft DoRA module."""
+    return {
+        module: m.float()
+        * weight_of(module).float().norm(dim=1)
+        / (weight_of(module).float() + deltas[module]).norm(dim=1)
+        for module, m in magnitudes.items()
+    }
 
 
 # ---- out: LoKr / LoHa (LyCORIS factors) -> the LyCORIS layout ComfyUI reads ----------------------------------

@@ -82,10 +82,12 @@ def test_exports_round_trip_exactly(family, preset, fmt, tmp_path):
     assert all(
         k.startswith("lora_unet_" if fmt == "kohya" else "diffusion_model.") for k in exported
     )
-    if fmt != "bfl":
-        assert sum(k.endswith(".alpha") for k in exported) == counts["written_modules"]
-    converted, unplaced = from_foreign(exported)
-    assert not unplaced
+    # kohya names carry alpha = rank (musubi reads it); BFL names none (an .alpha key makes diffusers refuse)
+    alphas = sum(k.endswith(".alpha") for k in exported)
+    assert alphas == (counts["written_modules"] if fmt == "kohya" else 0)
+    read = from_foreign(exported)
+    converted = read.state
+    assert not read.unplaced
     # the independent inverse: ΔW from the file's own tensors
     for module, delta in intended.items():
         b, a = (
@@ -198,13 +200,12 @@ def test_export_refuses_files_it_cannot_represent(tmp_path):
     with pytest.raises(UserError, match="holds no FLUX.2 transformer LoRA weights"):
         export_lora(tmp_path / "sd.safetensors", "kohya", tmp_path / "o.safetensors")
     for kind, fmt, message in [
-        ("lokr", "kohya", "a lokr adapter cannot be exported as kohya: musubi-tuner"),
         (
-            "loha",
-            "bfl",
-            "a loha adapter cannot be exported as bfl: ai-toolkit reads plain LoRA only",
+            "dora",
+            "kohya",
+            "a dora adapter cannot be exported as kohya: musubi-tuner and kohya apply no DoRA",
         ),
-        ("dora", "comfyui", "a dora adapter cannot be exported as comfyui: ComfyUI normalises"),
+        ("dora", "comfyui", "a dora adapter exports as comfyui only with its base model's weights"),
     ]:
         _random_adapter("klein", "attention", kind, tmp_path / f"{kind}.safetensors")
         with pytest.raises(UserError, match=message):
@@ -298,10 +299,14 @@ def test_training_can_write_the_other_layouts_too(tiny_models, sample_data, shar
         load_config(
             None, ["model.path=m", "data.path=d", "lora.type=dora", "output.export=[kohya]"]
         )
-    with pytest.raises(UserError, match="output.export: a lokr adapter cannot be exported as bfl"):
-        load_config(
-            None, ["model.path=m", "data.path=d", "lora.type=lokr", "output.export=[comfyui, bfl]"]
-        )
+    # LoKr reaches every layout now (kohya / bfl as its exact plain LoRA), DoRA comfyui with the run's base
+    load_config(
+        None,
+        ["model.path=m", "data.path=d", "lora.type=lokr", "output.export=[comfyui, bfl, kohya]"],
+    )
+    load_config(
+        None, ["model.path=m", "data.path=d", "lora.type=dora", "output.export=[comfyui, bfl]"]
+    )
     cfg = load_config(
         None,
         train_args(
@@ -319,3 +324,78 @@ def test_training_can_write_the_other_layouts_too(tiny_models, sample_data, shar
         k.endswith(".hada_w1_a")
         for k in load_file(tmp_path / "l" / "pytorch_lora_weights_comfyui.safetensors")
     )
+
+
+@pytest.mark.parametrize(
+    "factors",
+    [
+        {"hada_w1_a": (12, 3), "hada_w1_b": (3, 10), "hada_w2_a": (12, 2), "hada_w2_b": (2, 10)},
+        {
+            "lokr_w1": (3, 2),
+            "lokr_w2_a": (4, 2),
+            "lokr_w2_b": (2, 5),
+        },  # the usual LoKr: w2 decomposed
+        {"lokr_w1_a": (3, 1), "lokr_w1_b": (1, 2), "lokr_w2": (4, 5)},
+        {
+            "lokr_w1": (3, 2),
+            "lokr_w2": (4, 5),
+        },  # nothing decomposed: rank past the smaller side, written full
+    ],
+)
+def test_a_lycoris_change_is_an_exact_lora_pair(factors):
+    from inference.lora_formats import lycoris_as_lora
+
+    g = torch.Generator().manual_seed(0)
+    t = {k: torch.randn(shape, generator=g) for k, shape in factors.items()}
+    if "hada_w1_a" in t:
+        delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+    else:
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+        delta = torch.kron(w1, w2)
+    up, down = lycoris_as_lora(t)
+    torch.testing.assert_close(up @ down, delta, atol=1e-5, rtol=1e-5)
+    assert up.shape[1] <= min(delta.shape)  # never more rank than the change itself has room for
+    if "hada_w1_a" in t:
+        assert up.shape[1] == 3 * 2  # r1 r2
+    elif "lokr_w2_a" in t:
+        assert up.shape[1] == 2 * 2  # w1's columns x w2's rank
+
+
+def test_comfyui_dora_scales_and_peft_magnitudes_are_inverse():
+    from inference.lora_formats import Foreign, dora_magnitudes, dora_scales
+
+    g = torch.Generator().manual_seed(0)
+    weight, a, b = (
+        torch.randn(6, 5, generator=g),
+        torch.randn(2, 5, generator=g),
+        torch.randn(6, 2, generator=g),
+    )
+    magnitude = torch.rand(6, generator=g) + 0.5
+    scale = dora_scales({"m": magnitude}, {"m": b @ a}, lambda _: weight)["m"]
+    # ComfyUI's row rule with this scale is peft's DoRA: (W + dW) * scale / |W| == (W + dW) * m / |W + dW|
+    comfy = (weight + b @ a) * (scale / weight.norm(dim=1))[:, None]
+    peft = (weight + b @ a) * (magnitude / (weight + b @ a).norm(dim=1))[:, None]
+    torch.testing.assert_close(comfy, peft)
+    back = Foreign(
+        {"transformer.m.lora_A.weight": a, "transformer.m.lora_B.weight": b}, {"m": scale}, []
+    )
+    torch.testing.assert_close(dora_magnitudes(back, lambda _: weight)["m"], magnitude)
+
+
+def test_a_dora_export_reads_the_base_the_header_names_or_is_refused(tiny_models, tmp_path, capsys):
+    _random_adapter("klein", "attention", "dora", tmp_path / "d.safetensors")
+    argv = [
+        "export",
+        str(tmp_path / "d.safetensors"),
+        "--format",
+        "comfyui",
+        "--out",
+        str(tmp_path / "c.safetensors"),
+    ]
+    assert main(argv) == 2  # the header names no base, and none was given
+    assert (
+        "add --model PATH" in capsys.readouterr().err and not (tmp_path / "c.safetensors").exists()
+    )
+    assert main([*argv, "--model", str(tmp_path / "nowhere")]) == 2
+    assert "a dora export reads the base weights" in capsys.readouterr().err

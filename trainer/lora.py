@@ -27,7 +27,8 @@ class LoraSettings:
     type: Literal["lora", "dora", "lokr", "loha"] = option(
         "lora",
         help="lora; dora (weight-decomposed LoRA: a learned magnitude per output, often better likeness); "
-        "lokr / loha (LyCORIS Kronecker / Hadamard products, through peft; files load in flux2-lora)",
+        "lokr / loha (LyCORIS Kronecker / Hadamard products, through peft). All export to ComfyUI; stock "
+        "diffusers' load_lora_weights refuses loha (flux2-lora loads it)",
     )
     rank: int = option(16, check=positive, help="LoRA rank r")
     alpha: float = option(16.0, check=positive, help="scale = alpha / rank")

@@ -85,13 +85,14 @@ def prepare_output_dir(cfg: OutputConfig, resuming: bool) -> Path:
     return out
 
 
-def export_copies(out: Path, formats: list[str]) -> list[Path]:
+def export_copies(out: Path, formats: list[str], model: str) -> list[Path]:
+    """output.export: the final LoRA in each layout; `model`, the run's base (a DoRA export reads its weights)."""
     from inference.export import export_lora
 
     written = []
     for fmt in formats:
         target = out / f"pytorch_lora_weights_{fmt}.safetensors"
-        export_lora(out / WEIGHT_NAME, fmt, target)
+        export_lora(out / WEIGHT_NAME, fmt, target, model=model)
         written.append(target)
     return written
 

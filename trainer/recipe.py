@@ -260,6 +260,12 @@ def check_inputs(cfg: Config) -> tuple[BaseModel, TrainingData]:
     if problem:
         raise UserError(problem)
     data = training_data(cfg)
+    if cfg.lora.type == "loha":  # before the hours of training, not after
+        log.warning(
+            "lora.type: loha: stock diffusers' load_lora_weights refuses LoHa files; flux2-lora loads them, "
+            "and `flux2-lora export --format comfyui|kohya|bfl` writes what ComfyUI, musubi-tuner and "
+            "ai-toolkit read"
+        )
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError(
             "train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine"
@@ -475,7 +481,7 @@ def finish(r: Run) -> None:
         validate(r)
     if accelerator.is_main_process:
         save_lora(r.out / WEIGHT_NAME, final, r.base.family, r.lora_info(), layers=layers)
-        export_copies(r.out, cfg.output.export)
+        export_copies(r.out, cfg.output.export, r.base.path)
     with r.ema.applied() if r.ema else contextlib.nullcontext():
         if r.ema and accelerator.is_main_process:
             save_lora(
