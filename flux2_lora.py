@@ -18,6 +18,10 @@ TABLE = {
         "trainer.commands",
         "plan GPU memory and RAM of a training config, phase by phase, before any download",
     ),
+    "rehearse": (
+        "trainer.commands",
+        "run a preset at the real model's width on random weights, each phase measured against its plan",
+    ),
     "config-reference": (
         "trainer.commands",
         "print every config key with type, default and meaning (Markdown)",

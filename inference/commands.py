@@ -276,9 +276,8 @@ def export(args: argparse.Namespace) -> int:
         f"{counts['modules']} {counts['kind']} modules of a FLUX.2 {counts['family']} LoRA written as "
         f"{args.format} to {args.out} ({counts['written_modules']} modules, {counts['tensors']} tensors)"
     )
-    if (
-        args.format == "bfl"
-    ):  # ai-toolkit cuts every loaded module to its own network rank, silently
+    # ai-toolkit cuts every loaded module to its own network rank, silently
+    if args.format == "bfl":
         print(
             f"ai-toolkit: set network linear and linear_alpha to {counts['max_rank']} (the file's largest rank; "
             "a smaller one drops part of the fused qkv) and transformer_only: false to keep modules outside "

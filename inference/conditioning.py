@@ -29,6 +29,31 @@ class ModelInputs:
     num_target_tokens: int
 
 
+def text_layers(pipeline_class, encoder_depth: int) -> tuple[int, ...]:
+    """The hidden-state layers `encode_prompt` stacks into prompt embeddings: the pipeline's own (klein 9, 18, 27;
+    dev 10, 20, 30), or, in a text encoder cut shorter than those reach (a depth-cut rehearsal model,
+    inference/real_size.py), as many spread evenly over its depth."""
+    import inspect
+
+    own = tuple(
+        inspect.signature(pipeline_class.encode_prompt)
+        .parameters["text_encoder_out_layers"]
+        .default
+    )
+    if max(own) <= encoder_depth:
+        return own
+    return tuple(max(1, round(encoder_depth * (i + 1) / len(own))) for i in range(len(own)))
+
+
+def encoder_depth(text_encoder_config) -> int:
+    """Layers of a text encoder (the language model's, for dev's vision-language Mistral-3)."""
+    if isinstance(text_encoder_config, dict):
+        return text_encoder_config.get("text_config", text_encoder_config)["num_hidden_layers"]
+    return (
+        getattr(text_encoder_config, "text_config", None) or text_encoder_config
+    ).num_hidden_layers
+
+
 class Encoder:
     """Prompt and image encoding through a loaded stock pipeline. Counts text-encoder calls."""
 
@@ -40,7 +65,11 @@ class Encoder:
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         self.text_encoder_calls += 1
         embeds, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), device=self.pipe.text_encoder.device
+            prompt=list(prompts),
+            device=self.pipe.text_encoder.device,
+            text_encoder_out_layers=text_layers(
+                type(self.pipe), encoder_depth(self.pipe.text_encoder.config)
+            ),
         )
         return embeds
 

@@ -174,9 +174,8 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path, model: str | N
             else alpha_scale(config)
         )
         pairs = _pairs(modules, kind, scale)
-        if (
-            fmt == "diffusers"
-        ):  # alpha baked into lora_B, metadata alpha = rank: every loader gives the same weights
+        # alpha baked into lora_B, metadata alpha = rank: every loader gives the same weights
+        if fmt == "diffusers":
             tensors = {}
             for module, (a, b) in pairs.items():
                 tensors[f"transformer.{module}.lora_A.weight"] = a.contiguous()

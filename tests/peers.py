@@ -236,10 +236,11 @@ def ai_toolkit(
             continue
         fit_down, fit_up = torch.zeros(rank, down.shape[1]), torch.zeros(up.shape[0], rank)
         r = min(rank, down.shape[0])
+        # cut or zero-padded to the network's rank
         fit_down[:r], fit_up[:, :r] = (
             down[:r],
             up[:, :r],
-        )  # cut or zero-padded to the network's rank
+        )
         patched[key] += fit_up @ fit_down * (alpha / rank)
         used |= {f"diffusion_model.{name}.lora_A.weight", f"diffusion_model.{name}.lora_B.weight"}
     return patched, used

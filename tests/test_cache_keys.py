@@ -29,9 +29,8 @@ def _calls(model, data, cache, resolution=64, **settings) -> tuple[int, int]:
 def _flip_a_middle_byte(path):
     data = bytearray(path.read_bytes())
     header = int.from_bytes(data[:8], "little") + 8
-    middle = (
-        header + (len(data) - header) // 2
-    )  # inside the tensors, not the header: the file still loads
+    # inside the tensors, not the header: the file still loads
+    middle = header + (len(data) - header) // 2
     data[middle] ^= 0x01
     path.write_bytes(bytes(data))
 
@@ -42,26 +41,26 @@ def test_each_input_of_a_cached_tensor_is_in_its_key(model, sample_data, tmp_pat
     assert text > 0 and images > 0
     assert _calls(model, sample_data, cache) == (0, 0)  # nothing changed: nothing encoded
 
+    # both dtypes in their keys
     assert _calls(model, sample_data, cache, dtype="bfloat16") == (
         text,
         images,
-    )  # both dtypes in their keys
+    )
     assert _calls(model, sample_data, cache, text_encoder_quantize="int8") == (text, 0)
+    # other buckets: other crops
     assert _calls(model, sample_data, cache, resolution=96) == (
         0,
         images,
-    )  # other buckets: other crops
+    )
 
-    _flip_a_middle_byte(
-        next((model / "text_encoder").glob("*.safetensors"))
-    )  # same size, same header
+    # same size, same header
+    _flip_a_middle_byte(next((model / "text_encoder").glob("*.safetensors")))
     assert _calls(model, sample_data, cache) == (text, 0)
     _flip_a_middle_byte(next((model / "vae").glob("*.safetensors")))
     assert _calls(model, sample_data, cache) == (0, images)
 
-    template = (
-        model / "tokenizer" / "chat_template.jinja"
-    )  # what the pipeline wraps every prompt in
+    # what the pipeline wraps every prompt in
+    template = model / "tokenizer" / "chat_template.jinja"
     template.write_text(template.read_text() + " ")
     assert _calls(model, sample_data, cache) == (text, 0)
 
@@ -82,7 +81,6 @@ def test_each_input_of_a_cached_tensor_is_in_its_key(model, sample_data, tmp_pat
     assert _calls(model, sample_data, cache) == (text, 0)
     monkeypatch.undo()
 
-    monkeypatch.setattr(
-        diffusers, "__version__", "0.99.0"
-    )  # its code encodes: an upgrade misses both
+    # its code encodes: an upgrade misses both
+    monkeypatch.setattr(diffusers, "__version__", "0.99.0")
     assert _calls(model, sample_data, cache) == (text, images)

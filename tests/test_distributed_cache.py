@@ -138,9 +138,8 @@ def test_two_machines_each_fill_their_own_cache_and_train_what_one_process_does(
     ]
     said = [_finish(p) for p in nodes]
     assert "all 2 ranks hold identical LoRA weights" in said[0]
-    assert _files(tmp_path / "cache-node0") == _files(
-        tmp_path / "cache-node1"
-    )  # each machine filled its own
+    # each machine filled its own
+    assert _files(tmp_path / "cache-node0") == _files(tmp_path / "cache-node1")
     alone, one_cache, _ = _one_process(model, sample_data, tmp_path, accumulation=2)
     assert _files(tmp_path / "cache-node0") == _files(one_cache)
     lora = load_file(out / "pytorch_lora_weights.safetensors")

@@ -182,9 +182,8 @@ def test_the_promises_the_table_makes(tmp_path):
     lora, dora = _measure("klein", "lora", tmp_path), _measure("klein", "dora", tmp_path)
     # plain LoRA in the ComfyUI layout: exact everywhere (stock diffusers too: no .alpha key left to refuse)
     assert [lora[("comfyui", t)] for t in TOOLS[:4]] == ["exact"] * 4
-    assert (
-        lora[("comfyui", "ai-toolkit")] == "exact; partial with defaults"
-    )  # cut to its network rank
+    # cut to its network rank
+    assert lora[("comfyui", "ai-toolkit")] == "exact; partial with defaults"
     assert dora[("comfyui", "ComfyUI")] == "exact" and dora[("comfyui", "flux2-lora")] == "exact"
     assert dora[("ours", "ComfyUI")] == "no"  # it drops peft's magnitudes: what the export is for
     assert dora[("kohya", "musubi-tuner")] == "refused by export"

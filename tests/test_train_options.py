@@ -279,3 +279,25 @@ def test_optimizer_problems_are_found_before_loading(
     with pytest.raises(UserError, match=message):
         run(cfg, show_progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_in_training_samples_leave_the_weights_dtypes_alone(
+    tiny_models, sample_data, shared_cache, tmp_path
+):
+    """A sample grid mid-run must not cast the training transformer: bf16 frozen weights stay bf16 (a float32 copy
+    doubles a real model's memory for the rest of the run), the LoRA stays float32."""
+    args = train_args(
+        tiny_models["klein"],
+        sample_data,
+        tmp_path / "r",
+        shared_cache,
+        train__steps=2,
+        model__dtype="bfloat16",
+        sample__every=1,
+        sample__steps=1,
+    )
+    result = run(load_config(None, [*args, "sample.prompts=[zxq logo]"]), show_progress=False)
+    frozen = {p.dtype for p in result.transformer.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in result.transformer.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert (tmp_path / "r" / "samples" / "step-000001.png").is_file()

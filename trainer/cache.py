@@ -34,8 +34,9 @@ from common.errors import UserError
 from common.images import fit, open_rgb
 from common.limits import SIDE_MULTIPLE
 from data_tools.dataset import Sample
-from inference.conditioning import Encoder
+from inference.conditioning import Encoder, encoder_depth, text_layers
 from inference.loading import BaseModel, ModelConfig, load_pipeline
+from trainer.phases import QUIET, TEXT_ENCODER, VAE, Phases
 
 
 def _default_cache_dir() -> str:
@@ -123,7 +124,11 @@ def cache_dirs(base: BaseModel, model: ModelConfig, root: Path) -> tuple[Path, P
             "dtype": model.dtype,
             "quantize": model.text_encoder_quantize,
             "max_sequence_length": prompt_defaults["max_sequence_length"].default,
-            "layers": list(prompt_defaults["text_encoder_out_layers"].default),
+            "layers": list(
+                text_layers(
+                    base.family.pipeline_class, encoder_depth(base.component_config("text_encoder"))
+                )
+            ),
             "diffusers": diffusers.__version__,
             "transformers": transformers.__version__,
         }
@@ -180,6 +185,7 @@ def fill_cache(
     show_progress: bool = True,
     device: torch.device | str = "cpu",
     share: tuple[int, int] = (0, 1),
+    phases: Phases = QUIET,
 ) -> tuple[int, int]:
     """Encode this process's share of what is not cached yet -> (text-encoder calls, VAE calls). Each encoder
     loads only when its share is not empty, and is freed before this returns."""
@@ -188,20 +194,21 @@ def fill_cache(
     missing_text = [c for c, p in layout.texts.items() if _mine(p, share) and not p.is_file()]
     text_calls = vae_calls = 0
     if missing_text:
-        pipe = load_pipeline(
-            base,
-            dtype,
-            vae=False,
-            transformer=False,
-            device_map=device.type,
-            text_encoder_quantize=model.text_encoder_quantize,
-        )
-        encoder = Encoder(pipe)
-        for caption in tqdm(missing_text, desc="encoding captions", disable=not show_progress):
-            _save(layout.texts[caption], encoder.encode_prompts([caption]))
-        text_calls = encoder.text_encoder_calls
-        del pipe, encoder  # release the text encoder (the largest model) before training starts
-        _release_memory()
+        with phases.phase(TEXT_ENCODER):
+            pipe = load_pipeline(
+                base,
+                dtype,
+                vae=False,
+                transformer=False,
+                device_map=device.type,
+                text_encoder_quantize=model.text_encoder_quantize,
+            )
+            encoder = Encoder(pipe)
+            for caption in tqdm(missing_text, desc="encoding captions", disable=not show_progress):
+                _save(layout.texts[caption], encoder.encode_prompts([caption]))
+            text_calls = encoder.text_encoder_calls
+            del pipe, encoder  # release the text encoder (the largest model) before training starts
+            _release_memory()
 
     # cache path -> how to compute it with an Encoder: targets are fit to their bucket, references are not
     todo = {
@@ -214,14 +221,17 @@ def fill_cache(
             if _mine(path, share) and not path.is_file():
                 todo[path] = lambda e, ref=ref: _encode_reference(e, ref)
     if todo:
-        encoder = Encoder(
-            load_pipeline(base, dtype, text_encoder=False, transformer=False).to(device)
-        )
-        for path, encode in tqdm(todo.items(), desc="encoding images", disable=not show_progress):
-            _save(path, encode(encoder))
-            vae_calls += 1
-        del encoder
-        _release_memory()
+        with phases.phase(VAE):
+            encoder = Encoder(
+                load_pipeline(base, dtype, text_encoder=False, transformer=False).to(device)
+            )
+            for path, encode in tqdm(
+                todo.items(), desc="encoding images", disable=not show_progress
+            ):
+                _save(path, encode(encoder))
+                vae_calls += 1
+            del encoder
+            _release_memory()
     return text_calls, vae_calls
 
 

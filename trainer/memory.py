@@ -21,6 +21,7 @@ from typing import Any
 
 from common.configtree import option, positive
 from common.limits import SIDE_MULTIPLE
+from trainer.phases import LOAD, SAMPLES, STEP, TEXT_ENCODER, VAE
 
 GIB = 1024**3
 # one extra shard being read while a model loads straight to its device; diffusers' default max_shard_size
@@ -29,12 +30,15 @@ CUDA_CONTEXT_GIB = 0.75  # CUDA context, cuBLAS workspace and allocator slack on
 # the caching allocator's blocks round up: plan 5 % above the tensors' own bytes
 FRAGMENTATION = 1.05
 PROCESS_RAM_GIB = 3.0  # Python, torch, CUDA libraries and the dataset in host RAM
+# the same without CUDA's libraries, measured as the rehearsal's resident size before its first phase
+PROCESS_RAM_CPU_GIB = 1.5
 # the pipelines pad every prompt to 512 tokens, and the transformer attends to all of them
 TEXT_TOKENS = 512
 # when the VAE's config is not at hand (hub ids): FLUX.2's AutoencoderKLFlux2
 VAE_PARAMS = 84_000_000
-# activation values per pixel of a VAE encode or decode at full resolution (no grad)
-VAE_ACTIVATIONS = 192
+# activation values per pixel of a VAE encode or decode at full resolution (no grad): measured on FLUX.2's VAE in
+# bf16 on the CPU, 640 encoding and 769 decoding, at 256 and 512 px alike
+VAE_ACTIVATIONS = 800
 
 # Activations per token per block, in units of hidden x activation-bytes, measured on CPU at klein-4B's width
 # with bf16 autocast and a rank-16 LoRA (benchmarks/memory.py compares them with a measured step at each real width).
@@ -99,6 +103,9 @@ class Plan:
     processes: int
     notes: list[str]
     sharded: bool = False  # FSDP over the processes
+    # bytes of each phase's RAM that are the processes themselves, not tensors
+    process_ram: float = 0.0
+    device: str = "cuda"  # "cpu": a CPU run, whose tensors are all RAM
 
     @property
     def peak_gpu(self) -> float:
@@ -150,6 +157,11 @@ class ModelShape:
     largest_block_linear_full: int
     linear_full: int  # bytes at the compute dtype of the Linear weights a backward pass reads
     lora_params: int
+    # weights of the largest Linear in the blocks (nf4 dequantises one at a time)
+    largest_linear: int = 0
+    # weights of the largest Linear the adapter wraps (DoRA's dense temporaries)
+    largest_adapted: int = 0
+    text_width: int = 0  # the prompt embeddings' width (joint_attention_dim)
 
 
 def transformer_shape(
@@ -205,23 +217,56 @@ def transformer_shape(
         largest_block_linear_full=block_linear * dtype_bytes,
         linear_full=linear_full * dtype_bytes,
         lora_params=lora,
+        largest_linear=max(
+            m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)
+        ),
+        largest_adapted=max((m.weight.numel() for m in layers.values()), default=0),
+        text_width=config.joint_attention_dim,
     )
 
 
 def activation_bytes(
-    shape: ModelShape, tokens: int, batch: int, act_bytes: int, checkpointing: bool, targets: str
+    shape: ModelShape,
+    tokens: int,
+    batch: int,
+    act_bytes: int,
+    checkpointing: bool,
+    targets: str,
+    graphs: int = 1,
 ) -> float:
-    """Peak activation memory of one training micro-batch (forward + backward), the LoRA gradients excluded."""
+    """Peak activation memory of one training micro-batch (forward + backward), the LoRA gradients excluded.
+    `graphs`: forwards whose graphs stay alive until the backward (2 with regularization.preserve: the batch
+    with its caption and with the class prompt)."""
     unit = batch * tokens * shape.hidden * act_bytes
     kinds = [("double", shape.double_blocks), ("single", shape.single_blocks)]
     present = [k for k, n in kinds if n]
     if checkpointing:
         held = (shape.double_blocks + shape.single_blocks) * CHECKPOINT_INPUT
         return unit * (
-            held + OUTSIDE_BLOCKS + max(ACTIVATION[k]["recompute"][targets] for k in present)
+            (held + OUTSIDE_BLOCKS) * graphs
+            + max(ACTIVATION[k]["recompute"][targets] for k in present)
         )
     saved = sum(n * ACTIVATION[k]["saved"][targets] for k, n in kinds)
-    return unit * (saved + OUTSIDE_BLOCKS + max(ACTIVATION[k]["transient"] for k in present))
+    return unit * (
+        (saved + OUTSIDE_BLOCKS) * graphs + max(ACTIVATION[k]["transient"] for k in present)
+    )
+
+
+# peft's DoRA builds dense float32 tensors the size of each wrapped weight (B @ A, W + s B A, their norm) in
+# forward and backward, one layer at a time: measured on CPU slices at klein-4B's width, 3.6-3.75 x the largest
+# wrapped weight in float32 above the same LoRA, whatever the depth and token count (benchmarks/memory.py).
+DORA_TEMPORARIES = 3.7
+
+
+def transient_weights(shape: ModelShape, quantize: str, lora_kind: str) -> dict[str, float]:
+    """Weight-sized temporaries of one layer at a time: nf4's dequantised bf16 copy of the layer it runs
+    (bitsandbytes), DoRA's dense float32 tensors."""
+    parts = {}
+    if quantize == "nf4":
+        parts["nf4 dequantised layer"] = shape.largest_linear * 2.0
+    if lora_kind == "dora":
+        parts["dora temporaries"] = shape.largest_adapted * 4.0 * DORA_TEMPORARIES
+    return parts
 
 
 # Bytes kept per dequantised weight byte (bf16), measured on CPU slices (benchmarks/memory.py): torchao's float8
@@ -253,6 +298,8 @@ def train_step(
     processes: int = 1,
     offload: str = "none",
     on_gpu: bool = True,
+    lora_kind: str = "lora",
+    graphs: int = 1,
 ) -> Phase:
     """GPU memory of a training step. `processes` > 1 shards weights, LoRA and optimizer (FSDP); `offload` keeps
     the frozen weights in RAM with one block (and the next) on the GPU."""
@@ -271,11 +318,14 @@ def train_step(
     parts = {
         "weights": gpu_weights,
         "lora+grads+optimizer": trainable,
-        "activations": activation_bytes(shape, tokens, batch, act_bytes, checkpointing, targets),
+        "activations": activation_bytes(
+            shape, tokens, batch, act_bytes, checkpointing, targets, graphs
+        ),
         "dequantised weights": dequantized_copies(shape, quantize, checkpointing),
+        **transient_weights(shape, quantize, lora_kind),
         "context": CUDA_CONTEXT_GIB * GIB if on_gpu else 0.0,
     }
-    return Phase("train step", _device_bytes(parts, on_gpu), 0.0, parts)
+    return Phase(STEP, _device_bytes(parts, on_gpu), 0.0, parts)
 
 
 def _device_bytes(parts: dict[str, float], on_gpu: bool) -> float:
@@ -294,8 +344,9 @@ def image_tokens(resolution: int) -> int:
     return (resolution // SIDE_MULTIPLE) ** 2
 
 
-def text_encoder_bytes(text_encoder, kind: str, dtype_bytes: int) -> tuple[int, int, int]:
-    """(weight bytes after quantisation, hidden size, layers) of a text encoder built on the meta device."""
+def text_encoder_bytes(text_encoder, kind: str, dtype_bytes: int) -> tuple[int, int, int, int]:
+    """(weight bytes after quantisation, hidden size, layers, vocabulary) of a text encoder built on the meta
+    device."""
     from inference.quantize import TEXT_ENCODER_KEEP_FULL, quantized_bytes
 
     config = text_encoder.config
@@ -304,6 +355,7 @@ def text_encoder_bytes(text_encoder, kind: str, dtype_bytes: int) -> tuple[int, 
         quantized_bytes(text_encoder, kind, dtype_bytes, TEXT_ENCODER_KEEP_FULL),
         text.hidden_size,
         text.num_hidden_layers,
+        text.vocab_size,
     )
 
 
@@ -318,6 +370,211 @@ def _shard_bytes(base, component: str) -> float:
     return DEFAULT_SHARD_GIB * GIB
 
 
+class ModelCounts:
+    """A base model's counts on the meta device, per setting (counting takes about a second): one holder serves
+    every plan of one base (the cheapest-fix search plans a config a dozen times; the table, hundreds)."""
+
+    def __init__(self, base):
+        self.base = base
+        self._seen: dict[tuple, Any] = {}
+
+    def _once(self, key: tuple, count):
+        if key not in self._seen:
+            self._seen[key] = count()
+        return self._seen[key]
+
+    def transformer(self, dtype_bytes: int, rank: int, kind: str, targets: str) -> ModelShape:
+        return self._once(
+            ("transformer", dtype_bytes, rank, kind, targets),
+            lambda: transformer_shape(
+                self.base.empty_transformer(), dtype_bytes, rank, kind, targets
+            ),
+        )
+
+    def text_encoder(self, quantize: str, dtype_bytes: int) -> tuple[int, int, int]:
+        return self._once(
+            ("text_encoder", quantize, dtype_bytes),
+            lambda: text_encoder_bytes(self.base.empty_text_encoder(), quantize, dtype_bytes),
+        )
+
+    def vae_params(self) -> int:
+        return self._once(("vae",), lambda: _vae_params(self.base))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setting:
+    """What every phase of a plan reads, derived once from the config."""
+
+    cfg: Any
+    base: Any
+    counts: ModelCounts
+    processes: int
+    on_gpu: bool
+    dtype_bytes: int
+    act_bytes: int
+    sharded: bool
+    process_ram: float  # Python, torch, the libraries and the dataset, per process
+
+    @property
+    def context(self) -> float:
+        return CUDA_CONTEXT_GIB * GIB if self.on_gpu else 0.0
+
+    def shape(self) -> ModelShape:
+        lora = self.cfg.lora
+        return self.counts.transformer(self.dtype_bytes, lora.rank, lora.type, lora.targets)
+
+    def phase(self, name: str, parts: dict[str, float], ram: float) -> Phase:
+        """A phase from its device parts: on a GPU they are GPU bytes (with the allocator's slack); on the CPU
+        they are RAM, beside `ram`."""
+        if self.on_gpu:
+            return Phase(name, _device_bytes(parts, True), self.process_ram + ram, parts)
+        return Phase(name, 0.0, self.process_ram + ram + _device_bytes(parts, False), parts)
+
+
+def _text_encoder_phase(s: _Setting) -> Phase:
+    """The text encoder alone on the cache device, filling the cache. Its language-model head computes logits
+    over the whole vocabulary for every token, which encoding never reads (float32: 0.3 GiB for Qwen3)."""
+    weights, hidden, layers, vocab = s.counts.text_encoder(
+        s.cfg.model.text_encoder_quantize, s.dtype_bytes
+    )
+    parts = {
+        "text encoder": weights,
+        "activations": (layers + 8) * TEXT_TOKENS * hidden * s.act_bytes,
+        "logits": TEXT_TOKENS * vocab * 4.0,
+    }
+    if s.on_gpu and s.cfg.cache.device == "cpu":  # nothing of it on the GPU; all of it in RAM
+        return s.phase(TEXT_ENCODER, dict.fromkeys(parts, 0.0), sum(parts.values()))
+    # a CPU run's weights are its RAM
+    loading = _shard_bytes(s.base, "text_encoder") if s.on_gpu else 0.0
+    return s.phase(TEXT_ENCODER, parts, loading)
+
+
+def _vae_phase(s: _Setting) -> Phase:
+    weights = s.counts.vae_params() * s.dtype_bytes
+    activations = _vae_activations(max(s.cfg.train.resolutions) ** 2, s.act_bytes)
+    if s.on_gpu and s.cfg.cache.device == "cpu":
+        return s.phase(VAE, {"vae": 0.0, "activations": 0.0}, weights + activations)
+    return s.phase(VAE, {"vae": weights, "activations": activations}, 0.0)
+
+
+def _step(s: _Setting) -> Phase:
+    cfg, shape = s.cfg, s.shape()
+    return train_step(
+        shape,
+        quantize=cfg.model.quantize,
+        tokens=image_tokens(max(cfg.train.resolutions)) + TEXT_TOKENS,
+        batch=cfg.train.batch_size,
+        act_bytes=s.act_bytes,
+        checkpointing=cfg.train.gradient_checkpointing,
+        targets=cfg.lora.targets,
+        optimizer=cfg.optim.name,
+        ema=bool(cfg.ema.decay),
+        processes=s.processes if s.sharded else 1,
+        offload=cfg.model.group_offload,
+        on_gpu=s.on_gpu,
+        lora_kind=cfg.lora.type,
+        graphs=2 if cfg.regularization.preserve else 1,
+    )
+
+
+def _offloaded(s: _Setting) -> float:
+    """Frozen weights group offload keeps in RAM."""
+    return (
+        s.shape().weight_bytes[s.cfg.model.quantize] if s.cfg.model.group_offload != "none" else 0.0
+    )
+
+
+def _load_phase(s: _Setting, weights: float) -> Phase:
+    """Loading the transformer: one checkpoint shard being read, plus the whole model where it is read into RAM
+    first (group offload, FSDP before sharding)."""
+    whole = s.shape().weight_bytes[s.cfg.model.quantize]
+    direct = s.cfg.model.group_offload == "none" and not s.sharded
+    shard = _shard_bytes(s.base, "transformer")
+    if not s.on_gpu:  # the model lands in RAM either way; a shard is read on top
+        return s.phase(LOAD, {"weights": whole}, shard)
+    return Phase(
+        LOAD,
+        weights + s.context,
+        s.process_ram + shard + (0.0 if direct else whole),
+        {"weights": weights},
+    )
+
+
+def _image_count(cfg) -> int:
+    """Images the run trains on: data.path's, when it is here to count, else the most a LoRA set should hold."""
+    from pathlib import Path
+
+    from common.images import IMAGE_EXTENSIONS
+
+    folder = Path(cfg.data.path)
+    if folder.is_dir():
+        return max(
+            1,
+            sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()) * cfg.data.repeats,
+        )
+    return 50
+
+
+def _features_bytes(s: _Setting) -> float:
+    """The cache as the loop holds it in RAM: a latent per image and size, an embedding per caption variant (and
+    its class-prompt twin with preservation), the sample prompts and the empty prompt."""
+    cfg, shape = s.cfg, s.shape()
+    images = _image_count(cfg)
+    variants = cfg.data.caption_variants if cfg.data.shuffle_tags or cfg.data.tag_dropout else 1
+    captions = (
+        images * variants * (2 if cfg.regularization.preserve else 1) + len(cfg.sample.prompts) + 1
+    )
+    latents = sum(images * image_tokens(r) * 128 for r in cfg.train.resolutions)
+    return (captions * TEXT_TOKENS * shape.text_width + latents) * s.dtype_bytes
+
+
+def _samples_configured(cfg) -> bool:
+    return bool(cfg.sample.prompts and (cfg.sample.every or cfg.sample.before_after))
+
+
+def _step_phase(s: _Setting, step: Phase) -> Phase:
+    """The step, with what the run keeps beside it: the cached features in RAM, the sampler's VAE on the device."""
+    features = _features_bytes(s)
+    parts = dict(step.parts)
+    if _samples_configured(s.cfg):
+        parts["sample vae"] = s.counts.vae_params() * s.dtype_bytes
+    if s.on_gpu:
+        return Phase(
+            STEP, _device_bytes(parts, True), s.process_ram + _offloaded(s) + features, parts
+        )
+    return s.phase(STEP, {**parts, "cached features": features}, 0.0)
+
+
+def _samples_phase(s: _Setting, step: Phase) -> Phase | None:
+    """A sample grid mid-run: the training state stays, one denoising forward runs (no graph) and the VAE
+    decodes; the adapter's weight-sized temporaries (DoRA) come with every forward."""
+    cfg, shape = s.cfg, s.shape()
+    if not _samples_configured(cfg):
+        return None
+    side = max(cfg.train.resolutions)
+    width, height = cfg.sample.width or side, cfg.sample.height or side
+    unit = (width // SIDE_MULTIPLE) * (height // SIDE_MULTIPLE) + TEXT_TOKENS
+    kinds = [k for k, n in (("double", shape.double_blocks), ("single", shape.single_blocks)) if n]
+    parts = {
+        "weights": step.parts["weights"],
+        "lora+grads+optimizer": step.parts["lora+grads+optimizer"],
+        "vae": s.counts.vae_params() * s.dtype_bytes,
+        "forward": unit
+        * shape.hidden
+        * s.act_bytes
+        * max(ACTIVATION[k]["transient"] for k in kinds),
+        **transient_weights(shape, cfg.model.quantize, cfg.lora.type),
+        "decode": _vae_activations(width * height, s.act_bytes),
+        "context": s.context,
+    }
+    features = _features_bytes(s)
+    if s.on_gpu:
+        return Phase(
+            SAMPLES, _device_bytes(parts, True), s.process_ram + _offloaded(s) + features, parts
+        )
+    return s.phase(SAMPLES, {**parts, "cached features": features}, 0.0)
+
+
 def plan_training(
     cfg,
     base,
@@ -325,134 +582,57 @@ def plan_training(
     gpu_memory: float | None = None,
     ram: float | None = None,
     on_gpu: bool = True,
+    counts: ModelCounts | None = None,
 ) -> Plan:
     """The memory plan of training config `cfg` on base model `base` (a BaseModel), per GPU of `processes`.
-    `on_gpu`: plan for a CUDA device (adds its context); False plans tensor bytes alone, as measured on CPU."""
+    `on_gpu`: plan a CUDA run (GPU bytes per phase, RAM for what stays on the host); False plans a CPU run, whose
+    tensors are all RAM. `counts`: a ModelCounts of `base` to reuse across plans."""
     from inference.loading import DTYPES
 
     dtype_bytes = DTYPES[cfg.model.dtype].itemsize
-    act_bytes = 2 if cfg.train.mixed_precision != "no" or dtype_bytes == 2 else 4
-    quantize = cfg.model.quantize
-    shape = _cached(
-        (
-            "transformer",
-            base.path,
-            base.revision,
-            dtype_bytes,
-            cfg.lora.rank,
-            cfg.lora.type,
-            cfg.lora.targets,
-        ),
-        lambda: transformer_shape(
-            base.empty_transformer(), dtype_bytes, cfg.lora.rank, cfg.lora.type, cfg.lora.targets
-        ),
-    )
-    sharded = cfg.train.sharding == "fsdp" and processes > 1
-    offload = cfg.model.group_offload
-    fixed = CUDA_CONTEXT_GIB * GIB if on_gpu else 0.0
-    notes: list[str] = []
-
-    step = train_step(
-        shape,
-        quantize=quantize,
-        tokens=image_tokens(max(cfg.train.resolutions)) + TEXT_TOKENS,
-        batch=cfg.train.batch_size,
-        act_bytes=act_bytes,
-        checkpointing=cfg.train.gradient_checkpointing,
-        targets=cfg.lora.targets,
-        optimizer=cfg.optim.name,
-        ema=bool(cfg.ema.decay),
-        processes=processes if sharded else 1,
-        offload=offload,
+    s = _Setting(
+        cfg=cfg,
+        base=base,
+        counts=counts or ModelCounts(base),
+        processes=processes,
         on_gpu=on_gpu,
+        dtype_bytes=dtype_bytes,
+        act_bytes=2 if cfg.train.mixed_precision != "no" or dtype_bytes == 2 else 4,
+        sharded=cfg.train.sharding == "fsdp" and processes > 1,
+        process_ram=(PROCESS_RAM_GIB if on_gpu else PROCESS_RAM_CPU_GIB) * GIB,
     )
-    gpu_weights, trainable = step.parts["weights"], step.parts["lora+grads+optimizer"]
-    # RAM is per machine: every process holds its own. Offloaded weights live in RAM; without a direct load to one
-    # device (offload, FSDP, CPU) a process reads the whole checkpoint into RAM first.
-    ram_weights = shape.weight_bytes[quantize] if offload != "none" else 0.0
-    direct = on_gpu and offload == "none" and not sharded
-    loading_ram = _shard_bytes(base, "transformer") + (
-        0.0 if direct else shape.weight_bytes[quantize]
-    )
+    step = _step(s)
+    phases = [
+        _text_encoder_phase(s),
+        _vae_phase(s),
+        _load_phase(s, step.parts["weights"]),
+        _step_phase(s, step),
+    ]
+    if samples := _samples_phase(s, step):
+        phases.append(samples)
+    # RAM is per machine: every rank fills its share of the cache, then loads and trains
+    if processes > 1:
+        phases = [dataclasses.replace(p, ram=p.ram * processes) for p in phases]
+    notes = []
     if step.parts["dequantised weights"] and not cfg.train.gradient_checkpointing:
         notes.append(
-            f"model.quantize: {quantize} without gradient checkpointing keeps every dequantised weight for "
+            f"model.quantize: {cfg.model.quantize} without gradient checkpointing keeps every dequantised weight for "
             f"backward (+{step.parts['dequantised weights'] / GIB:.1f} GiB): pair it with "
             "train.gradient_checkpointing: true"
         )
-    process_ram = PROCESS_RAM_GIB * GIB if on_gpu else 0.0
-
-    # the cache: text encoder, then VAE, each alone on the cache device, before the transformer loads
-    te_weights, te_hidden, te_layers = _cached(
-        ("text_encoder", base.path, base.revision, dtype_bytes, cfg.model.text_encoder_quantize),
-        lambda: text_encoder_bytes(
-            base.empty_text_encoder(), cfg.model.text_encoder_quantize, dtype_bytes
-        ),
-    )
-    te_act = (te_layers + 8) * TEXT_TOKENS * te_hidden * act_bytes
-    cache_on_gpu = cfg.cache.device != "cpu" and on_gpu
-    te_ram = (
-        _shard_bytes(base, "text_encoder") if cache_on_gpu else te_weights + te_act
-    ) + process_ram
-    vae_weights = _cached(("vae", base.path), lambda: _vae_params(base)) * dtype_bytes
-    vae_act = _vae_activations(max(cfg.train.resolutions) ** 2, act_bytes)
-    on_device = 1 if cache_on_gpu else 0  # a CPU cache puts nothing of the encoders on the GPU
-    text_parts = {"text encoder": te_weights * on_device, "activations": te_act * on_device}
-    vae_parts = {"vae": vae_weights * on_device, "activations": vae_act * on_device}
-
-    phases = [
-        Phase(
-            "encode captions (text encoder)", _device_bytes(text_parts, on_gpu), te_ram, text_parts
-        ),
-        Phase(
-            "encode images (VAE)",
-            _device_bytes(vae_parts, on_gpu),
-            process_ram + (0 if cache_on_gpu else vae_weights + vae_act),
-            vae_parts,
-        ),
-        Phase(
-            "load transformer",
-            (gpu_weights if on_gpu else 0) + fixed,
-            process_ram + loading_ram,
-            {"weights": gpu_weights},
-        ),
-        Phase("train step", step.gpu, process_ram + ram_weights, step.parts),
-    ]
-    if cfg.sample.prompts and (cfg.sample.every or cfg.sample.before_after):
-        side = max(cfg.train.resolutions)
-        decode = _vae_activations(
-            (cfg.sample.width or side) * (cfg.sample.height or side), act_bytes
-        )
-        sample_parts = {
-            "weights": gpu_weights,
-            "lora+grads+optimizer": trainable,
-            "vae": vae_weights,
-            "decode": decode,
-            "context": fixed,
-        }
-        phases.append(
-            Phase(
-                "render samples",
-                _device_bytes(sample_parts, on_gpu),
-                process_ram + ram_weights,
-                sample_parts,
-            )
-        )
-    if processes > 1:  # every rank fills its share of the cache, then loads and trains
-        phases = [dataclasses.replace(p, ram=p.ram * processes) for p in phases]
+    shape = s.shape()
     label = f"{base.family.variant(base.transformer_config()).name} ({shape.params / 1e9:.2f} B parameters)"
-    return Plan(label, phases, gpu_memory, ram, processes, notes, sharded)
-
-
-_COUNTED: dict[tuple, Any] = {}
-
-
-def _cached(key: tuple, count):
-    """Counting a model on the meta device takes ~1 s: once per model and setting in a process (local folders
-    are keyed by path, so a changed folder needs a new process)."""
-    if key not in _COUNTED:
-        _COUNTED[key] = count()
-    return _COUNTED[key]
+    return Plan(
+        label,
+        phases,
+        gpu_memory if on_gpu else None,
+        ram,
+        processes,
+        notes,
+        s.sharded,
+        s.process_ram * processes,
+        "cuda" if on_gpu else "cpu",
+    )
 
 
 def _vae_params(base) -> int:
@@ -472,18 +652,20 @@ def _vae_params(base) -> int:
 
 def memory_problem(cfg, base, processes: int, device_type: str) -> str | None:
     """train.py's check before loading weights: one line when the plan does not fit the GPU (the detected one, or
-    memory.gpu_memory) and the RAM (memory.ram, or this machine's); None when it fits or nothing is to check."""
+    memory.gpu_memory) and the RAM (memory.ram, or this machine's); a CPU run is planned as one, in RAM."""
     if not cfg.memory.check:
         return None
     gpu, ram = planned_for(cfg, device_type)
-    if gpu is None:
-        return None
-    plan = plan_training(cfg, base, processes, gpu, ram)
+    # the device the run is on (a CPU run's tensors are all RAM), unless memory.gpu_memory asks about a GPU
+    on_gpu = device_type == "cuda" or cfg.memory.gpu_memory is not None
+    counts = ModelCounts(base)
+    plan = plan_training(cfg, base, processes, gpu, ram, on_gpu=on_gpu, counts=counts)
     if plan.fits():
         return None
+    fix = cheapest_fix(cfg, base, processes, gpu, ram, on_gpu=on_gpu, counts=counts)
     return (
-        f"memory: {verdict(plan, cheapest_fix(cfg, base, processes, gpu, ram))} (see `flux2-lora plan --config "
-        "...`; memory.check=false or --skip-memory-check trains anyway)"
+        f"memory: {verdict(plan, fix)} (see `flux2-lora plan --config ...`; memory.check=false or "
+        "--skip-memory-check trains anyway)"
     )
 
 
@@ -533,8 +715,13 @@ def render(plan: Plan) -> str:
 
 
 def verdict(plan: Plan, fix: str | None) -> str:
-    card = f"{plan.gpu_memory:.1f} GiB GPU" if plan.gpu_memory is not None else "no GPU given"
     ram = f"{plan.ram:.1f} GiB RAM" if plan.ram is not None else "RAM not checked"
+    if plan.device == "cpu":
+        where = f"a CPU run: peak {gib(plan.peak_ram)} GiB of {ram} (--gpu-memory plans a GPU run)"
+        if plan.fits():
+            return f"fits {where}"
+        return f"does not fit {where}; {fix or 'no listed change makes it fit: lower train.resolution or use more RAM'}"
+    card = f"{plan.gpu_memory:.1f} GiB GPU" if plan.gpu_memory is not None else "no GPU given"
     if plan.fits():
         return f"fits: peak {gib(plan.peak_gpu)} GiB GPU of {card.split(' GPU')[0]}, {gib(plan.peak_ram)} GiB of {ram}"
     shard = (
@@ -578,12 +765,22 @@ def _label(change: dict[str, Any]) -> str:
     return "cheapest fix: " + text + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def cheapest_fix(cfg, base, processes: int, gpu_memory, ram, on_gpu: bool = True) -> str | None:
+def cheapest_fix(
+    cfg,
+    base,
+    processes: int,
+    gpu_memory,
+    ram,
+    on_gpu: bool = True,
+    counts: ModelCounts | None = None,
+) -> str | None:
     """The cheapest change that makes the plan fit, as "cheapest fix: key=value, ...": the first of FIXES that fits
     alone, else the shortest run of them that fits together, with every change it does not need taken out again.
     A setting the config already has is never offered."""
 
     from trainer.sharding import sharding_conflict
+
+    counts = counts or ModelCounts(base)
 
     def fits(changes: dict[str, Any]) -> bool:
         trial = copy.deepcopy(cfg)
@@ -591,7 +788,7 @@ def cheapest_fix(cfg, base, processes: int, gpu_memory, ram, on_gpu: bool = True
             _set(trial, key, value)
         if trial.train.sharding == "fsdp" and sharding_conflict(trial):
             return False  # a change the run would refuse is no fix
-        return plan_training(trial, base, processes, gpu_memory, ram, on_gpu).fits()
+        return plan_training(trial, base, processes, gpu_memory, ram, on_gpu, counts).fits()
 
     useful = [c for c in (_changes(cfg, change) for change in FIXES) if c]
     for change in useful:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from common.configtree import from_dict
-from inference.loading import resolve_base_model
+from inference.loading import ModelConfig, resolve_base_model
 from trainer.config import Config
-from trainer.memory import gib, plan_training
+from trainer.memory import ModelCounts, gib, plan_training
 
 TABLE_MODELS = {
     "FLUX.2 [klein] 4B": "black-forest-labs/FLUX.2-klein-base-4B",
@@ -23,6 +23,8 @@ def memory_table() -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, hub in TABLE_MODELS.items():
+        base = resolve_base_model(ModelConfig(path=hub))
+        counts = ModelCounts(base)  # counted once per model, not once per row
         for quantize in ("none", "int8", "nf4"):
             for checkpointing in (True, False):
                 for resolution in (512, 1024):
@@ -43,7 +45,7 @@ def memory_table() -> str:
                             },
                         },
                     )
-                    plan = plan_training(cfg, resolve_base_model(cfg.model))
+                    plan = plan_training(cfg, base, counts=counts)
                     step = next(p for p in plan.phases if p.name == "train step")
                     lines.append(
                         f"| {name} | {quantize} | {'yes' if checkpointing else 'no'} | {resolution} | "

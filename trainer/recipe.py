@@ -44,6 +44,7 @@ from trainer.outputs import (
     prepare_output_dir,
     write_card,
 )
+from trainer.phases import LOAD, QUIET, SAMPLES, SAVE, STEP, Phases
 from trainer.samples import SampleRenderer
 from trainer.signals import StopRequest
 from trainer.step import micro_batch_loss, step_generator
@@ -91,6 +92,7 @@ class Run:
     start: int  # the step to continue from (0, or a resumed checkpoint's)
     show_progress: bool
     ema: LoraEMA | None = None
+    phases: Phases = QUIET
     # FSDP: every rank runs forwards (samples, validation) and takes part in gathers
     sharded: bool = False
     step: int = 0  # steps done; read by the LoRA header of checkpoints
@@ -111,8 +113,10 @@ class Run:
         }
 
 
-def run(cfg: Config, show_progress: bool = True) -> TrainResult:
-    r = setup(cfg, show_progress)
+def run(cfg: Config, show_progress: bool = True, phases: Phases = QUIET) -> TrainResult:
+    """Train. `phases`: told when each named phase (trainer/phases.py) starts and ends (the rehearsal measures
+    them)."""
+    r = setup(cfg, show_progress, phases)
     loop_seconds, step_seconds = loop(r)
     finish(r)
     return TrainResult(
@@ -126,7 +130,7 @@ def run(cfg: Config, show_progress: bool = True) -> TrainResult:
 
 
 # ---- setup: everything a user can get wrong fails here, before any weights load ------------------------------
-def setup(cfg: Config, show_progress: bool) -> Run:
+def setup(cfg: Config, show_progress: bool, phases: Phases = QUIET) -> Run:
     started = time.perf_counter()
     base, data = check_inputs(cfg)
     out = Path(cfg.output.dir)
@@ -143,44 +147,21 @@ def setup(cfg: Config, show_progress: bool) -> Run:
     accelerator.wait_for_everyone()
 
     main = accelerator.is_main_process
-    features = _setup_features(cfg, base, data, accelerator, show_progress)
+    features = _setup_features(cfg, base, data, accelerator, show_progress, phases)
 
-    # straight to the device, layer by layer (quantised as read), unless the weights are meant to stay in RAM
-    direct = None if sharded or cfg.model.group_offload != "none" else accelerator.device.type
-    transformer = load_pipeline(
-        base,
-        cfg.model.dtype,
-        text_encoder=False,
-        vae=False,
-        quantize=cfg.model.quantize,
-        device_map=direct,
-    ).transformer
-    add_lora(transformer, cfg.lora, cfg.train.seed)
-    if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    apply_memory_options(transformer, cfg.model, accelerator.device)
-    transformer.train()
-    if sharded:  # before listing parameters: sharding replaces them with sharded ones
-        sharding.shard(transformer, accelerator.device)
-        shares = accelerator.gather(
-            torch.tensor([sharding.local_share(transformer)], device=accelerator.device)
-        )
-        log.info(
-            "sharded over %d ranks; the ranks hold %s of the frozen weights",
-            accelerator.num_processes,
-            ", ".join(f"{100 * s:.1f}%" for s in shares.tolist()),
-        )
-    # listed once: walking every module each step costs ~1 ms
-    trainable = trainable_parameters(transformer)
-    optimizer = build_optimizer(trainable, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    # sharded, the model reduces its own gradients; accelerate's prepare would wrap it in DDP
-    if not sharded:
-        # group offloading moves weights itself; accelerate must not move the whole model to the device
-        placement = [cfg.model.group_offload == "none", True]
-        transformer, optimizer = accelerator.prepare(
-            transformer, optimizer, device_placement=placement
-        )
+    with phases.phase(LOAD):
+        transformer = _setup_model(cfg, base, accelerator, sharded)
+        # listed once: walking every module each step costs ~1 ms
+        trainable = trainable_parameters(transformer)
+        optimizer = build_optimizer(trainable, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        # sharded, the model reduces its own gradients; accelerate's prepare would wrap it in DDP
+        if not sharded:
+            # group offloading moves weights itself; accelerate must not move the whole model to the device
+            placement = [cfg.model.group_offload == "none", True]
+            transformer, optimizer = accelerator.prepare(
+                transformer, optimizer, device_placement=placement
+            )
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
     ema = LoraEMA(trainable, cfg.ema.decay) if cfg.ema.decay else None
     if ema:
@@ -218,6 +199,7 @@ def setup(cfg: Config, show_progress: bool) -> Run:
         show_progress=show_progress,
         ema=ema,
         sharded=sharded,
+        phases=phases,
     )
     checkpoints.register_lora_hooks(
         accelerator, base.family, r.lora_info, transformer, optimizer if sharded else None
@@ -240,6 +222,38 @@ def setup(cfg: Config, show_progress: bool) -> Run:
         features.vae_calls,
     )
     return r
+
+
+def _setup_model(cfg: Config, base: BaseModel, accelerator, sharded: bool) -> torch.nn.Module:
+    """The transformer ready to train: loaded (quantised as read), its adapter added, checkpointing and offload
+    applied, sharded when asked."""
+    log.info("loading the transformer")  # minutes for a real model: say so before the wait
+    # straight to the device, layer by layer (quantised as read), unless the weights are meant to stay in RAM
+    direct = None if sharded or cfg.model.group_offload != "none" else accelerator.device.type
+    transformer = load_pipeline(
+        base,
+        cfg.model.dtype,
+        text_encoder=False,
+        vae=False,
+        quantize=cfg.model.quantize,
+        device_map=direct,
+    ).transformer
+    add_lora(transformer, cfg.lora, cfg.train.seed)
+    if cfg.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    apply_memory_options(transformer, cfg.model, accelerator.device)
+    transformer.train()
+    if sharded:  # before listing parameters: sharding replaces them with sharded ones
+        sharding.shard(transformer, accelerator.device)
+        shares = accelerator.gather(
+            torch.tensor([sharding.local_share(transformer)], device=accelerator.device)
+        )
+        log.info(
+            "sharded over %d ranks; the ranks hold %s of the frozen weights",
+            accelerator.num_processes,
+            ", ".join(f"{100 * s:.1f}%" for s in shares.tolist()),
+        )
+    return transformer
 
 
 def check_inputs(cfg: Config) -> tuple[BaseModel, TrainingData]:
@@ -275,7 +289,12 @@ def check_inputs(cfg: Config) -> tuple[BaseModel, TrainingData]:
 
 
 def _setup_features(
-    cfg: Config, base: BaseModel, data: TrainingData, accelerator, show_progress: bool
+    cfg: Config,
+    base: BaseModel,
+    data: TrainingData,
+    accelerator,
+    show_progress: bool,
+    phases: Phases = QUIET,
 ) -> Features:
     """The cache, filled on every machine (no shared filesystem assumed) by all of its processes, each encoding
     its share of the missing entries (split by hash), then one barrier and every rank loads it all. A rank-0-only
@@ -298,6 +317,7 @@ def _setup_features(
         show_progress and accelerator.is_local_main_process,
         accelerator.device,
         share,
+        phases,
     )
     accelerator.wait_for_everyone()  # every machine's cache is complete
     features = load_features(layout, data.samples)
@@ -393,7 +413,8 @@ def loop(r: Run) -> tuple[float, list[float]]:
     try:
         for step in range(r.start, cfg.train.steps):
             step_start = time.perf_counter()
-            loss, skipped = optimizer_step(r, plan, step)
+            with r.phases.phase(STEP):
+                loss, skipped = optimizer_step(r, plan, step)
             r.scheduler.step()
             r.step = step + 1
             step_seconds.append(time.perf_counter() - step_start)
@@ -403,7 +424,10 @@ def loop(r: Run) -> tuple[float, list[float]]:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"loss": loss, "lr": lr, "skipped": float(skipped)}, step=r.step)
             if r.sampler and cfg.sample.every and r.step % cfg.sample.every == 0:
-                with r.ema.applied() if r.ema else contextlib.nullcontext():
+                with (
+                    r.ema.applied() if r.ema else contextlib.nullcontext(),
+                    r.phases.phase(SAMPLES),
+                ):
                     grid = r.sampler.at_step(accelerator.unwrap_model(r.transformer), r.step)
                 _log_image(accelerator, grid, r.step)
             if cfg.validation.every and r.step % cfg.validation.every == 0:
@@ -480,8 +504,9 @@ def finish(r: Run) -> None:
     if cfg.validation.enabled and (not r.validation or r.validation[-1][0] != r.step):
         validate(r)
     if accelerator.is_main_process:
-        save_lora(r.out / WEIGHT_NAME, final, r.base.family, r.lora_info(), layers=layers)
-        export_copies(r.out, cfg.output.export, r.base.path)
+        with r.phases.phase(SAVE):
+            save_lora(r.out / WEIGHT_NAME, final, r.base.family, r.lora_info(), layers=layers)
+            export_copies(r.out, cfg.output.export, r.base.path)
     with r.ema.applied() if r.ema else contextlib.nullcontext():
         if r.ema and accelerator.is_main_process:
             save_lora(

@@ -6,6 +6,7 @@ cached the same way); the pipeline gets `prompt_embeds` and the training transfo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from common.atomic import atomic_path
 from common.configtree import non_negative, option
 from common.limits import side_problem
 from inference.grids import make_grid
-from inference.loading import BaseModel, load_pipeline
+from inference.loading import DTYPES, BaseModel, load_pipeline
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class SampleRenderer:
         write: bool = True,
     ):
         self.base, self.cfg, self.out_dir, self.write = base, cfg, out_dir, write
+        self.dtype = DTYPES[dtype]
         # VAE + scheduler only, on the training device: latents are made where the transformer runs, and a VAE
         # left on the CPU would be handed GPU latents at the first sample (the crash ai-toolkit fixed in #742)
         self.device = torch.device(device)
@@ -67,7 +69,17 @@ class SampleRenderer:
     def render(self, transformer) -> list[Image.Image]:
         was_training = transformer.training
         transformer.eval()
-        pipe = self.base.family.pipeline_class.from_pipe(self.pipe, transformer=transformer)
+        # the pipeline from its parts, not from_pipe: that casts every component to its dtype argument (float32
+        # when none is given), which would turn the training transformer's bf16 weights, or its float32 LoRA, into
+        # the other for the rest of the run
+        pipe = self.base.family.pipeline_class(
+            scheduler=self.pipe.scheduler,
+            vae=self.pipe.vae,
+            text_encoder=None,
+            tokenizer=None,
+            transformer=transformer,
+            **self.base.family.pipeline_options(self.base.distilled),
+        )
         pipe.set_progress_bar_config(disable=True)
         # declared, not read off the weights: group offload keeps those on the CPU
         device = self.device
@@ -76,17 +88,26 @@ class SampleRenderer:
         for i, embeds in enumerate(self.embeds):
             if self.base.family.has_true_cfg:
                 extra = {"negative_prompt_embeds": self.negative.to(device, embeds.dtype)}
-            images += pipe(
-                prompt_embeds=embeds.to(device),
-                width=self.size[0],
-                height=self.size[1],
-                num_inference_steps=self.steps,
-                guidance_scale=self.guidance,
-                generator=torch.Generator().manual_seed(self.cfg.seed + i),
-                **extra,
-            ).images
+            # the transformer's output is float32 where the float32 LoRA adds in; autocast keeps every step,
+            # and the VAE's decode, in the model's dtype, as training's forward is
+            with self._autocast():
+                images += pipe(
+                    prompt_embeds=embeds.to(device),
+                    width=self.size[0],
+                    height=self.size[1],
+                    num_inference_steps=self.steps,
+                    guidance_scale=self.guidance,
+                    generator=torch.Generator().manual_seed(self.cfg.seed + i),
+                    **extra,
+                ).images
         transformer.train(was_training)
         return images
+
+    def _autocast(self):
+        # half precision runs under autocast; a float32 model, or the meta device of the placement tests, as is
+        if self.dtype == torch.float32 or self.device.type not in ("cuda", "cpu"):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def save_grid(self, name: str, images: list[Image.Image], **layout) -> Image.Image:
         grid = make_grid(images, columns=len(self.cfg.prompts), **layout)
