@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from common.errors import UserError
+from common.errors import UserError, refuse
 
 T = TypeVar("T")
 Check = Callable[[Any], "str | None"]
@@ -98,15 +98,13 @@ def config_key(path: str) -> str:
     return f"config key '{path}'"
 
 
-_name: Callable[[str], str] = config_key  # how errors name a key; set per from_dict call
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, name: Callable[[str], str]) -> Any:
+    """`value` as type `tp`; `name(key)` is how messages call the key."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"{_name(key)} must be a mapping of keys, got {value!r}")
-        return from_dict(tp, value, key)
+            raise UserError(f"{name(key)} must be a mapping of keys, got {value!r}")
+        return _build(tp, value, key, name)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -115,10 +113,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, name)
             except UserError:
                 continue
-        raise UserError(f"{_name(key)} must be {type_name(tp)}, got {value!r}")
+        raise UserError(f"{name(key)} must be {type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
@@ -126,13 +124,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         tip = f"; did you mean {hint[0]!r}?" if hint else ""
         raise UserError(
-            f"{_name(key)} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{tip}"
+            f"{name(key)} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{tip}"
         )
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{_name(key)} must be {type_name(tp)}, got {value!r}")
+            raise UserError(f"{name(key)} must be {type_name(tp)}, got {value!r}")
         (item_tp, *_rest) = typing.get_args(tp)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, f"{key}[{i}]", name) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if tp is Any:
         return value
@@ -142,7 +140,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):  # YAML's .nan / .inf: no setting means either
-                raise UserError(f"{_name(key)} must be a finite number, got {value}")
+                raise UserError(f"{name(key)} must be a finite number, got {value}")
             return float(value)
         if isinstance(value, str) and _looks_like_float(value):
             return float(value)  # YAML 1.1 reads "5e-5" (no dot) as a string
@@ -158,7 +156,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return os.fspath(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    raise UserError(f"{_name(key)} must be {type_name(tp)}, got {value!r}")
+    raise UserError(f"{name(key)} must be {type_name(tp)}, got {value!r}")
 
 
 def from_dict(
@@ -166,15 +164,10 @@ def from_dict(
 ) -> T:
     """Build dataclass `cls` from `data`, rejecting unknown keys and running each field's check, then the
     dataclass's own `validate()`. `name(path)` is how messages call a key (config key, --flag, argument)."""
-    global _name
-    previous, _name = _name, name
-    try:
-        return _build(cls, data, prefix)
-    finally:
-        _name = previous
+    return _build(cls, data, prefix, name)
 
 
-def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
+def _build(cls: type[T], data: dict[str, Any], prefix: str, name: Callable[[str], str]) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -182,10 +175,10 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
             full = f"{prefix}.{key}" if prefix else str(key)
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             if close:
-                tip = f"did you mean {_name(prefix + '.' + close[0] if prefix else close[0]).rsplit(' ', 1)[-1]}?"
+                tip = f"did you mean {name(prefix + '.' + close[0] if prefix else close[0]).rsplit(' ', 1)[-1]}?"
             else:
                 tip = f"valid keys here: {', '.join(fields)}"
-            raise UserError(f"{_name(full)} is unknown; {tip}")
+            raise UserError(f"{name(full)} is unknown; {tip}")
     kwargs = {}
     for field_name, f in fields.items():
         key = f"{prefix}.{field_name}" if prefix else field_name
@@ -195,32 +188,25 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
                 isinstance(data[field_name], (str, int, float, bool))
                 and data[field_name] in retired
             ):
-                raise UserError(f"{_name(key)}: {retired[data[field_name]]}")
-            value = _coerce(data[field_name], hints[field_name], key)
+                raise UserError(f"{name(key)}: {retired[data[field_name]]}")
+            value = _coerce(data[field_name], hints[field_name], key, name)
         elif dataclasses.is_dataclass(hints[field_name]):
-            value = _build(hints[field_name], {}, key)  # absent sections are still validated
+            value = _build(hints[field_name], {}, key, name)  # absent sections are still validated
         elif f.default is not dataclasses.MISSING:
             value = f.default
         elif f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
         else:
             raise UserError(
-                f"{_name(key)} is required but missing; set it in the YAML or as {key}=VALUE"
+                f"{name(key)} is required but missing; set it in the YAML or as {key}=VALUE"
             )
         check = f.metadata.get("check")
         problem = check(value) if check else None
         if problem:
-            raise UserError(f"{_name(key)} {problem}")
+            raise UserError(f"{name(key)} {problem}")
         kwargs[field_name] = value
     obj = cls(**kwargs)
-    problems = validate(obj)
-    if len(problems) == 1:
-        raise UserError(problems[0])
-    if problems:
-        raise UserError(
-            f"{len(problems)} problems: "
-            + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
-        )
+    refuse(validate(obj))
     return obj
 
 

@@ -24,6 +24,18 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+def refuse(problems: list[str]) -> None:
+    """Raise one UserError for every problem found (none: return): the config tree and the preflight step report
+    all of a run's mistakes in one line, not the first of them."""
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError(
+            f"{len(problems)} problems: "
+            + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        )
+
+
 def run_guarded(func: Callable[[], int]) -> int:
     """Run a command: UserError -> one line on stderr, exit 2; an interruption -> its own message, 128+signal."""
     try:

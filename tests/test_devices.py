@@ -157,3 +157,19 @@ def test_before_after_grid_runs_on_the_training_device(family, tiny_models):
     with pytest.raises(Exception) as info:
         renderer.before_after(transformer, 5)
     assert _stops_where_pixels_are_copied_out(info.value, family), info.value
+
+
+def test_cpu_runs_pick_a_dtype_that_fits_this_machine(tiny_models, caplog, monkeypatch):
+    import common.machine
+    from inference.generate import cpu_dtype
+
+    monkeypatch.setattr(common.machine, "detected_ram", lambda: 24.0)  # this project's machines
+    from inference.loading import ModelConfig, resolve_base_model
+
+    assert cpu_dtype(resolve_base_model(ModelConfig(path=str(tiny_models["klein"])))) == "float32"
+    real = resolve_base_model(
+        ModelConfig(path="black-forest-labs/FLUX.2-klein-base-4B")
+    )  # shipped configs
+    with caplog.at_level("WARNING", logger="flux2_lora.generate"):
+        assert cpu_dtype(real) == "bfloat16"  # ~30 GiB in float32: more than 24
+    assert "float32 would need 30 GiB" in caplog.text

@@ -120,7 +120,7 @@ def test_training_reduces_the_loss_on_a_fixed_batch(
     from data_tools.dataset import DataConfig, load_samples
     from trainer.cache import CacheConfig, build_features
     from trainer.flow import FlowConfig
-    from trainer.step import TrainSettings, micro_batch_loss
+    from trainer.step import BatchSource, Objective, TrainSettings, micro_batch_loss
 
     base = resolve_base_model(ModelConfig(path=str(tiny_models["klein"])))
     samples = load_samples(DataConfig(path=str(sample_data), trigger="zxq"), 64)
@@ -131,26 +131,23 @@ def test_training_reduces_the_loss_on_a_fixed_batch(
         CacheConfig(dir=str(shared_cache)),
         show_progress=False,
     )
-    settings = TrainSettings(caption_dropout=0.0)
-    captions = [(s.caption,) for s in samples]
+    source = BatchSource(
+        features,
+        [(s.caption,) for s in samples],
+        TrainSettings(caption_dropout=0.0),
+        FlowConfig(),
+        Objective(),
+        base.family,
+        torch.float32,
+        torch.device("cpu"),
+    )
 
     def loss_of(transformer):
         total = 0.0
         with torch.no_grad():
             for i in range(len(samples)):
                 g = torch.Generator().manual_seed(100 + i)
-                total += micro_batch_loss(
-                    transformer,
-                    base.family,
-                    features,
-                    captions,
-                    [i],
-                    settings,
-                    FlowConfig(),
-                    g,
-                    torch.float32,
-                    torch.device("cpu"),
-                ).item()
+                total += micro_batch_loss(transformer, transformer, source, [i], g).item()
         return total
 
     before = loss_of(load_pipeline(base, text_encoder=False, vae=False).transformer)

@@ -123,7 +123,6 @@ def plan(args: argparse.Namespace) -> int:
     quiet_libraries()
     import torch
 
-    from inference.loading import resolve_base_model
     from trainer.memory import (
         ModelCounts,
         cheapest_fix,
@@ -132,8 +131,10 @@ def plan(args: argparse.Namespace) -> int:
         render,
         verdict,
     )
+    from trainer.preflight import preflight
 
-    base = resolve_base_model(cfg.model)
+    # the model's own checks; this machine's packages and devices are not what is planned
+    base = preflight(cfg, data=False, machine=False).base
     gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "0")) or cfg.memory.gpus or 1
     gpu, ram = planned_for(
         cfg, "cuda" if torch.cuda.is_available() else "cpu", args.gpu_memory, args.ram

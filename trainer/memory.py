@@ -16,11 +16,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 from typing import Any
 
 from common.configtree import option, positive
 from common.limits import SIDE_MULTIPLE
+from common.machine import detected_ram
 from trainer.phases import LOAD, SAMPLES, STEP, TEXT_ENCODER, VAE
 
 GIB = 1024**3
@@ -689,10 +689,6 @@ def detected_gpu_memory() -> float | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory / GIB
-
-
-def detected_ram() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
 def gib(value: float) -> str:

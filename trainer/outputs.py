@@ -37,25 +37,26 @@ class OutputConfig:
         return [] if self.dir else ["output.dir is empty; set it to a folder for this run"]
 
 
-def check_tracker(cfg: OutputConfig) -> None:
+def tracker_problem(cfg: OutputConfig) -> str | None:
     """wandb without a login fails after minutes of caching; say so before anything loads."""
     if cfg.report_to != "wandb":
-        return
+        return None
     if os.environ.get("WANDB_MODE", "").lower() in (
         "offline",
         "disabled",
         "dryrun",
     ) or os.environ.get("WANDB_API_KEY"):
-        return
+        return None
     try:
         logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
     except (OSError, netrc.NetrcParseError):
         logged_in = False
-    if not logged_in:
-        raise UserError(
-            "output.report_to: wandb, but wandb has no login here; run `wandb login`, or set "
-            "WANDB_MODE=offline (logs stay in output.dir), or add output.report_to=none to the command"
-        )
+    if logged_in:
+        return None
+    return (
+        "output.report_to: wandb, but wandb has no login here; run `wandb login`, or set "
+        "WANDB_MODE=offline (logs stay in output.dir), or add output.report_to=none to the command"
+    )
 
 
 def prepare_output_dir(cfg: OutputConfig, resuming: bool) -> Path:

@@ -23,32 +23,29 @@ from inference.loading import (
     BaseModel,
     apply_memory_options,
     load_pipeline,
-    resolve_base_model,
 )
 from inference.lora_io import WEIGHT_NAME, save_lora
-from inference.quantize import quantize_problem
 from inference.runs import CONFIG_FILE, EMA_WEIGHT_NAME
 from trainer import checkpoints, sharding
 from trainer.batches import BatchPlan
 from trainer.cache import Features, cache_layout, fill_cache, load_features
 from trainer.config import Config, dump_config
 from trainer.ema import LoraEMA
-from trainer.lora import add_lora, rank_problem, trainable_parameters
-from trainer.memory import memory_problem
-from trainer.optim import build_optimizer, build_scheduler, optimizer_problem
+from trainer.lora import add_lora, trainable_parameters
+from trainer.optim import build_optimizer, build_scheduler
 from trainer.outputs import (
     card_base_model,
-    check_tracker,
     export_copies,
     model_card,
     prepare_output_dir,
     write_card,
 )
 from trainer.phases import LOAD, QUIET, SAMPLES, SAVE, STEP, Phases
+from trainer.preflight import preflight
 from trainer.samples import SampleRenderer
 from trainer.signals import StopRequest
-from trainer.step import micro_batch_loss, step_generator
-from trainer.training_data import TrainingData, training_data
+from trainer.step import BatchSource, micro_batch_loss, step_generator
+from trainer.training_data import TrainingData
 from trainer.validation import validation_loss, write_curve
 
 log = logging.getLogger("flux2_lora.train")
@@ -93,6 +90,10 @@ class Run:
     show_progress: bool
     ema: LoraEMA | None = None
     phases: Phases = QUIET
+    batches: BatchSource | None = None  # what the loop and validation draw micro-batches from
+    plain: torch.nn.Module | None = (
+        None  # the unwrapped transformer (preservation switches its adapter off)
+    )
     # FSDP: every rank runs forwards (samples, validation) and takes part in gathers
     sharded: bool = False
     step: int = 0  # steps done; read by the LoRA header of checkpoints
@@ -132,16 +133,15 @@ def run(cfg: Config, show_progress: bool = True, phases: Phases = QUIET) -> Trai
 # ---- setup: everything a user can get wrong fails here, before any weights load ------------------------------
 def setup(cfg: Config, show_progress: bool, phases: Phases = QUIET) -> Run:
     started = time.perf_counter()
-    base, data = check_inputs(cfg)
     out = Path(cfg.output.dir)
     # before creating anything
     resume_from = checkpoints.resolve_resume(cfg.resume, out) if cfg.resume else None
     accelerator = _accelerator(cfg, out)
+    checked = preflight(
+        cfg, accelerator=accelerator
+    )  # every mistake found, in one line, before weights load
+    base, data = checked.base, checked.data
     sharded = sharding.requested(cfg.train.sharding, accelerator)
-    if sharded and (problem := sharding.sharding_problem(accelerator, cfg)):
-        raise UserError(problem)
-    if problem := memory_problem(cfg, base, accelerator.num_processes, accelerator.device.type):
-        raise UserError(problem)
     if accelerator.is_main_process:
         prepare_output_dir(cfg.output, resuming=resume_from is not None)
     accelerator.wait_for_everyone()
@@ -182,7 +182,16 @@ def setup(cfg: Config, show_progress: bool, phases: Phases = QUIET) -> Run:
         if cfg.sample.prompts and (main or sharded)
         else None
     )
-    data.objective.plain_model = accelerator.unwrap_model(transformer)
+    batches = BatchSource(
+        features,
+        data.captions,
+        cfg.train,
+        cfg.flow,
+        data.objective,
+        base.family,
+        DTYPES[cfg.model.dtype],
+        accelerator.device,
+    )
     r = Run(
         cfg,
         base,
@@ -200,6 +209,8 @@ def setup(cfg: Config, show_progress: bool, phases: Phases = QUIET) -> Run:
         ema=ema,
         sharded=sharded,
         phases=phases,
+        batches=batches,
+        plain=accelerator.unwrap_model(transformer),
     )
     checkpoints.register_lora_hooks(
         accelerator, base.family, r.lora_info, transformer, optimizer if sharded else None
@@ -254,38 +265,6 @@ def _setup_model(cfg: Config, base: BaseModel, accelerator, sharded: bool) -> to
             ", ".join(f"{100 * s:.1f}%" for s in shares.tolist()),
         )
     return transformer
-
-
-def check_inputs(cfg: Config) -> tuple[BaseModel, TrainingData]:
-    """Everything about the model, data, optimizer, precision and tracker a user can get wrong, with no weights read."""
-    base = resolve_base_model(cfg.model)
-    _refuse_distilled(base, cfg.model.allow_distilled)
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    problem = (
-        optimizer_problem(cfg.optim)
-        or rank_problem(base.empty_transformer(), cfg.lora)
-        or quantize_problem(cfg.model.quantize, "model.quantize", device_type)
-        or quantize_problem(
-            cfg.model.text_encoder_quantize,
-            "model.text_encoder_quantize",
-            "cpu" if cfg.cache.device == "cpu" else device_type,
-        )
-    )
-    if problem:
-        raise UserError(problem)
-    data = training_data(cfg)
-    if cfg.lora.type == "loha":  # before the hours of training, not after
-        log.warning(
-            "lora.type: loha: stock diffusers' load_lora_weights refuses LoHa files; flux2-lora loads them, "
-            "and `flux2-lora export --format comfyui|kohya|bfl` writes what ComfyUI, musubi-tuner and "
-            "ai-toolkit read"
-        )
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError(
-            "train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine"
-        )
-    check_tracker(cfg.output)
-    return base, data
 
 
 def _setup_features(
@@ -460,19 +439,7 @@ def optimizer_step(r: Run, plan: BatchPlan, step: int) -> tuple[float, bool]:
             torch.manual_seed(generator.initial_seed())
         with accelerator.accumulate(r.transformer):
             with accelerator.autocast():
-                loss = micro_batch_loss(
-                    r.transformer,
-                    r.base.family,
-                    r.features,
-                    r.data.captions,
-                    indices,
-                    cfg.train,
-                    cfg.flow,
-                    generator,
-                    DTYPES[cfg.model.dtype],
-                    accelerator.device,
-                    r.data.objective,
-                )
+                loss = micro_batch_loss(r.transformer, r.plain, r.batches, indices, generator)
             if _any_rank(accelerator, not torch.isfinite(loss).item()):
                 skipped = True
                 _report_nonfinite(
@@ -543,30 +510,14 @@ def validate(r: Run) -> None:
     """The held-out loss now: logged, and written as validation.csv / validation.png."""
     loss = validation_loss(
         r.accelerator.unwrap_model(r.transformer),
-        r.base.family,
-        r.features,
+        r.batches,
         r.data.validation_indices,
-        [c[0] for c in r.data.captions],
         r.cfg.validation.sigmas,
-        r.cfg.train.guidance,
-        DTYPES[r.cfg.model.dtype],
-        r.accelerator.device,
     )
     r.validation.append((r.step, loss))
     r.accelerator.log({"validation_loss": loss}, step=r.step)
     if r.accelerator.is_main_process:
         write_curve(r.out, r.validation)
-
-
-def _refuse_distilled(base: BaseModel, allowed: bool) -> None:
-    """Step-distilled checkpoints learn LoRAs badly (weak or grey results, reported by users of every trainer)."""
-    if base.distilled and not allowed:
-        variant = base.family.variant(base.transformer_config())
-        raise UserError(
-            f"model.path '{base.path}' is a step-distilled FLUX.2 {base.family.name} checkpoint, and LoRAs "
-            f"trained on one come out weak or grey; train on the base checkpoint ({variant.base_model}) "
-            "and use the LoRA on either, or set model.allow_distilled: true"
-        )
 
 
 def _check_ranks_agree(

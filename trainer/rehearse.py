@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,9 +61,12 @@ def live_tensor_bytes() -> int:
     import torch
 
     seen, total = set(), 0
-    for obj in gc.get_objects():
+    with warnings.catch_warnings():  # isinstance() on deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in objects:
         try:
-            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+            if obj.device.type == "cpu" and not obj.is_meta:
                 storage = obj.untyped_storage()
                 if storage.data_ptr() not in seen:
                     seen.add(storage.data_ptr())
@@ -73,14 +77,37 @@ def live_tensor_bytes() -> int:
 
 
 @contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null for a moment: what C++ code prints there is dropped."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
 def tensor_peak() -> Iterator[list[int]]:
     """Peak CPU tensor bytes allocated above the start while the block runs (the profiler's allocation events
     in order): the CPU's max_memory_allocated."""
     from torch.profiler import ProfilerActivity, profile
 
     result = [0]
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler's C++ side announces its start and stop on stderr
+        prof.__enter__()
+    try:
         yield result
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     live = peak = 0
     for _, change in sorted(
         (e.time_range.start, e.self_cpu_memory_usage) for e in prof.profiler.function_events

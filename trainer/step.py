@@ -99,73 +99,132 @@ class Objective:
     # caption -> caption with the trigger replaced by the class prompt
     preserve: dict[str, str] | None = None
     preserve_weight: float = 1.0
-    # the unwrapped transformer, to switch its adapter off
-    plain_model: torch.nn.Module | None = None
+
+
+@dataclasses.dataclass
+class Batch:
+    """One micro-batch as the transformer sees it, however it was drawn (training, validation)."""
+
+    x0: torch.Tensor  # (B, 128, h, w) normalised latents
+    tokens: torch.Tensor  # the same packed: (B, h*w, 128)
+    noise: torch.Tensor  # (B, h*w, 128)
+    sigmas: torch.Tensor  # (B,)
+    embeds: torch.Tensor  # (B, L, D) prompt embeddings
+    references: list[torch.Tensor]  # per reference image: (B, 128, h_k, w_k)
+    weights: torch.Tensor  # (B,) per-sample loss weights
+    token_weights: torch.Tensor | None = None  # (B, h*w) from masks
+    preserve_embeds: torch.Tensor | None = (
+        None  # the captions with the class prompt for the trigger
+    )
+
+
+def predict(
+    transformer, family: Family, batch: Batch, guidance: float, embeds: torch.Tensor | None = None
+):
+    """The transformer's velocity for the batch's noisy latents, under its own or the given embeddings."""
+    noisy = interpolate(batch.tokens, batch.noise, batch.sigmas)
+    inputs = build_inputs(
+        family, noisy, batch.x0.shape, batch.embeds if embeds is None else embeds, batch.references
+    )
+    return predict_velocity(transformer, family, inputs, batch.sigmas, guidance)
+
+
+def batch_loss(
+    transformer, family: Family, batch: Batch, guidance: float, per: int
+) -> torch.Tensor:
+    """The flow-matching loss of a batch: the one loss training and validation compute. `per`: what the summed
+    loss is divided by (the configured batch size, so a bucket's short last batch weighs each image the same)."""
+    target = velocity_target(batch.tokens, batch.noise)
+    return flow_loss(
+        predict(transformer, family, batch, guidance),
+        target,
+        batch.weights,
+        per,
+        batch.token_weights,
+    )
+
+
+@dataclasses.dataclass
+class BatchSource:
+    """Draws micro-batches from what the loop trains on. A batch's caption variants, caption dropout, noise and
+    sigmas come from its generator alone (seeded by its global number), so resume and several ranks draw alike."""
+
+    features: Features
+    captions: list[
+        tuple[str, ...]
+    ]  # per sample: its caption variants (one unless tags are shuffled or dropped)
+    settings: TrainSettings
+    flow: FlowConfig
+    objective: Objective
+    family: Family
+    dtype: torch.dtype
+    device: torch.device
+
+    def _to(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+    def draw(self, indices: list[int], generator: torch.Generator) -> Batch:
+        f, settings = self.features, self.settings
+        drop = torch.rand(len(indices), generator=generator) < settings.caption_dropout
+        chosen = [
+            self.captions[i][0]
+            if len(self.captions[i]) == 1
+            else self.captions[i][
+                int(torch.randint(len(self.captions[i]), (1,), generator=generator))
+            ]
+            for i in indices
+        ]
+        texts = ["" if d else c for c, d in zip(chosen, drop.tolist())]
+        x0 = self._to(torch.cat([f.latents[i] for i in indices]))
+        tokens = self.family.pipeline_class._pack_latents(x0)  # (B, 128, h, w) -> (B, h*w, 128)
+        noise = self._to(torch.randn(tokens.shape, generator=generator, dtype=torch.float32))
+        sigmas = training_sigmas(self.flow, len(indices), tokens.shape[1], generator).to(
+            self.device
+        )
+        weights = loss_weights(self.flow.loss_weighting, sigmas)
+        if self.objective.sample_weights is not None:
+            weights = weights * torch.tensor(
+                [self.objective.sample_weights[i] for i in indices], device=weights.device
+            )
+        preserve = self.objective.preserve
+        return Batch(
+            x0=x0,
+            tokens=tokens,
+            noise=noise,
+            sigmas=sigmas,
+            embeds=self._to(torch.cat([f.embeds[t] for t in texts])),
+            references=[
+                self._to(torch.cat([f.references[i][k] for i in indices]))
+                for k in range(len(f.references[indices[0]]))
+            ],
+            weights=weights,
+            token_weights=torch.cat([f.masks[i] for i in indices]).to(self.device)
+            if f.masks
+            else None,
+            preserve_embeds=self._to(torch.cat([f.embeds[preserve[c]] for c in chosen]))
+            if preserve
+            else None,
+        )
 
 
 def micro_batch_loss(
-    transformer,
-    family: Family,
-    features: Features,
-    captions: list[tuple[str, ...]],
-    indices: list[int],
-    settings: TrainSettings,
-    flow: FlowConfig,
-    generator: torch.Generator,
-    dtype: torch.dtype,
-    device: torch.device,
-    objective: Objective | None = None,
+    transformer, plain, source: BatchSource, indices: list[int], generator: torch.Generator
 ) -> torch.Tensor:
-    """`captions[i]`: sample i's caption variants (one unless tags are shuffled or dropped); one is drawn."""
-    objective = objective or Objective()
-    drop = torch.rand(len(indices), generator=generator) < settings.caption_dropout
-    chosen = [
-        captions[i][0]
-        if len(captions[i]) == 1
-        else captions[i][int(torch.randint(len(captions[i]), (1,), generator=generator))]
-        for i in indices
-    ]
-    texts = ["" if d else c for c, d in zip(chosen, drop.tolist())]
-    x0 = torch.cat([features.latents[i] for i in indices]).to(device=device, dtype=dtype)
-    embeds = torch.cat([features.embeds[t] for t in texts]).to(device=device, dtype=dtype)
-    x0_tokens = family.pipeline_class._pack_latents(x0)  # (B, 128, h, w) -> (B, h*w, 128)
-    noise = torch.randn(x0_tokens.shape, generator=generator, dtype=torch.float32).to(
-        device=device, dtype=dtype
-    )
-    sigmas = training_sigmas(flow, len(indices), x0_tokens.shape[1], generator).to(device)
-    references = [
-        torch.cat([features.references[i][k] for i in indices]).to(device=device, dtype=dtype)
-        for k in range(len(features.references[indices[0]]))
-    ]
-    noisy = interpolate(x0_tokens, noise, sigmas)
-    inputs = build_inputs(family, noisy, x0.shape, embeds, references)
-    pred = predict_velocity(transformer, family, inputs, sigmas, settings.guidance)
-    weights = loss_weights(flow.loss_weighting, sigmas)
-    if objective.sample_weights is not None:
-        weights = weights * torch.tensor(
-            [objective.sample_weights[i] for i in indices], device=weights.device
-        )
-    masks = [features.masks[i] for i in indices] if features.masks else None
-    token_weights = torch.cat(masks).to(device) if masks else None
-    loss = flow_loss(
-        pred, velocity_target(x0_tokens, noise), weights, settings.batch_size, token_weights
-    )
-    if objective.preserve:
+    """The loss of micro-batch `indices`: flow matching, plus with preservation the class-prompt prediction pulled
+    to the base model's. `plain`: the unwrapped transformer (its adapter is switched off for the base's)."""
+    settings, family = source.settings, source.family
+    batch = source.draw(indices, generator)
+    loss = batch_loss(transformer, family, batch, settings.guidance, settings.batch_size)
+    if batch.preserve_embeds is not None:
         # the same noisy image under the caption without the trigger: the LoRA should predict what the base does
-        kept = torch.cat([features.embeds[objective.preserve[c]] for c in chosen]).to(
-            device=device, dtype=dtype
-        )
-        kept_inputs = build_inputs(family, noisy, x0.shape, kept, references)
         with torch.no_grad():
-            objective.plain_model.disable_adapters()
+            plain.disable_adapters()
             try:
-                target = predict_velocity(
-                    objective.plain_model, family, kept_inputs, sigmas, settings.guidance
-                )
+                target = predict(plain, family, batch, settings.guidance, batch.preserve_embeds)
             finally:
-                objective.plain_model.enable_adapters()
-        kept_pred = predict_velocity(transformer, family, kept_inputs, sigmas, settings.guidance)
-        loss = loss + objective.preserve_weight * flow_loss(
-            kept_pred, target, torch.ones_like(weights), settings.batch_size
+                plain.enable_adapters()
+        kept = predict(transformer, family, batch, settings.guidance, batch.preserve_embeds)
+        loss = loss + source.objective.preserve_weight * flow_loss(
+            kept, target, torch.ones_like(batch.weights), settings.batch_size
         )
     return loss

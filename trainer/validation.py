@@ -11,8 +11,7 @@ import torch
 
 from common.atomic import atomic_path
 from common.configtree import non_negative, option, probability
-from inference.conditioning import build_inputs, predict_velocity
-from trainer.flow import flow_loss, interpolate, velocity_target
+from trainer.step import Batch, BatchSource, batch_loss
 
 
 @dataclasses.dataclass
@@ -45,36 +44,36 @@ class ValidationConfig:
 
 @torch.no_grad()
 def validation_loss(
-    transformer,
-    family,
-    features,
-    indices: list[int],
-    captions: list[str],
-    sigmas: list[float],
-    guidance: float,
-    dtype: torch.dtype,
-    device: torch.device,
+    transformer, source: BatchSource, indices: list[int], sigmas: list[float]
 ) -> float:
-    """Mean loss over the held-out samples x sigmas. Noise is seeded by the sample's position: fixed forever."""
+    """Mean loss over the held-out samples x sigmas: the training loss (trainer/step.py) at fixed sigmas, under each
+    sample's own caption, with noise seeded by the sample's position, so the number is fixed forever."""
     was_training = transformer.training
     transformer.eval()
     total = 0.0
     for k, i in enumerate(indices):
-        x0 = family.pipeline_class._pack_latents(features.latents[i].to(device=device, dtype=dtype))
+        x0 = source.features.latents[i].to(device=source.device, dtype=source.dtype)
+        tokens = source.family.pipeline_class._pack_latents(x0)
         noise = torch.randn(
-            x0.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float32
+            tokens.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float32
         )
-        noise = noise.to(device=device, dtype=dtype)
-        embeds = features.embeds[captions[i]].to(device=device, dtype=dtype)
-        refs = [r.to(device=device, dtype=dtype) for r in features.references[i]]
         for sigma in sigmas:
-            s = torch.tensor([sigma], device=device)
-            inputs = build_inputs(
-                family, interpolate(x0, noise, s), features.latents[i].shape, embeds, refs
+            batch = Batch(
+                x0=x0,
+                tokens=tokens,
+                noise=noise.to(device=source.device, dtype=source.dtype),
+                sigmas=torch.tensor([sigma], device=source.device),
+                embeds=source.features.embeds[source.captions[i][0]].to(
+                    device=source.device, dtype=source.dtype
+                ),
+                references=[
+                    r.to(device=source.device, dtype=source.dtype)
+                    for r in source.features.references[i]
+                ],
+                weights=torch.ones(1, device=source.device),
             )
-            pred = predict_velocity(transformer, family, inputs, s, guidance)
-            total += flow_loss(
-                pred, velocity_target(x0, noise), torch.ones(1, device=device)
+            total += batch_loss(
+                transformer, source.family, batch, source.settings.guidance, 1
             ).item()
     transformer.train(was_training)
     return total / (len(indices) * len(sigmas))
