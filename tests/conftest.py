@@ -16,6 +16,13 @@ from inference.families import FAMILIES
 from inference.tiny import write_tiny_model
 
 
+@pytest.fixture(params=list(FAMILIES))
+def family(request) -> str:
+    """Each FLUX.2 family by name: a test that takes `family` runs once per family (the one list of them is
+    inference/families.py's)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")

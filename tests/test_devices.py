@@ -33,7 +33,6 @@ def _render_on_meta(tiny_models, family: str, renderer_device: str) -> BaseExcep
     return info.value
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 def test_training_samples_run_every_model_call_on_the_training_device(family, tiny_models):
     error = _render_on_meta(tiny_models, family, "meta")
     frames = "".join(traceback.format_tb(error.__traceback__))
@@ -83,7 +82,6 @@ def _meta_embeds(monkeypatch):
     )
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 @pytest.mark.parametrize("mode", ["t2i", "edit", "references"])
 def test_generate_runs_every_model_call_on_the_declared_device(
     family, mode, tiny_models, monkeypatch
@@ -136,7 +134,6 @@ def test_evaluate_places_its_generator_on_the_declared_device(tiny_models, monke
     assert not (tmp_path / "eval").exists()
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 def test_before_after_grid_runs_on_the_training_device(family, tiny_models):
     from trainer.lora import LoraSettings, add_lora
 

@@ -23,7 +23,7 @@ from trainer.recipe import run
 @pytest.fixture(scope="module")
 def loras(tiny_models, sample_data, shared_cache, tmp_path_factory):
     out = {}
-    for family in ("klein", "dev"):
+    for family in FAMILIES:
         run_dir = tmp_path_factory.mktemp(f"lora-{family}")
         cfg = load_config(
             None,
@@ -45,7 +45,6 @@ def _arr(generated):
     return np.array(generated[0].image)
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 def test_generator_matches_stock_pipeline_and_scales_behave(family, tiny_models, loras):
     gen = Generator(str(tiny_models[family]))
     kw = dict(width=64, height=64, steps=3, seed=11)
@@ -117,7 +116,6 @@ def test_fused_equals_unfused_and_hot_swap(tiny_models, loras):
     ]
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 def test_edit_and_multi_reference(family, tiny_models):
     gen = Generator(str(tiny_models[family]))
     photo = Image.new("RGB", (96, 64), "#E4572E")

@@ -167,9 +167,9 @@ def _cell(runs: dict, fmt: str, tool: str) -> str:
 
 def _readme_table() -> str:
     text = (REPO / "README.md").read_text()
-    found = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), text, re.S)
+    found = re.search(re.escape(BEGIN) + r"\n(?:(.*?)\n)?" + re.escape(END), text, re.S)
     assert found, f"README.md has no {BEGIN} ... {END} block"
-    return found.group(1)
+    return found.group(1) or ""
 
 
 @pytest.mark.slow
@@ -199,7 +199,8 @@ if __name__ == "__main__":
     readme = REPO / "README.md"
     text = readme.read_text()
     new = re.sub(
-        re.escape(BEGIN) + r"\n.*?\n" + re.escape(END),
+        # an empty block is one line break between the markers
+        re.escape(BEGIN) + r"\n(?:.*?\n)?" + re.escape(END),
         lambda m: f"{BEGIN}\n{table}\n{END}",
         text,
         flags=re.S,

@@ -38,7 +38,6 @@ def _train_and_measure(model, family, data, out, cache, *more, scale=1.0):
 
 # the quickstart's 400 steps: klein ΔE 43 -> 22, dev 41 -> 13 (README, The tiny model)
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["klein", "dev"])
 def test_a_short_run_learns_the_mark(family, pretrained_models, brand_set, tmp_path):
     learned, (gen, training) = _train_and_measure(
         pretrained_models[family], family, brand_set, tmp_path / "run", tmp_path / "cache"

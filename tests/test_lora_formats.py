@@ -70,7 +70,6 @@ def test_alpha_is_baked_so_every_loader_applies_the_intended_change(tmp_path):
         torch.testing.assert_close(delta, intended[module])
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("fmt", ["bfl", "comfyui", "kohya"])
 def test_exports_round_trip_exactly(family, preset, fmt, tmp_path):
@@ -246,7 +245,6 @@ def _lycoris_delta(t: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     return torch.kron(w1, w2) * (alpha / dim if alpha is not None and dim is not None else 1.0)
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
 def test_lycoris_exports_apply_exactly_the_trained_change(family, preset, kind, tmp_path):

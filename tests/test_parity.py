@@ -8,7 +8,6 @@ inputs; the trainer's cached features and id builders must equal them exactly.
 
 import inspect
 
-import pytest
 import torch
 from PIL import Image
 
@@ -45,7 +44,6 @@ def _capture_pipeline_call(pipe, image, guidance):
     return captured
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 def test_trainer_inputs_equal_pipeline_inputs(family, tiny_models, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -100,7 +98,6 @@ def test_trainer_inputs_equal_pipeline_inputs(family, tiny_models, tmp_path):
     assert torch.equal(pred, seen["output"][:, :n])
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 def test_batched_references_share_one_id_layout(family, tiny_models):
     """Batch > 1 with references: every element gets the pipeline's ids (the transformer reads element 0's)."""
     fam = FAMILIES[family]
@@ -133,7 +130,6 @@ def test_family_layers_are_the_pipelines_defaults():
         assert tuple(default) == fam.text_encoder_layers
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 def test_reference_images_are_prepared_as_the_pipeline_does(family, tiny_models):
     """An odd-sized reference (not a multiple of 16) goes through the pipeline's own resize/crop/encode."""
     from inference.conditioning import Encoder

@@ -1,5 +1,6 @@
 """Recipe options on the tiny model: preservation, regularization images, masks, caption variants."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -107,6 +108,40 @@ def test_regularization_images_train_alongside_with_their_weight(
     )
     result = run(load_config(None, args), show_progress=False)
     assert result.lora_path.is_file()
+    # a class image weighs regularization.weight in the loss: the same draw costs half of what it does unweighted
+    from inference.loading import ModelConfig, resolve_base_model
+    from trainer.cache import CacheConfig, build_features
+    from trainer.flow import FlowConfig
+    from trainer.step import BatchSource, Objective, TrainSettings, batch_loss
+
+    cfg = load_config(None, args)
+    data = training_data(cfg)
+    weights = data.objective.sample_weights
+    class_images = [
+        i for i, s in enumerate(data.samples[: data.train_count]) if s.path.parent == reg
+    ]
+    assert len(class_images) == 3 and {weights[i] for i in class_images} == {0.5}
+    assert {w for i, w in enumerate(weights) if i not in class_images} == {1.0}
+    base = resolve_base_model(ModelConfig(path=str(tiny_models["klein"])))
+    features = build_features(
+        data.samples, base, cfg.model, CacheConfig(dir=str(shared_cache)), False
+    )
+
+    def loss(objective):
+        source = BatchSource(
+            features,
+            data.captions,
+            TrainSettings(caption_dropout=0.0),
+            FlowConfig(),
+            objective,
+            base.family,
+            torch.float32,
+            torch.device("cpu"),
+        )
+        batch = source.draw([class_images[0]], torch.Generator().manual_seed(3))
+        return batch_loss(result.transformer, base.family, batch, 1.0, 1).item()
+
+    assert loss(data.objective) == pytest.approx(0.5 * loss(Objective()), rel=1e-6)
     empty = tmp_path / "none"
     empty.mkdir()
     with pytest.raises(UserError, match=r"regularization.images '.*none' holds no images"):
@@ -216,8 +251,12 @@ def test_prepare_checks_and_carries_masks(tiny_models, shared_cache, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for i in range(3):
-        Image.new("RGB", (96, 64), ["red", "blue", "green"][i]).save(src / f"{i}.png")
-        Image.new("L", (96 if i < 2 else 50, 64), 255).save(src / f"{i}.mask.png")
+        image = Image.new("RGB", (96, 64), "blue")
+        image.paste(["red", "green", "purple"][i], (0, 0, 48, 64))  # the left half is the subject
+        image.save(src / f"{i}.png")
+        mask = Image.new("L", (96 if i < 2 else 50, 64), 0)
+        mask.paste(255, (0, 0, 48, 64))  # and its mask says so
+        mask.save(src / f"{i}.mask.png")
         (src / f"{i}.txt").write_text("zxq mug")
     report = prepare(
         src, tmp_path / "out", trigger="zxq", resolution=64, fix=True, show_progress=False
@@ -237,7 +276,20 @@ def test_prepare_checks_and_carries_masks(tiny_models, shared_cache, tmp_path):
         "0001.mask.png",
         "0001.png",
     ]
-    assert Image.open(out / "0000.mask.png").size == Image.open(out / "0000.png").size
+    # cropped to the bucket exactly as its image: the mask's white is where the subject's red is
+    image, mask = Image.open(out / "0000.png"), Image.open(out / "0000.mask.png")
+    assert mask.size == image.size
+    red = np.asarray(image.convert("RGB"))[..., 0] > 128
+    white = np.asarray(mask) > 128
+    assert (red == white).mean() > 0.97  # the one resampled column at the edge may differ
+    [sample] = [
+        s
+        for s in load_samples(DataConfig(path=str(tmp_path / "out"), masks=True), 64)
+        if s.path.name == "0000.png"
+    ]
+    assert (
+        token_mask(sample).sum() > 0 and token_mask(sample).max() == 1.0
+    )  # training reads the carried mask
     cfg = load_config(
         None,
         train_args(

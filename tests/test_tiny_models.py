@@ -17,7 +17,6 @@ def _digest(folder):
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 def test_tiny_model_cli_is_deterministic_and_loads_in_the_stock_pipeline(
     family, tiny_models, tmp_path, capsys
 ):
@@ -79,7 +78,9 @@ def test_the_pretrained_model_draws_the_colours_it_is_asked_for(
 ):
     """The stock pipeline, the shipped weights: the named background colour comes out as asked (chance: 1 in 16;
     over 40 prompts klein is right 95 % of the time, dev 82 %: see <family>.build.json), and on klein the shape's
-    colour too (70 %; dev's 22 % is not reliable enough to test on four prompts)."""
+    colour too (70 %; dev's 22 % is not reliable enough to test on four prompts). Either draws a shape on every
+    background: at least 3 % of the pixels are not its colour (a model that paints the background alone fails;
+    measured: dev 8.7-18 %, klein 4.4-43 %)."""
     from common.synthetic import colour_counts
 
     pipe = FAMILIES[family].pipeline_class.from_pretrained(str(pretrained_models[family]))
@@ -90,7 +91,7 @@ def test_the_pretrained_model_draws_the_colours_it_is_asked_for(
         ("blue", "triangle", "white"),
         ("green", "bar", "sand beige"),
     ]
-    backgrounds = shapes = 0
+    backgrounds = shapes = drawn = 0
     for colour, shape, background in asked:
         image = pipe(
             prompt=f"a {colour} {shape} on a {background} background",
@@ -100,10 +101,16 @@ def test_the_pretrained_model_draws_the_colours_it_is_asked_for(
             generator=torch.Generator().manual_seed(0),
             output_type="np",
         ).images[0]
-        present = list(colour_counts(image * 255))
+        counts = colour_counts(image * 255)
+        present = list(counts)
         backgrounds += present[0] == background
         shapes += present[1:2] == [colour]
-    assert backgrounds >= 3 and shapes >= shapes_right, (backgrounds, shapes)
+        drawn += 1 - counts[present[0]] / sum(counts.values()) >= 0.03
+    assert backgrounds >= 3 and shapes >= shapes_right and drawn == len(asked), (
+        backgrounds,
+        shapes,
+        drawn,
+    )
 
 
 def test_tiny_model_bad_input_is_one_line(tmp_path, monkeypatch, capsys):

@@ -40,7 +40,6 @@ def _forward(transformer, family, inputs, sigma=0.6):
         )[0]
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 def test_trained_lora_loads_in_stock_pipeline_with_zero_difference(
     family, tiny_models, sample_data, shared_cache, tmp_path
 ):

@@ -11,9 +11,25 @@ from trainer.recipe import run
 
 
 def test_bf16_checkpointing_accumulation_and_tensorboard(
-    tiny_models, sample_data, shared_cache, tmp_path
+    tiny_models, sample_data, shared_cache, tmp_path, monkeypatch
 ):
+    """Each option's effect, watched on the first block: bf16 autocast runs it in bfloat16, checkpointing runs its
+    forward again in backward, accumulation makes two micro-batches a step."""
+    import trainer.recipe
+
     pytest.importorskip("tensorboard")
+    seen = []
+    setup_model = trainer.recipe._setup_model
+
+    def watched(*args):
+        transformer = setup_model(*args)
+        # a layer inside the block: the checkpoint recomputes the block's forward, which its own hooks do not see
+        transformer.transformer_blocks[0].ff.register_forward_hook(
+            lambda m, i, o: seen.append(o.dtype)
+        )
+        return transformer
+
+    monkeypatch.setattr(trainer.recipe, "_setup_model", watched)
     out = tmp_path / "run"
     cfg = load_config(
         None,
@@ -33,6 +49,11 @@ def test_bf16_checkpointing_accumulation_and_tensorboard(
     )
     result = run(cfg, show_progress=False)
     assert result.lora_path.is_file()
+    assert set(seen) == {torch.bfloat16}  # autocast
+    assert (
+        len(seen) == 3 * 2 * 2
+    )  # 3 steps x 2 micro-batches x (forward + its recompute in backward)
+    assert result.transformer.is_gradient_checkpointing
     assert any((out / "logs").rglob("events.out.tfevents.*"))
     assert any("proj_out" in n for n, p in result.transformer.named_parameters() if p.requires_grad)
 
@@ -132,7 +153,6 @@ def test_low_memory_path_quantized_base_and_group_offload(
     assert torch.count_nonzero(block.lora_B["default"].weight) > 0
 
 
-@pytest.mark.parametrize("family", ["klein", "dev"])
 def test_samples_during_training_and_before_after_grid(
     family, tiny_models, sample_data, shared_cache, tmp_path
 ):

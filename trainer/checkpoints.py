@@ -44,7 +44,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
 
 
 def register_lora_hooks(
-    accelerator, family, lora_info: Callable[[], dict], transformer, sharded_optimizer=None
+    accelerator, family, lora_info: Callable[[], dict], transformer, optimizer, shards
 ) -> None:
     """accelerate's save_state/load_state then write and read the LoRA alone (safetensors), never the frozen base.
     A sharded run's model and optimizer are not accelerate's (it would wrap them in DDP): the hooks gather their
@@ -55,7 +55,7 @@ def register_lora_hooks(
 
     def save_hook(models, weights, output_dir):
         model = accelerator.unwrap_model(transformer)
-        layers = sharding.full_lora_state(model) if sharded_optimizer is not None else None
+        layers = shards.lora_state(model)
         if accelerator.is_main_process:
             # unbaked: resume must read back exactly the weights it trains (evaluate reads alpha from the metadata)
             save_lora(
@@ -66,10 +66,8 @@ def register_lora_hooks(
                 bake_alpha=False,
                 layers=layers,
             )
-        if sharded_optimizer is not None:
-            sharding.save_optimizer(
-                model, sharded_optimizer, Path(output_dir), accelerator.is_main_process
-            )
+        if shards.enabled:
+            sharding.save_optimizer(model, optimizer, Path(output_dir), accelerator.is_main_process)
         weights.clear()
 
     def load_hook(models, input_dir):
@@ -78,9 +76,9 @@ def register_lora_hooks(
             k.removeprefix("transformer."): v
             for k, v in load_state(Path(input_dir) / WEIGHT_NAME).items()
         }
-        if sharded_optimizer is not None:
+        if shards.enabled:
             sharding.load_full_lora_state(model, state)
-            sharding.load_optimizer(model, sharded_optimizer, Path(input_dir))
+            sharding.load_optimizer(model, optimizer, Path(input_dir))
         else:
             result = set_peft_model_state_dict(model, state)
             if result.unexpected_keys:

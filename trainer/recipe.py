@@ -91,11 +91,10 @@ class Run:
     ema: LoraEMA | None = None
     phases: Phases = QUIET
     batches: BatchSource | None = None  # what the loop and validation draw micro-batches from
-    plain: torch.nn.Module | None = (
-        None  # the unwrapped transformer (preservation switches its adapter off)
-    )
+    # the unwrapped transformer (preservation switches its adapter off)
+    plain: torch.nn.Module | None = None
     # FSDP: every rank runs forwards (samples, validation) and takes part in gathers
-    sharded: bool = False
+    shards: sharding.Sharding = sharding.Sharding(False)
     step: int = 0  # steps done; read by the LoRA header of checkpoints
     # (step, held-out loss)
     validation: list[tuple[int, float]] = dataclasses.field(default_factory=list)
@@ -137,11 +136,10 @@ def setup(cfg: Config, show_progress: bool, phases: Phases = QUIET) -> Run:
     # before creating anything
     resume_from = checkpoints.resolve_resume(cfg.resume, out) if cfg.resume else None
     accelerator = _accelerator(cfg, out)
-    checked = preflight(
-        cfg, accelerator=accelerator
-    )  # every mistake found, in one line, before weights load
+    # every mistake found, in one line, before weights load
+    checked = preflight(cfg, accelerator=accelerator)
     base, data = checked.base, checked.data
-    sharded = sharding.requested(cfg.train.sharding, accelerator)
+    shards = sharding.decide(cfg, accelerator)
     if accelerator.is_main_process:
         prepare_output_dir(cfg.output, resuming=resume_from is not None)
     accelerator.wait_for_everyone()
@@ -150,13 +148,13 @@ def setup(cfg: Config, show_progress: bool, phases: Phases = QUIET) -> Run:
     features = _setup_features(cfg, base, data, accelerator, show_progress, phases)
 
     with phases.phase(LOAD):
-        transformer = _setup_model(cfg, base, accelerator, sharded)
+        transformer = _setup_model(cfg, base, accelerator, shards)
         # listed once: walking every module each step costs ~1 ms
         trainable = trainable_parameters(transformer)
         optimizer = build_optimizer(trainable, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         # sharded, the model reduces its own gradients; accelerate's prepare would wrap it in DDP
-        if not sharded:
+        if not shards.enabled:
             # group offloading moves weights itself; accelerate must not move the whole model to the device
             placement = [cfg.model.group_offload == "none", True]
             transformer, optimizer = accelerator.prepare(
@@ -179,7 +177,7 @@ def setup(cfg: Config, show_progress: bool, phases: Phases = QUIET) -> Run:
             accelerator.device,
             write=main,
         )
-        if cfg.sample.prompts and (main or sharded)
+        if cfg.sample.prompts and (main or shards.enabled)
         else None
     )
     batches = BatchSource(
@@ -207,13 +205,13 @@ def setup(cfg: Config, show_progress: bool, phases: Phases = QUIET) -> Run:
         start=0,
         show_progress=show_progress,
         ema=ema,
-        sharded=sharded,
+        shards=shards,
         phases=phases,
         batches=batches,
         plain=accelerator.unwrap_model(transformer),
     )
     checkpoints.register_lora_hooks(
-        accelerator, base.family, r.lora_info, transformer, optimizer if sharded else None
+        accelerator, base.family, r.lora_info, transformer, optimizer, shards
     )
     if resume_from is not None:
         r.start = r.step = checkpoints.load(accelerator, resume_from)
@@ -235,12 +233,16 @@ def setup(cfg: Config, show_progress: bool, phases: Phases = QUIET) -> Run:
     return r
 
 
-def _setup_model(cfg: Config, base: BaseModel, accelerator, sharded: bool) -> torch.nn.Module:
+def _setup_model(
+    cfg: Config, base: BaseModel, accelerator, shards: sharding.Sharding
+) -> torch.nn.Module:
     """The transformer ready to train: loaded (quantised as read), its adapter added, checkpointing and offload
     applied, sharded when asked."""
     log.info("loading the transformer")  # minutes for a real model: say so before the wait
     # straight to the device, layer by layer (quantised as read), unless the weights are meant to stay in RAM
-    direct = None if sharded or cfg.model.group_offload != "none" else accelerator.device.type
+    direct = (
+        None if shards.enabled or cfg.model.group_offload != "none" else accelerator.device.type
+    )
     transformer = load_pipeline(
         base,
         cfg.model.dtype,
@@ -254,16 +256,7 @@ def _setup_model(cfg: Config, base: BaseModel, accelerator, sharded: bool) -> to
         transformer.enable_gradient_checkpointing()
     apply_memory_options(transformer, cfg.model, accelerator.device)
     transformer.train()
-    if sharded:  # before listing parameters: sharding replaces them with sharded ones
-        sharding.shard(transformer, accelerator.device)
-        shares = accelerator.gather(
-            torch.tensor([sharding.local_share(transformer)], device=accelerator.device)
-        )
-        log.info(
-            "sharded over %d ranks; the ranks hold %s of the frozen weights",
-            accelerator.num_processes,
-            ", ".join(f"{100 * s:.1f}%" for s in shares.tolist()),
-        )
+    shards.apply(transformer, accelerator)  # before parameters are listed: sharding replaces them
     return transformer
 
 
@@ -466,7 +459,7 @@ def optimizer_step(r: Run, plan: BatchPlan, step: int) -> tuple[float, bool]:
 def finish(r: Run) -> None:
     cfg, accelerator = r.cfg, r.accelerator
     final = accelerator.unwrap_model(r.transformer)
-    layers = sharding.full_lora_state(final) if r.sharded else None  # gathered whole on every rank
+    layers = r.shards.lora_state(final)  # sharded: gathered whole on every rank
     _check_ranks_agree(accelerator, final, layers)
     if cfg.validation.enabled and (not r.validation or r.validation[-1][0] != r.step):
         validate(r)

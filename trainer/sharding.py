@@ -15,7 +15,9 @@ Collectives (`full_tensor`, the optimizer state gathers) are called on every ran
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -23,8 +25,40 @@ import torch
 
 from common.errors import UserError
 
+log = logging.getLogger("flux2_lora.train")
+
 # the gathered optimizer state of a sharded run's checkpoint
 OPTIMIZER_FILE = "optimizer_full.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """Whether this run shards the transformer over its processes (FSDP2), decided once from train.sharding and
+    the launch (decide) and asked wherever it matters: loading, DDP wrapping, samples, checkpoints, the save."""
+
+    enabled: bool
+
+    def apply(self, transformer: torch.nn.Module, accelerator) -> None:
+        """Shard the transformer (before its parameters are listed: sharding replaces them) and log the shares."""
+        if not self.enabled:
+            return
+        shard(transformer, accelerator.device)
+        shares = accelerator.gather(
+            torch.tensor([local_share(transformer)], device=accelerator.device)
+        )
+        log.info(
+            "sharded over %d ranks; the ranks hold %s of the frozen weights",
+            accelerator.num_processes,
+            ", ".join(f"{100 * s:.1f}%" for s in shares.tolist()),
+        )
+
+    def lora_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole LoRA gathered on every rank (a collective) when sharded; None when each rank holds it whole."""
+        return full_lora_state(model) if self.enabled else None
+
+
+def decide(cfg, accelerator) -> Sharding:
+    return Sharding(requested(cfg.train.sharding, accelerator))
 
 
 def requested(setting: str, accelerator) -> bool:
