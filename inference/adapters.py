@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from inference.adapter_kinds import factor_names, kind_of
 from inference.lora_formats import dora_magnitudes, from_foreign, is_foreign
 from inference.lora_io import load_state, our_info, read_header, read_keys
 
 _MODULE = re.compile(
-    r"^transformer\.(.+?)\.(lora_A|lora_B|lokr_\w+|hada_\w+)(\.[\w.]+)?(\.weight)?$"
+    rf"^transformer\.(.+?)\.({'|'.join(sorted(factor_names(), key=len, reverse=True))})(\.[\w.]+)?(\.weight)?$"
 )
-# adapter types stock diffusers does not load, with the peft config class that rebuilds them
-PEFT_ONLY = {"loha": "LoHaConfig"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +134,9 @@ def load_adapter(
             "it was made for another model"
         )
     _check_fits(state, pipe.transformer, path)
-    if not foreign and info.get("type") in PEFT_ONLY:
-        _inject_with_peft(pipe.transformer, state, header, PEFT_ONLY[info["type"]], name, path)
+    kind = kind_of(info.get("type", "lora"))
+    if not foreign and not kind.stock_diffusers:
+        _inject_with_peft(pipe.transformer, state, header, kind.peft_class, name, path)
     elif isinstance(source, dict):
         pipe.load_lora_weights(source, adapter_name=name)
     else:

@@ -1,7 +1,7 @@
 """`flux2-lora export`: one of our LoRA files in the layout another tool reads (inference/lora_formats.py).
 
-What each tool can carry, the one rule `export`, the training config's output.export check and the README's table
-(tests/test_interop.py) share:
+What each tool can carry (the refusals live with each kind in inference/adapter_kinds.py, which `export`, the
+training config's output.export check and the README's table, tests/test_interop.py, share):
 - lora: every layout.
 - lokr / loha: comfyui in LyCORIS keys (ComfyUI reads them natively); kohya and bfl as the exact plain LoRA of the
   same change (musubi-tuner and ai-toolkit read plain LoRA), at a higher rank (inference/lora_formats.py).
@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 
 from common.atomic import atomic_path
 from common.errors import UserError
+from inference.adapter_kinds import factor_names, kind_of
 from inference.lora_formats import (
-    LYCORIS,
     Format,
     bfl_name,
     dora_scales,
@@ -43,25 +43,6 @@ from inference.runs import lora_file
 
 _PAIR = ".lora_A.weight"
 _MAGNITUDE = ".lora_magnitude_vector"
-
-
-def export_problem(kind: str, fmt: str, has_base: bool = True) -> str | None:
-    """Why an adapter of `kind` (lora, dora, lokr, loha) cannot be written as `fmt`, or None. `has_base`: whether
-    the base model's weights can be read (a DoRA needs them for every layout but diffusers)."""
-    if kind != "dora" or fmt == "diffusers":
-        return None
-    if fmt == "kohya":
-        return (
-            "a dora adapter cannot be exported as kohya: musubi-tuner and kohya apply no DoRA magnitudes (they "
-            "would load it as a plain LoRA); export it as comfyui (ComfyUI applies them) or diffusers, or train "
-            "lora.type: lora"
-        )
-    if not has_base:
-        return (
-            f"a dora adapter exports as {fmt} only with its base model's weights (ComfyUI scales each output row "
-            "by dora_scale / |W|, computed from them); add --model PATH, the model it was trained on"
-        )
-    return None
 
 
 def _peft_config(path: Path, header: dict[str, str]) -> dict:
@@ -97,14 +78,14 @@ def _modules(path: Path, state: dict[str, torch.Tensor]) -> dict[str, dict[str, 
                 break
         else:
             module, _, factor = body.rpartition(".")
-            if factor in LYCORIS["lokr"] + LYCORIS["loha"]:
+            if factor in factor_names():
                 modules.setdefault(module, {})[factor] = tensor
     return modules
 
 
-def _pairs(modules: dict, kind: str, scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _pairs(modules: dict, kind, scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module: (down, up)} whose product is the module's change at `scale` (LyCORIS factors made exact pairs)."""
-    if kind in LYCORIS:
+    if kind.lycoris:
         return {
             m: (down, up * scale)
             for m, (up, down) in ((m, lycoris_as_lora(f)) for m, f in modules.items())
@@ -146,11 +127,11 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path, model: str | N
         raise UserError(f"--out '{out}' must end in .safetensors")
     header = read_header(path)
     info = our_info(header)
-    kind = info.get("type", "lora")
+    kind = kind_of(info.get("type", "lora"))
     weight_of = None
-    if kind == "dora" and fmt not in ("diffusers", "kohya"):
+    if kind.magnitudes and fmt != "diffusers" and fmt not in kind.refused_layouts:
         weight_of = _base_weights(model or info.get("base_model"), path)
-    if problem := export_problem(kind, fmt, has_base=weight_of is not None):
+    if problem := kind.export_problem(fmt, has_base=weight_of is not None):
         raise UserError(f"LoRA '{path}': {problem}")
     meta = {
         "format": "pt",
@@ -160,17 +141,18 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path, model: str | N
     state = load_state(path)
     modules = _modules(path, state)
     config = _peft_config(path, header)
-    if fmt == "diffusers" and kind != "lora":  # already the layout diffusers and flux2-lora read
+    # already the layout diffusers and flux2-lora read (a plain LoRA is rewritten with its alpha baked in)
+    if fmt == "diffusers" and (kind.lycoris or kind.magnitudes):
         tensors = state
         meta["lora_adapter_metadata"] = header.get("lora_adapter_metadata", "{}")
         written = len(modules)
-    elif fmt == "comfyui" and kind in LYCORIS:  # ComfyUI reads LyCORIS factors natively
+    elif fmt == "comfyui" and kind.lycoris:  # ComfyUI reads LyCORIS factors natively
         scale = config["alpha"] / config["r"] if config.get("r") and config.get("alpha") else 1.0
-        tensors, written = lycoris_layout(modules, kind, scale), len(modules)
+        tensors, written = lycoris_layout(modules, kind.name, scale), len(modules)
     else:
         scale = (
             config["alpha"] / config["r"]
-            if kind in LYCORIS and config.get("r")
+            if kind.lycoris and config.get("r")
             else alpha_scale(config)
         )
         pairs = _pairs(modules, kind, scale)
@@ -188,7 +170,7 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path, model: str | N
         else:
             bfl = to_bfl(pairs)
             scales = None
-            if kind == "dora":
+            if kind.magnitudes:
                 deltas = {m: b.float() @ a.float() for m, (a, b) in pairs.items()}
                 magnitudes = {m: f["magnitude"] for m, f in modules.items()}
                 scales = _fused_scales(dora_scales(magnitudes, deltas, weight_of), weight_of)
@@ -200,7 +182,7 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path, model: str | N
         "written_modules": written,
         "tensors": len(tensors),
         "family": info.get("family", "unknown"),
-        "kind": kind,
+        "kind": kind.name,
         "max_rank": max(
             (
                 t.shape[0]

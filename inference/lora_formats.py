@@ -363,12 +363,6 @@ def dora_scales(
 # dim = the inner rank (1 when nothing is decomposed). A Kronecker or Hadamard factorisation of q, k and v does not
 # fuse into one for BFL's qkv, so those modules keep their diffusers names, which ComfyUI (v0.11+) maps onto their
 # rows of the fused weight; every other module takes its BFL name.
-LYCORIS = {
-    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
-    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
-}
-
-
 def lycoris_layout(
     modules: dict[str, dict[str, torch.Tensor]], kind: str, scale: float
 ) -> dict[str, torch.Tensor]:
@@ -382,12 +376,11 @@ def lycoris_layout(
             unmapped.append(module)
             continue
         factors = dict(factors)
-        first = (
-            "lokr_w1" if "lokr_w1" in factors else ("lokr_w1_a" if kind == "lokr" else "hada_w1_a")
-        )
+        # the layout's first factor: a whole or decomposed Kronecker w1, or the Hadamard product's first pair
+        first = next(f for f in ("lokr_w1", "lokr_w1_a", "hada_w1_a") if f in factors)
         factors[first] = factors[first] * scale
         if name == SWAPPED:
-            factors = _swap_lycoris_rows(module, factors, kind)
+            factors = _swap_lycoris_rows(module, factors)
         prefix = f"transformer.{module}" if part is not None else f"diffusion_model.{name}"
         tensors.update({f"{prefix}.{k}": v.contiguous() for k, v in factors.items()})
         inner = factors.get("lokr_w2_b", factors.get("lokr_w1_b", factors.get("hada_w1_b")))
@@ -401,17 +394,16 @@ def lycoris_layout(
     return tensors
 
 
-def _swap_lycoris_rows(
-    module: str, factors: dict[str, torch.Tensor], kind: str
-) -> dict[str, torch.Tensor]:
-    """Swap the output halves of dW (BFL's adaLN order). LoHa: the rows of both left factors. LoKr: the rows of w1,
-    which permutes whole blocks of kron(w1, w2), so w1 needs an even number of rows."""
+def _swap_lycoris_rows(module: str, factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Swap the output halves of dW (BFL's adaLN order). Hadamard: the rows of both left factors. Kronecker: the
+    rows of w1, which permutes whole blocks of kron(w1, w2), so w1 needs an even number of rows."""
+    hadamard = "hada_w1_a" in factors
     left = (
         ("hada_w1_a", "hada_w2_a")
-        if kind == "loha"
+        if hadamard
         else ("lokr_w1" if "lokr_w1" in factors else "lokr_w1_a",)
     )
-    if kind == "lokr" and factors[left[0]].shape[0] % 2:
+    if not hadamard and factors[left[0]].shape[0] % 2:
         raise UserError(
             f"the lokr module {module} cannot be written in BFL's row order (its Kronecker factor has "
             f"an odd row count); train without it (lora.targets) or export as diffusers"

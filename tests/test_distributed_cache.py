@@ -75,17 +75,24 @@ def _files(cache: Path) -> dict[str, bytes]:
     return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*.safetensors"))}
 
 
-def _one_process(model, data, tmp_path, accumulation: int) -> tuple[dict, Path, tuple[int, int]]:
-    """The reference: one process, under the same launcher and thread count (a different thread count changes
-    float rounding in the encoders), with the matching gradient accumulation."""
-    cache = tmp_path / "cache-one"
+@pytest.fixture(scope="module")
+def one_process(tiny_models, sample_data, tmp_path_factory) -> tuple[dict, Path, tuple[int, int]]:
+    """The reference both multi-process runs are held to: one process, under the same launcher and thread count (a
+    different thread count changes float rounding in the encoders), with their gradient accumulation (2)."""
+    tmp = tmp_path_factory.mktemp("one-process")
+    cache = tmp / "cache-one"
     args = train_args(
-        model, data, tmp_path / "one", cache, **STEPS, train__gradient_accumulation=accumulation
+        tiny_models["klein"],
+        sample_data,
+        tmp / "one",
+        cache,
+        **STEPS,
+        train__gradient_accumulation=2,
     )
-    said = _finish(_torchrun(tmp_path, args, procs=1))
+    said = _finish(_torchrun(tmp, args, procs=1))
     calls = re.search(r"text encoder ran (\d+) times, VAE (\d+) times", said).groups()
     return (
-        load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors"),
+        load_file(tmp / "one" / "pytorch_lora_weights.safetensors"),
         cache,
         tuple(map(int, calls)),
     )
@@ -93,7 +100,7 @@ def _one_process(model, data, tmp_path, accumulation: int) -> tuple[dict, Path, 
 
 @pytest.mark.slow
 def test_two_processes_split_the_cache_fill_and_train_what_one_does(
-    tiny_models, sample_data, tmp_path
+    tiny_models, sample_data, one_process, tmp_path
 ):
     model = tiny_models["klein"]
     cache = tmp_path / "cache-two"
@@ -104,9 +111,7 @@ def test_two_processes_split_the_cache_fill_and_train_what_one_does(
         r"cache filled by 2 processes: text encoder (\d+) \+ (\d+) calls, VAE (\d+) \+ (\d+)", said
     )
     text_0, text_1, vae_0, vae_1 = map(int, found.groups())
-    alone, one_cache, (text_calls, vae_calls) = _one_process(
-        model, sample_data, tmp_path, accumulation=2
-    )
+    alone, one_cache, (text_calls, vae_calls) = one_process
     # each rank encoded a part, and together exactly what one process encodes
     assert min(text_0, text_1, vae_0, vae_1) > 0, said[-2000:]
     assert (text_0 + text_1, vae_0 + vae_1) == (text_calls, vae_calls)
@@ -119,7 +124,7 @@ def test_two_processes_split_the_cache_fill_and_train_what_one_does(
 
 @pytest.mark.slow
 def test_two_machines_each_fill_their_own_cache_and_train_what_one_process_does(
-    tiny_models, sample_data, tmp_path
+    tiny_models, sample_data, one_process, tmp_path
 ):
     """The README's two-machine line on one box: two torchrun groups (--nnodes 2, node ranks 0 and 1), one
     process each, no shared cache folder."""
@@ -140,7 +145,7 @@ def test_two_machines_each_fill_their_own_cache_and_train_what_one_process_does(
     assert "all 2 ranks hold identical LoRA weights" in said[0]
     # each machine filled its own
     assert _files(tmp_path / "cache-node0") == _files(tmp_path / "cache-node1")
-    alone, one_cache, _ = _one_process(model, sample_data, tmp_path, accumulation=2)
+    alone, one_cache, _ = one_process
     assert _files(tmp_path / "cache-node0") == _files(one_cache)
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     for key, value in lora.items():

@@ -100,7 +100,9 @@ def _measure(family: str, kind: str, tmp: Path, targets: str = "attention_mlp") 
             continue
         state = load_file(path)
         for tool, load in (("diffusers", "stock"), ("flux2-lora", "ours")):
-            pipe = FAMILIES[family].pipeline_class.from_pretrained(model)
+            pipe = FAMILIES[family].pipeline_class.from_pretrained(
+                model, text_encoder=None, tokenizer=None, vae=None
+            )
             try:
                 if load == "stock":
                     pipe.load_lora_weights(

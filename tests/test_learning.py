@@ -63,7 +63,7 @@ def test_the_guard_fails_when_the_target_sign_is_flipped(
         brand_set,
         tmp_path / "run",
         tmp_path / "cache",
-        "train.steps=200",
+        "train.steps=80",
     )
     problems = learned.problems()
     assert any(p.startswith("images moved away from the training images") for p in problems), (

@@ -22,6 +22,13 @@ def test_klein_4b_at_real_width_stays_within_its_plan(tmp_path, capsys):
             "--config",
             str(REPO / "configs" / "klein-4b-character.yaml"),
             "train.resolution=256",
+            # one micro-batch a step, four drawn images: the same peaks as the preset's two and twelve, in half
+            # the time (each phase's peak is one micro-batch's, one caption's, one image's)
+            "train.gradient_accumulation=1",
+            # the end-of-run validation loss at one sigma, not four: it is not a planned phase
+            "validation.sigmas=[0.5]",
+            "--images",
+            "4",
             "--layers",
             "1,1",
             "--steps",
@@ -92,6 +99,10 @@ def test_a_phase_over_its_plan_is_named():
         ),
         (["--config", "configs/klein-4b-style.yaml", "--layers", "0,0"], "keep at least one block"),
         (["--config", "configs/klein-4b-style.yaml", "--steps", "0"], "--steps must be at least 1"),
+        (
+            ["--config", "configs/klein-4b-style.yaml", "--images", "1"],
+            "--images must be at least 2",
+        ),
         (["--config", "configs/klein-4b-style.yaml", "lora.rnak=4"], "did you mean"),
     ],
 )

@@ -180,6 +180,12 @@ def _add_rehearse_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", dest="json_path", metavar="FILE", help="also write the measurements as JSON"
     )
+    p.add_argument(
+        "--images",
+        type=int,
+        default=12,
+        help="images in the drawn sample set, when the preset's data.path is not a folder",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -196,6 +202,7 @@ def rehearse(args: argparse.Namespace) -> int:
         args.model_dir,
         args.json_path,
         not args.no_progress,
+        args.images,
     )
     quiet_libraries()
     return run_rehearsal(opts)

@@ -24,7 +24,7 @@ from common.configtree import (
     type_name,
 )
 from data_tools.dataset import DataConfig
-from inference.export import export_problem
+from inference.adapter_kinds import quantize_problem
 from inference.families import FAMILIES
 from inference.loading import ModelConfig
 from trainer.cache import CacheConfig
@@ -80,16 +80,12 @@ class Config:
             problems.append(
                 "validation.every is set but nothing is held out; set validation.images or validation.split"
             )
-        if self.model.quantize != "none" and self.lora.type in ("lokr", "loha"):
-            problems.append(
-                f"lora.type: {self.lora.type} wraps plain Linear layers only (peft's LyCORIS layers) and "
-                f"model.quantize: {self.model.quantize} replaces them; use lora.type: lora or dora, or "
-                "model.quantize: none"
-            )
+        if problem := quantize_problem(self.lora.kind, self.model.quantize):
+            problems.append(problem)
         if self.train.sharding == "fsdp" and (conflict := sharding_conflict(self)):
             problems.append(conflict)
         for fmt in self.output.export:
-            if problem := export_problem(self.lora.type, fmt):
+            if problem := self.lora.kind.export_problem(fmt):
                 problems.append(f"output.export: {problem}")
         return problems
 

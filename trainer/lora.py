@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from common.configtree import option, positive, probability
+from inference.adapter_kinds import KINDS
 
 _DOUBLE_ATTN = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 _DOUBLE_MLP = r"transformer_blocks\.\d+\.(ff|ff_context)\.(linear_in|linear_out)"
@@ -24,11 +25,10 @@ PRESETS = {
 
 @dataclasses.dataclass
 class LoraSettings:
-    type: Literal["lora", "dora", "lokr", "loha"] = option(
+    # the registered adapter kinds (inference/adapter_kinds.py)
+    type: Literal[tuple(KINDS)] = option(
         "lora",
-        help="lora; dora (weight-decomposed LoRA: a learned magnitude per output, often better likeness); "
-        "lokr / loha (LyCORIS Kronecker / Hadamard products, through peft). All export to ComfyUI; stock "
-        "diffusers' load_lora_weights refuses loha (flux2-lora loads it)",
+        help="; ".join(kind.help for kind in KINDS.values()) + ". All export to ComfyUI",
     )
     rank: int = option(16, check=positive, help="LoRA rank r")
     alpha: float = option(16.0, check=positive, help="scale = alpha / rank")
@@ -38,30 +38,22 @@ class LoraSettings:
     )
     init_seed: int | None = option(None, help="seed for LoRA init; defaults to train.seed")
 
+    @property
+    def kind(self):
+        return KINDS[self.type]
+
     def validate(self) -> list[str]:
-        if self.type in ("lokr", "loha") and self.dropout:
+        if not self.kind.has_dropout and self.dropout:
+            with_dropout = " and ".join(k for k, v in KINDS.items() if v.has_dropout)
             return [
-                f"lora.dropout applies to lora and dora; {self.type} has no dropout on its branch, remove it"
+                f"lora.dropout applies to {with_dropout}; {self.type} has no dropout on its branch, remove it"
             ]
         return []
 
 
 def peft_config(cfg: LoraSettings, targets):
     """The peft config of `cfg.type`, aimed at `targets` (a regex or a list of module names)."""
-    from peft import LoHaConfig, LoKrConfig, LoraConfig
-
-    if cfg.type == "lokr":
-        return LoKrConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=targets)
-    if cfg.type == "loha":
-        return LoHaConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=targets)
-    return LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        init_lora_weights=True,
-        use_dora=cfg.type == "dora",
-        target_modules=targets,
-    )
+    return cfg.kind.peft_config(cfg.rank, cfg.alpha, cfg.dropout, targets)
 
 
 def targeted_layers(transformer: torch.nn.Module, preset: str) -> dict[str, torch.nn.Linear]:

@@ -21,6 +21,7 @@ from typing import Any
 from common.configtree import option, positive
 from common.limits import SIDE_MULTIPLE
 from common.machine import detected_ram
+from inference.adapter_kinds import KINDS
 from trainer.phases import LOAD, SAMPLES, STEP, TEXT_ENCODER, VAE
 
 GIB = 1024**3
@@ -197,15 +198,9 @@ def transformer_shape(
         if isinstance(m, torch.nn.Linear) and not (i == 0 and n.split(".")[-1] in first_inputs)
     )
     layers = targeted_layers(transformer, targets)
-    per_rank = sum(m.in_features + m.out_features for m in layers.values())
-    # DoRA magnitudes
-    extra = sum(m.out_features for m in layers.values()) if lora_kind == "dora" else 0
-    lora = {
-        "lora": per_rank * lora_rank,
-        "dora": per_rank * lora_rank,
-        "loha": 2 * per_rank * lora_rank,
-        "lokr": per_rank * lora_rank // 2,
-    }[lora_kind] + extra
+    lora = KINDS[lora_kind].trainable_parameters(
+        [(m.in_features, m.out_features) for m in layers.values()], lora_rank
+    )
     config = transformer.config
     return ModelShape(
         params=sum(p.numel() for p in transformer.parameters()),
@@ -252,20 +247,14 @@ def activation_bytes(
     )
 
 
-# peft's DoRA builds dense float32 tensors the size of each wrapped weight (B @ A, W + s B A, their norm) in
-# forward and backward, one layer at a time: measured on CPU slices at klein-4B's width, 3.6-3.75 x the largest
-# wrapped weight in float32 above the same LoRA, whatever the depth and token count (benchmarks/memory.py).
-DORA_TEMPORARIES = 3.7
-
-
 def transient_weights(shape: ModelShape, quantize: str, lora_kind: str) -> dict[str, float]:
     """Weight-sized temporaries of one layer at a time: nf4's dequantised bf16 copy of the layer it runs
-    (bitsandbytes), DoRA's dense float32 tensors."""
+    (bitsandbytes), an adapter kind's dense float32 tensors (DoRA's)."""
     parts = {}
     if quantize == "nf4":
         parts["nf4 dequantised layer"] = shape.largest_linear * 2.0
-    if lora_kind == "dora":
-        parts["dora temporaries"] = shape.largest_adapted * 4.0 * DORA_TEMPORARIES
+    if temporaries := KINDS[lora_kind].dense_temporaries:
+        parts[f"{lora_kind} temporaries"] = shape.largest_adapted * 4.0 * temporaries
     return parts
 
 

@@ -94,9 +94,10 @@ def preflight(
             check(lambda: sharding.sharding_problem(accelerator, cfg))
         check(lambda: memory_problem(cfg, base, accelerator.num_processes, accelerator.device.type))
     refuse(problems)
-    if cfg.lora.type == "loha":  # said before the hours of training, not after
+    if not cfg.lora.kind.stock_diffusers:  # said before the hours of training, not after
         log.warning(
-            "lora.type: loha: stock diffusers' load_lora_weights refuses LoHa files; flux2-lora loads them, "
+            f"lora.type: {cfg.lora.type}: stock diffusers' load_lora_weights refuses these files; flux2-lora "
+            "loads them, "
             "and `flux2-lora export --format comfyui|kohya|bfl` writes what ComfyUI, musubi-tuner and "
             "ai-toolkit read"
         )

@@ -108,10 +108,17 @@ def tensor_peak() -> Iterator[list[int]]:
     finally:
         with _quiet_stderr():
             prof.__exit__(None, None, None)
+    # the raw allocation events in time order: building function_events instead takes 50x longer (minutes for
+    # one training step)
+    from torch.autograd import DeviceType
+
+    changes = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    )
     live = peak = 0
-    for _, change in sorted(
-        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.profiler.function_events
-    ):
+    for _, change in changes:
         live += change
         peak = max(peak, live)
     result[0] = peak
@@ -170,6 +177,9 @@ class Options:
     model_dir: str | None = None
     json_path: str | None = None
     show_progress: bool = True
+    # the drawn sample set's size when the preset's data.path is not a folder: each phase's peak is one
+    # caption's or one image's, so a few show the same peaks sooner
+    images: int = 12
 
 
 def parse_layers(text: str | None) -> tuple[int, int] | None:
@@ -199,7 +209,7 @@ def _scratch_overrides(cfg, work: Path, model: Path, data: Path, steps: int) -> 
         "memory.check=false",
         f"sample.prompts={json.dumps(prompts[:1])}",
         f"sample.every={steps}",
-        "sample.steps=2",
+        "sample.steps=1",
         "sample.before_after=false",
         "checkpoint.every=0",
     ]
@@ -226,6 +236,10 @@ def rehearse(opts: Options) -> int:
         )
     if opts.steps < 1:
         raise UserError(f"--steps must be at least 1, got {opts.steps}")
+    if opts.images < 2:
+        raise UserError(
+            f"--images must be at least 2 (one is held out for validation), got {opts.images}"
+        )
     full = opts.layers is None
     work = Path(tempfile.mkdtemp(prefix="flux2-lora-rehearse-"))
     try:
@@ -239,7 +253,9 @@ def rehearse(opts: Options) -> int:
             write_real_size_model(model, preset.model.path, opts.layers, DTYPES[preset.model.dtype])
         data = Path(preset.data.path)
         if not data.is_dir():
-            data = write_sample_data(work / "data", trigger=preset.data.trigger or "zxq")
+            data = write_sample_data(
+                work / "data", count=opts.images, trigger=preset.data.trigger or "zxq"
+            )
         cfg = load_config(
             opts.config,
             [*opts.overrides, *_scratch_overrides(preset, work, model, data, opts.steps)],
@@ -272,35 +288,34 @@ def rehearse(opts: Options) -> int:
 def _check_loras(cfg, run_dir: Path) -> list[dict]:
     """Every LoRA file the run wrote, loaded on the random model by stock diffusers (our diffusers-layout files)
     and by flux2-lora (every layout): the modules each applied, against the file's."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
+    from inference.adapter_kinds import module_of
     from inference.adapters import load_adapter
     from inference.loading import resolve_base_model
     from inference.lora_io import read_header, read_keys
 
     base = resolve_base_model(cfg.model)
-    rows = []
+    rows, pipe = [], None
     for path in sorted(run_dir.glob("pytorch_lora_weights*.safetensors")):
-        wanted = {
-            k.split(".lora_")[0]
-            for k in read_keys(path)
-            if ".lora_" in k or ".lokr_" in k or ".hada_" in k
-        }
+        wanted = {module_of(k) for k in read_keys(path)} - {None}
         stock = read_header(path).get("flux2_lora.layout", "diffusers") == "diffusers"
         applied = {}
         for loader in (["diffusers"] if stock else []) + ["flux2-lora"]:
-            pipe = base.family.pipeline_class.from_pretrained(
-                cfg.model.path, text_encoder=None, tokenizer=None, vae=None
-            )
+            if pipe is None:
+                pipe = base.family.pipeline_class.from_pretrained(
+                    cfg.model.path, text_encoder=None, tokenizer=None, vae=None
+                )
             if loader == "diffusers":
                 pipe.load_lora_weights(
                     str(path.parent), weight_name=path.name, adapter_name="check"
                 )
             else:
                 load_adapter(pipe, base.family.name, path, "check")
-            applied[loader] = sum(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
-            del pipe
-            gc.collect()
+            applied[loader] = _adapted(pipe)
+            # one load of the base for every check: unloading restores it (else load it again)
+            pipe.unload_lora_weights()
+            if _adapted(pipe):
+                pipe = None
+                gc.collect()
         # our own loader splits a fused qkv into its three modules, so it may apply more than the file names
         rows.append(
             {
@@ -311,6 +326,12 @@ def _check_loras(cfg, run_dir: Path) -> list[dict]:
             }
         )
     return rows
+
+
+def _adapted(pipe) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
 
 
 def _report(plan, watcher: MemoryWatcher, loads: list[dict]) -> dict:
