@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import trainer.step
-from evaluation.learning import QUICKSTART, measure, quickstart_overrides
+from evaluation.learning import QUICKSTART, Learning, measure, quickstart_overrides
 from inference.generate import Generator
 from trainer.config import load_config
 from trainer.recipe import run
@@ -33,18 +33,19 @@ def _train_and_measure(model, family, data, out, cache, *more, scale=1.0):
     gen = Generator(str(model))
     gen.add_adapter(result.lora_path, name="mark")
     training = [Image.open(p) for p in sorted(data.glob("*.png"))]
-    return measure(gen, "mark", "zxq", training, scale=scale), (gen, training)
+    return measure(gen, "mark", "zxq", training, scale=scale)
 
 
 # the quickstart's 400 steps: klein ΔE 43 -> 22, dev 41 -> 13 (README, The tiny model)
 @pytest.mark.slow
 def test_a_short_run_learns_the_mark(family, pretrained_models, brand_set, tmp_path):
-    learned, (gen, training) = _train_and_measure(
+    learned = _train_and_measure(
         pretrained_models[family], family, brand_set, tmp_path / "run", tmp_path / "cache"
     )
     assert learned.problems() == [], learned.summary()
-    # the same LoRA with its scale forced to 0 at inference is the base: no colour, no mark, no shape
-    unscaled = measure(gen, "mark", "zxq", training, scale=0.0).problems()
+    # the same LoRA with its scale forced to 0 at inference is the base: no colour, no mark, no shape (measure
+    # rendered `base` with the LoRA loaded at scale 0, so it is the scale-0 render)
+    unscaled = Learning(learned.base, learned.base, 0.0).problems()
     assert [p.split(":")[0] for p in unscaled] == [
         "mark colour not learned",
         "no mark drawn",
@@ -57,7 +58,7 @@ def test_the_guard_fails_when_the_target_sign_is_flipped(
     pretrained_models, brand_set, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(trainer.step, "velocity_target", lambda x0, noise: x0 - noise)
-    learned, _ = _train_and_measure(
+    learned = _train_and_measure(
         pretrained_models["klein"],
         "klein",
         brand_set,

@@ -87,6 +87,7 @@ def test_the_same_maths_on_flux1_dev_match_the_published_qlora_figure():
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "quantize, checkpointing, targets",
     [("none", False, "attention_mlp"), ("int8", False, "attention"), ("fp8", True, "attention")],
