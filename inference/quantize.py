@@ -37,6 +37,24 @@ TEXT_ENCODER_KEEP_FULL = ("lm_head",)  # never run: encoding reads hidden states
 # nf4 keeps an 8-bit absmax a 64-weight block, double-quantised with one fp32 a 256 blocks).
 WEIGHT_BYTES = {"fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
 ROW_SCALE_BYTES = {"fp8": 2, "int8": 2, "nf4": 0}
+# torchao's transients per bf16 byte of one Linear's weight, measured on the CPU with the profiler's allocation
+# events ([55296, 6144] and [9216, 3072] alike; flux2-lora rehearse found them): converting it while the model loads
+# (float32 copies for the row scales), and dequantising it in a forward (float8's CPU kernels hold five copies; a
+# GPU's are leaner, so the plan errs high there). nf4 (bitsandbytes, CUDA) is not measured here.
+CONVERT_TEMPORARY = {"int8": 4.0, "fp8": 7.5}
+FORWARD_DEQUANTISED = {"int8": 1.0, "fp8": 5.0}
+
+
+def largest_converted(model: torch.nn.Module, keep_full: tuple[str, ...]) -> int:
+    """Weights of the largest Linear that quantisation converts (its transients are the largest)."""
+    return max(
+        (
+            m.weight.numel()
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and converted(name, keep_full)
+        ),
+        default=0,
+    )
 
 
 def converted(name: str, keep_full: tuple[str, ...]) -> bool:

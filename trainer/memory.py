@@ -333,10 +333,10 @@ def image_tokens(resolution: int) -> int:
     return (resolution // SIDE_MULTIPLE) ** 2
 
 
-def text_encoder_bytes(text_encoder, kind: str, dtype_bytes: int) -> tuple[int, int, int, int]:
-    """(weight bytes after quantisation, hidden size, layers, vocabulary) of a text encoder built on the meta
-    device."""
-    from inference.quantize import TEXT_ENCODER_KEEP_FULL, quantized_bytes
+def text_encoder_bytes(text_encoder, kind: str, dtype_bytes: int) -> tuple[int, int, int, int, int]:
+    """(weight bytes after quantisation, hidden size, layers, vocabulary, weights of the largest converted Linear)
+    of a text encoder built on the meta device."""
+    from inference.quantize import TEXT_ENCODER_KEEP_FULL, largest_converted, quantized_bytes
 
     config = text_encoder.config
     text = getattr(config, "text_config", None) or config
@@ -345,6 +345,7 @@ def text_encoder_bytes(text_encoder, kind: str, dtype_bytes: int) -> tuple[int, 
         text.hidden_size,
         text.num_hidden_layers,
         text.vocab_size,
+        largest_converted(text_encoder, TEXT_ENCODER_KEEP_FULL),
     )
 
 
@@ -380,7 +381,7 @@ class ModelCounts:
             ),
         )
 
-    def text_encoder(self, quantize: str, dtype_bytes: int) -> tuple[int, int, int]:
+    def text_encoder(self, quantize: str, dtype_bytes: int) -> tuple[int, int, int, int, int]:
         return self._once(
             ("text_encoder", quantize, dtype_bytes),
             lambda: text_encoder_bytes(self.base.empty_text_encoder(), quantize, dtype_bytes),
@@ -423,19 +424,29 @@ class _Setting:
 def _text_encoder_phase(s: _Setting) -> Phase:
     """The text encoder alone on the cache device, filling the cache. Its language-model head computes logits
     over the whole vocabulary for every token, which encoding never reads (float32: 0.3 GiB for Qwen3)."""
-    weights, hidden, layers, vocab = s.counts.text_encoder(
-        s.cfg.model.text_encoder_quantize, s.dtype_bytes
-    )
+    quantize = s.cfg.model.text_encoder_quantize
+    weights, hidden, layers, vocab, largest = s.counts.text_encoder(quantize, s.dtype_bytes)
     parts = {
         "text encoder": weights,
         "activations": (layers + 8) * TEXT_TOKENS * hidden * s.act_bytes,
         "logits": TEXT_TOKENS * vocab * 4.0,
+        **_converting(largest, quantize, s.dtype_bytes),
     }
     if s.on_gpu and s.cfg.cache.device == "cpu":  # nothing of it on the GPU; all of it in RAM
         return s.phase(TEXT_ENCODER, dict.fromkeys(parts, 0.0), sum(parts.values()))
-    # a CPU run's weights are its RAM
-    loading = _shard_bytes(s.base, "text_encoder") if s.on_gpu else 0.0
+    # a CPU run's unquantised weights are its RAM; converted ones are read a shard at a time beside them
+    quantized = quantize != "none"
+    loading = _shard_bytes(s.base, "text_encoder") if s.on_gpu or quantized else 0.0
     return s.phase(TEXT_ENCODER, parts, loading)
+
+
+def _converting(largest_linear: int, quantize: str, dtype_bytes: int) -> dict[str, float]:
+    """torchao's transient while it converts the largest Linear as the model loads (inference/quantize.py)."""
+    from inference.quantize import CONVERT_TEMPORARY
+
+    if quantize not in CONVERT_TEMPORARY:
+        return {}
+    return {"converting one layer": largest_linear * dtype_bytes * CONVERT_TEMPORARY[quantize]}
 
 
 def _vae_phase(s: _Setting) -> Phase:
@@ -476,16 +487,18 @@ def _offloaded(s: _Setting) -> float:
 def _load_phase(s: _Setting, weights: float) -> Phase:
     """Loading the transformer: one checkpoint shard being read, plus the whole model where it is read into RAM
     first (group offload, FSDP before sharding)."""
-    whole = s.shape().weight_bytes[s.cfg.model.quantize]
+    quantize = s.cfg.model.quantize
+    whole = s.shape().weight_bytes[quantize]
     direct = s.cfg.model.group_offload == "none" and not s.sharded
     shard = _shard_bytes(s.base, "transformer")
+    converting = _converting(s.shape().largest_linear, quantize, s.dtype_bytes)
     if not s.on_gpu:  # the model lands in RAM either way; a shard is read on top
-        return s.phase(LOAD, {"weights": whole}, shard)
+        return s.phase(LOAD, {"weights": whole, **converting}, shard)
     return Phase(
         LOAD,
-        weights + s.context,
+        weights + sum(converting.values()) + s.context,
         s.process_ram + shard + (0.0 if direct else whole),
-        {"weights": weights},
+        {"weights": weights, **converting},
     )
 
 
@@ -553,6 +566,7 @@ def _samples_phase(s: _Setting, step: Phase) -> Phase | None:
         * s.act_bytes
         * max(ACTIVATION[k]["transient"] for k in kinds),
         **transient_weights(shape, cfg.model.quantize, cfg.lora.type),
+        **_forward_dequantised(shape.largest_linear, cfg.model.quantize, s.dtype_bytes),
         "decode": _vae_activations(width * height, s.act_bytes),
         "context": s.context,
     }
@@ -562,6 +576,15 @@ def _samples_phase(s: _Setting, step: Phase) -> Phase | None:
             SAMPLES, _device_bytes(parts, True), s.process_ram + _offloaded(s) + features, parts
         )
     return s.phase(SAMPLES, {**parts, "cached features": features}, 0.0)
+
+
+def _forward_dequantised(largest_linear: int, quantize: str, dtype_bytes: int) -> dict[str, float]:
+    """torchao's dequantised copy of the layer a no-grad forward runs (training's are counted as kept copies)."""
+    from inference.quantize import FORWARD_DEQUANTISED
+
+    if quantize not in FORWARD_DEQUANTISED:
+        return {}
+    return {"dequantised layer": largest_linear * dtype_bytes * FORWARD_DEQUANTISED[quantize]}
 
 
 def plan_training(
