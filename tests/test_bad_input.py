@@ -211,6 +211,7 @@ def test_the_model_card_loads_the_base_the_run_used(lora):
     )
 
 
+@pytest.mark.slow
 def test_commands_print_no_library_deprecation_noise():
     proc = subprocess.run(
         [

@@ -35,6 +35,7 @@ def _flip_a_middle_byte(path):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_each_input_of_a_cached_tensor_is_in_its_key(model, sample_data, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     text, images = _calls(model, sample_data, cache)

@@ -288,6 +288,7 @@ def test_int8_without_torchao_and_negative_sizes_are_refused(capsys, monkeypatch
         _config(model__path=HUB["dev"], memory__gpu_memory=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["int8", "fp8"])
 def test_quantized_base_and_text_encoder_train_and_the_lora_loads_in_the_stock_pipeline(
     quantize, tiny_models, sample_data, tmp_path
