@@ -51,12 +51,17 @@ class AdapterKind:
             target_modules=targets, **self.peft_arguments(rank, alpha, dropout)
         )
 
+    def needs_base(self, fmt: str) -> bool:
+        """Whether writing `fmt` reads the base model's weights: magnitudes become ComfyUI's dora_scale in every
+        layout but diffusers (and the ones that refuse the kind)."""
+        return self.magnitudes and fmt != "diffusers" and fmt not in self.refused_layouts
+
     def export_problem(self, fmt: str, has_base: bool = True) -> str | None:
         """Why this kind cannot be written as `fmt`, or None. `has_base`: whether the base model's weights can be
-        read (magnitudes need them for every layout but diffusers)."""
+        read (see needs_base)."""
         if fmt in self.refused_layouts:
             return self.refused_layouts[fmt]
-        if self.magnitudes and fmt != "diffusers" and not has_base:
+        if self.needs_base(fmt) and not has_base:
             return (
                 f"a {self.name} adapter exports as {fmt} only with its base model's weights (ComfyUI scales each "
                 "output row by dora_scale / |W|, computed from them); add --model PATH, the model it was trained on"

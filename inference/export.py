@@ -129,7 +129,7 @@ def export_lora(source: str | Path, fmt: Format, out: str | Path, model: str | N
     info = our_info(header)
     kind = kind_of(info.get("type", "lora"))
     weight_of = None
-    if kind.magnitudes and fmt != "diffusers" and fmt not in kind.refused_layouts:
+    if kind.needs_base(fmt):
         weight_of = _base_weights(model or info.get("base_model"), path)
     if problem := kind.export_problem(fmt, has_base=weight_of is not None):
         raise UserError(f"LoRA '{path}': {problem}")
